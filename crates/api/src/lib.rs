@@ -1,0 +1,85 @@
+//! Haven's HTTP API: the axum application.
+//!
+//! Every FHIR request enters through one route and passes the stages of
+//! [`pipeline`] in order; no handler can be reached around them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use haven_model::clock::Clock;
+use haven_store::Store;
+
+/// Limits enforced by the first pipeline stage; each answers with an OperationOutcome.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body accepted (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Deepest JSON nesting accepted (400 beyond it).
+    pub max_json_depth: usize,
+    /// Largest total size of request headers (431 beyond it).
+    pub max_header_bytes: usize,
+    /// Longest a request may run (503 with a timeout issue beyond it).
+    pub request_timeout: Duration,
+    /// Most entries a batch or transaction Bundle may carry (413 beyond it).
+    pub max_bundle_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 * 1024 * 1024,
+            max_json_depth: 64,
+            max_header_bytes: 32 * 1024,
+            request_timeout: Duration::from_secs(60),
+            max_bundle_entries: 10_000,
+        }
+    }
+}
+
+/// What the API needs to know about its deployment.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The public FHIR base URL without a trailing slash, e.g. `https://localhost:8443/fhir`.
+    /// Used in `Location`, `fullUrl` and paging links.
+    pub base_url: String,
+    pub limits: Limits,
+    /// `_count` when the client gives none.
+    pub default_page_size: u32,
+    /// The largest `_count` honoured; larger requests are cut to it.
+    pub max_page_size: u32,
+}
+
+impl ApiConfig {
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into().trim_end_matches('/').to_string(),
+            limits: Limits::default(),
+            default_page_size: 50,
+            max_page_size: 1000,
+        }
+    }
+}
+
+/// Shared state of the application.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<ApiConfig>,
+}
+
+impl AppState {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: ApiConfig) -> Self {
+        Self {
+            store,
+            clock,
+            config: Arc::new(config),
+        }
+    }
+}
+
+/// The whole application: `/fhir/...` and nothing else yet.
+pub fn router(state: AppState) -> axum::Router {
+    let _ = state;
+    axum::Router::new()
+}

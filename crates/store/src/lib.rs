@@ -1,0 +1,231 @@
+//! Haven's versioned FHIR resource store.
+//!
+//! [`Store`] is the one storage interface; [`sqlite::SqliteStore`] and
+//! [`postgres::PostgresStore`] implement it on sqlx. Which one runs is decided once,
+//! by [`connect`], from the database URL; nothing above this crate knows the backend.
+//!
+//! Every version of a resource is its own row; a per-resource pointer names the
+//! current one; a delete is a version without a body. The store stamps `id`,
+//! `meta.versionId` and `meta.lastUpdated` itself from the injected [`Clock`], so
+//! no client can choose them. Writes happen inside a [`StoreTx`]: everything one
+//! request writes commits together or not at all.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use haven_model::clock::Clock;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+pub mod error;
+pub use error::StoreError;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// How a version came to be; history entries report it as `request.method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Create,
+    Update,
+    Delete,
+}
+
+/// One stored version of a resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceVersion {
+    pub resource_type: String,
+    pub id: String,
+    /// 1, 2, 3, ... per resource; `meta.versionId` is its decimal form.
+    pub version: i64,
+    pub last_updated: OffsetDateTime,
+    pub change: Change,
+    /// The resource with `id` and `meta` stamped by the store; `None` for a deletion.
+    pub resource: Option<Value>,
+}
+
+impl ResourceVersion {
+    pub fn is_deleted(&self) -> bool {
+        self.resource.is_none()
+    }
+}
+
+/// A comparison against an instant, used for `_lastUpdated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Comparator {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstantBound {
+    pub comparator: Comparator,
+    pub instant: OffsetDateTime,
+}
+
+/// One value of a token search: `system|code`, `|code` (no system), `system|`, or `code`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenValue {
+    /// `None`: any system. `Some("")`: the identifier must have no system.
+    pub system: Option<String>,
+    /// `None`: any code in the system.
+    pub code: Option<String>,
+}
+
+/// A token criterion; the values are alternatives (OR).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenFilter {
+    /// The search parameter code; this store indexes `identifier`.
+    pub parameter: String,
+    pub values: Vec<TokenValue>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortOrder {
+    /// Oldest change first, then id: stable for paging.
+    #[default]
+    LastUpdatedAscending,
+    LastUpdatedDescending,
+}
+
+/// A search over current, non-deleted resources. Criteria are combined with AND.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SearchQuery {
+    /// `None` searches every type (system search).
+    pub resource_type: Option<String>,
+    /// `_id`: any of these ids; empty means no restriction.
+    pub ids: Vec<String>,
+    /// `_lastUpdated`: every bound must hold.
+    pub last_updated: Vec<InstantBound>,
+    pub tokens: Vec<TokenFilter>,
+    pub sort: SortOrder,
+    /// Page size; 0 returns no resources (for counts).
+    pub count: u32,
+    /// How many matches to skip.
+    pub offset: u64,
+    /// Whether to count every match.
+    pub total: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchPage {
+    pub resources: Vec<ResourceVersion>,
+    /// The number of matches, when asked for.
+    pub total: Option<u64>,
+    /// Whether more matches follow this page.
+    pub more: bool,
+}
+
+/// A history query: for one resource, one type, or the whole system.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HistoryQuery {
+    pub resource_type: Option<String>,
+    /// Requires `resource_type`.
+    pub id: Option<String>,
+    /// `_since`: only versions changed at or after this instant.
+    pub since: Option<OffsetDateTime>,
+    /// `_at`: only versions that were current at this instant.
+    pub at: Option<OffsetDateTime>,
+    pub count: u32,
+    /// Continue after this position (an opaque number from [`HistoryPage::next`]);
+    /// positions do not move when data changes, so pages stay stable.
+    pub before: Option<i64>,
+    pub total: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// Newest first.
+    pub versions: Vec<ResourceVersion>,
+    pub total: Option<u64>,
+    /// Where the next page starts, if there is one.
+    pub next: Option<i64>,
+}
+
+/// The storage interface. Reads outside a transaction see committed data only.
+#[async_trait]
+pub trait Store: Send + Sync + Debug {
+    fn backend(&self) -> Backend;
+
+    /// Starts a write transaction. Dropping it without [`StoreTx::commit`] rolls back.
+    async fn begin(&self) -> Result<Box<dyn StoreTx>>;
+
+    /// The current version, including a deletion version; `None` if never stored.
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>>;
+
+    /// One version; `None` if it does not exist.
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<ResourceVersion>>;
+
+    async fn search(&self, query: &SearchQuery) -> Result<SearchPage>;
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage>;
+
+    /// How many current, non-deleted resources of each type there are.
+    async fn count_by_type(&self) -> Result<Vec<(String, u64)>>;
+}
+
+/// One database transaction. On PostgreSQL and SQLite alike, the transaction holds
+/// the write lock it needs so that two racing updates of one version cannot both win.
+#[async_trait]
+pub trait StoreTx: Send {
+    /// The current version as this transaction sees it, including deletions.
+    async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>>;
+
+    /// Stores version 1 of a new resource with the given id.
+    /// [`StoreError::AlreadyExists`] if the id is taken (even by a deleted resource).
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+    ) -> Result<ResourceVersion>;
+
+    /// Stores a new version. With `expected_version`, fails with
+    /// [`StoreError::VersionConflict`] unless the current version is that one.
+    /// A resource that does not exist (or was deleted) is created; the returned flag
+    /// says whether that happened.
+    async fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<i64>,
+    ) -> Result<(ResourceVersion, bool)>;
+
+    /// Stores a deletion version. Returns `None` when there was nothing to delete
+    /// (never stored, or already deleted).
+    async fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Option<ResourceVersion>>;
+
+    /// A search that sees this transaction's own writes (for conditional interactions).
+    async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage>;
+
+    async fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// Opens the store named by a database URL (`sqlite:...` or `postgres://...`) and
+/// brings its schema up to date.
+pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>> {
+    let _ = (database_url, clock);
+    Err(StoreError::Unsupported(
+        "storage backends are not built yet".into(),
+    ))
+}
