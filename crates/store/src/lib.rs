@@ -18,7 +18,13 @@ use haven_model::clock::Clock;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+mod document;
 pub mod error;
+pub mod postgres;
+mod query;
+pub mod sqlite;
+mod version;
+
 pub use error::StoreError;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -221,11 +227,35 @@ pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> Result<()>;
 }
 
+/// The backend a database URL names: `sqlite:...`, `postgres://...` or
+/// `postgresql://...`; anything else is [`StoreError::Unsupported`].
+pub fn backend_of(database_url: &str) -> Result<Backend> {
+    if database_url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+        Ok(Backend::Postgres)
+    } else {
+        // Only the scheme is echoed: the rest may hold a password.
+        let scheme = database_url.split(':').next().unwrap_or_default();
+        Err(StoreError::Unsupported(format!(
+            "database URL scheme {scheme:?}; use sqlite: or postgres://"
+        )))
+    }
+}
+
 /// Opens the store named by a database URL (`sqlite:...` or `postgres://...`) and
 /// brings its schema up to date.
 pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>> {
-    let _ = (database_url, clock);
-    Err(StoreError::Unsupported(
-        "storage backends are not built yet".into(),
-    ))
+    Ok(match backend_of(database_url)? {
+        Backend::Sqlite => Arc::new(sqlite::SqliteStore::connect(database_url, clock).await?),
+        Backend::Postgres => Arc::new(postgres::PostgresStore::connect(database_url, clock).await?),
+    })
+}
+
+/// Brings the schema of the database named by the URL up to date, and nothing else.
+pub async fn migrate(database_url: &str) -> Result<()> {
+    match backend_of(database_url)? {
+        Backend::Sqlite => sqlite::migrate(database_url).await,
+        Backend::Postgres => postgres::migrate(database_url).await,
+    }
 }

@@ -1,0 +1,259 @@
+//! SQL text for search and history, shared by both backends. Values are always
+//! bound as parameters; only fixed fragments and integers are written into the text.
+
+use std::fmt::Write;
+
+use time::OffsetDateTime;
+
+use crate::{Comparator, HistoryQuery, InstantBound, Result, SearchQuery, SortOrder, StoreError};
+
+/// The few spots where the two SQL dialects differ.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Dialect {
+    /// `?` for SQLite (`?1`, `?2`, ...), `$` for PostgreSQL (`$1`, `$2`, ...).
+    pub placeholder: char,
+    /// The predicate for a live (not deleted) row of `current_resources c`;
+    /// spelled as in the partial indexes so the planner uses them.
+    pub live: &'static str,
+}
+
+pub(crate) const SQLITE: Dialect = Dialect {
+    placeholder: '?',
+    live: "c.deleted = 0",
+};
+
+pub(crate) const POSTGRES: Dialect = Dialect {
+    placeholder: '$',
+    live: "NOT c.deleted",
+};
+
+/// A value to bind; each backend chooses how instants are stored.
+#[derive(Debug, Clone)]
+pub(crate) enum Param {
+    Text(String),
+    Instant(OffsetDateTime),
+}
+
+/// SQL text with its parameters in order.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub text: String,
+    pub params: Vec<Param>,
+    dialect: Dialect,
+}
+
+impl Sql {
+    fn new(dialect: Dialect, text: &str) -> Self {
+        Self {
+            text: text.to_owned(),
+            params: Vec::new(),
+            dialect,
+        }
+    }
+
+    fn push(&mut self, fragment: &str) -> &mut Self {
+        self.text.push_str(fragment);
+        self
+    }
+
+    fn bind(&mut self, param: Param) -> &mut Self {
+        self.params.push(param);
+        let _ = write!(
+            self.text,
+            "{}{}",
+            self.dialect.placeholder,
+            self.params.len()
+        );
+        self
+    }
+}
+
+/// Columns of a version row, in the order the backends decode them.
+const VERSION_COLUMNS: &str =
+    "v.seq, v.resource_type, v.id, v.version, v.last_updated, v.change, v.body";
+
+/// The page query and, when asked for, the count query of a search.
+pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Option<Sql>)> {
+    let mut page = Sql::new(
+        dialect,
+        &format!(
+            "SELECT {VERSION_COLUMNS} FROM current_resources c JOIN resource_versions v \
+             ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version"
+        ),
+    );
+    search_criteria(&mut page, query)?;
+    let direction = match query.sort {
+        SortOrder::LastUpdatedAscending => "ASC",
+        SortOrder::LastUpdatedDescending => "DESC",
+    };
+    let _ = write!(
+        page.text,
+        " ORDER BY c.last_updated {direction}, c.resource_type {direction}, c.id {direction} \
+         LIMIT {} OFFSET {}",
+        u64::from(query.count) + 1,
+        query.offset
+    );
+
+    let count = if query.total {
+        let mut count = Sql::new(dialect, "SELECT COUNT(*) FROM current_resources c");
+        search_criteria(&mut count, query)?;
+        Some(count)
+    } else {
+        None
+    };
+    Ok((page, count))
+}
+
+fn search_criteria(sql: &mut Sql, query: &SearchQuery) -> Result<()> {
+    let live = sql.dialect.live;
+    sql.push(" WHERE ").push(live);
+    if let Some(resource_type) = &query.resource_type {
+        sql.push(" AND c.resource_type = ")
+            .bind(Param::Text(resource_type.clone()));
+    }
+    if !query.ids.is_empty() {
+        sql.push(" AND c.id IN (");
+        for (n, id) in query.ids.iter().enumerate() {
+            if n > 0 {
+                sql.push(", ");
+            }
+            sql.bind(Param::Text(id.clone()));
+        }
+        sql.push(")");
+    }
+    for bound in &query.last_updated {
+        instant_bound(sql, "c.last_updated", bound);
+    }
+    for filter in &query.tokens {
+        if filter.parameter != "identifier" {
+            return Err(StoreError::Unsupported(format!(
+                "search parameter {} is not indexed",
+                filter.parameter
+            )));
+        }
+        if filter.values.is_empty() {
+            continue;
+        }
+        sql.push(
+            " AND EXISTS (SELECT 1 FROM identifier_tokens t \
+             WHERE t.resource_type = c.resource_type AND t.id = c.id AND (",
+        );
+        for (n, token) in filter.values.iter().enumerate() {
+            if n > 0 {
+                sql.push(" OR ");
+            }
+            match (&token.system, &token.code) {
+                (Some(system), Some(code)) => {
+                    sql.push("(t.system = ")
+                        .bind(Param::Text(system.clone()))
+                        .push(" AND t.value = ")
+                        .bind(Param::Text(code.clone()))
+                        .push(")");
+                }
+                (Some(system), None) => {
+                    sql.push("t.system = ").bind(Param::Text(system.clone()));
+                }
+                (None, Some(code)) => {
+                    sql.push("t.value = ").bind(Param::Text(code.clone()));
+                }
+                (None, None) => {
+                    sql.push("1 = 1");
+                }
+            }
+        }
+        sql.push("))");
+    }
+    Ok(())
+}
+
+/// Stored instants have microsecond precision; a bound finer than that is
+/// rounded so that the comparison keeps its meaning.
+fn instant_bound(sql: &mut Sql, column: &str, bound: &InstantBound) {
+    let micros = bound.instant.microsecond();
+    let truncated = bound
+        .instant
+        .replace_microsecond(micros)
+        .unwrap_or(bound.instant);
+    let finer = truncated != bound.instant;
+    let operator = match (bound.comparator, finer) {
+        (Comparator::Lt, false) => " < ",
+        (Comparator::Lt, true) | (Comparator::Le, _) => " <= ",
+        (Comparator::Gt, _) | (Comparator::Ge, true) => " > ",
+        (Comparator::Ge, false) => " >= ",
+    };
+    sql.push(" AND ")
+        .push(column)
+        .push(operator)
+        .bind(Param::Instant(truncated));
+}
+
+/// The page query and, when asked for, the count query of a history.
+pub(crate) fn history(dialect: Dialect, query: &HistoryQuery) -> Result<(Sql, Option<Sql>)> {
+    let mut page = Sql::new(
+        dialect,
+        &format!("SELECT {VERSION_COLUMNS} FROM resource_versions v"),
+    );
+    history_criteria(&mut page, query)?;
+    if let Some(before) = query.before {
+        let _ = write!(page.text, " AND v.seq < {before}");
+    }
+    let _ = write!(
+        page.text,
+        " ORDER BY v.seq DESC LIMIT {}",
+        u64::from(query.count) + 1
+    );
+
+    let count = if query.total {
+        let mut count = Sql::new(dialect, "SELECT COUNT(*) FROM resource_versions v");
+        history_criteria(&mut count, query)?;
+        Some(count)
+    } else {
+        None
+    };
+    Ok((page, count))
+}
+
+fn history_criteria(sql: &mut Sql, query: &HistoryQuery) -> Result<()> {
+    sql.push(" WHERE 1 = 1");
+    match (&query.resource_type, &query.id) {
+        (Some(resource_type), id) => {
+            sql.push(" AND v.resource_type = ")
+                .bind(Param::Text(resource_type.clone()));
+            if let Some(id) = id {
+                sql.push(" AND v.id = ").bind(Param::Text(id.clone()));
+            }
+        }
+        (None, Some(_)) => {
+            return Err(StoreError::Unsupported(
+                "an instance history needs a resource type".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    if let Some(since) = query.since {
+        instant_bound(
+            sql,
+            "v.last_updated",
+            &InstantBound {
+                comparator: Comparator::Ge,
+                instant: since,
+            },
+        );
+    }
+    if let Some(at) = query.at {
+        // Current at `at`: changed no later than `at`, and no later version of the
+        // same resource was also changed by then.
+        let at = InstantBound {
+            comparator: Comparator::Le,
+            instant: at,
+        };
+        instant_bound(sql, "v.last_updated", &at);
+        sql.push(
+            " AND NOT EXISTS (SELECT 1 FROM resource_versions n \
+             WHERE n.resource_type = v.resource_type AND n.id = v.id AND n.version > v.version",
+        );
+        instant_bound(sql, "n.last_updated", &at);
+        sql.push(")");
+    }
+    Ok(())
+}

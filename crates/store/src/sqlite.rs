@@ -1,0 +1,539 @@
+//! The SQLite backend.
+//!
+//! SQLite has one writer at a time, so write transactions run on a pool of exactly
+//! one connection and start with `BEGIN IMMEDIATE`: they queue in the pool instead of
+//! failing with `SQLITE_BUSY` when a read lock would have to be upgraded. Reads use a
+//! separate pool and, thanks to WAL, never wait for the writer.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use haven_model::clock::{format_instant, Clock};
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::document::identifier_tokens;
+use crate::query::{self, Param, Sql};
+use crate::version::{change_from_name, change_name, check_expected, new_version};
+use crate::{
+    Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery,
+    Store, StoreError, StoreTx,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+/// How long a statement waits for a lock held by another process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request may queue for the single writer connection.
+const WRITER_WAIT: Duration = Duration::from_secs(60);
+const READERS: u32 = 4;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    readers: SqlitePool,
+    clock: Arc<dyn Clock>,
+    /// Set for `sqlite::memory:`, which is backed by a temporary file (see [`options`]).
+    _scratch: Option<ScratchFile>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+/// A database file that exists only as long as the store; removed on drop.
+#[derive(Debug)]
+struct ScratchFile(PathBuf);
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Connection options for the URL. An in-memory database cannot be shared by two
+/// pools, so `sqlite::memory:` becomes a private temporary file with the same
+/// lifetime as the store.
+fn options(database_url: &str) -> Result<(SqliteConnectOptions, Option<ScratchFile>)> {
+    static SCRATCH_COUNTER: AtomicU64 = AtomicU64::new(0);
+    let rest = database_url
+        .strip_prefix("sqlite:")
+        .ok_or_else(|| StoreError::Unsupported("not a sqlite: URL".into()))?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    if rest == ":memory:" || rest.is_empty() || rest.starts_with(":memory:?") {
+        let name = format!(
+            "haven-{}-{}-{}.db",
+            std::process::id(),
+            SCRATCH_COUNTER.fetch_add(1, Ordering::Relaxed),
+            OffsetDateTime::now_utc().unix_timestamp_nanos()
+        );
+        let path = std::env::temp_dir().join(name);
+        let options = SqliteConnectOptions::new().filename(&path);
+        return Ok((options, Some(ScratchFile(path))));
+    }
+    let options = SqliteConnectOptions::from_str(&format!("sqlite://{rest}"))
+        .map_err(|e| StoreError::Unsupported(format!("bad sqlite URL: {e}")))?;
+    Ok((options, None))
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+async fn open_writer(options: SqliteConnectOptions) -> Result<SqlitePool> {
+    let options = options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .foreign_keys(true)
+        .busy_timeout(BUSY_TIMEOUT);
+    let writer = SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .acquire_timeout(WRITER_WAIT)
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .connect_with(options)
+        .await
+        .map_err(unavailable)?;
+    MIGRATOR.run(&writer).await.map_err(unavailable)?;
+    Ok(writer)
+}
+
+/// Brings the schema of the database at `database_url` up to date.
+pub async fn migrate(database_url: &str) -> Result<()> {
+    let (options, _scratch) = options(database_url)?;
+    let writer = open_writer(options).await?;
+    writer.close().await;
+    Ok(())
+}
+
+impl SqliteStore {
+    pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Self> {
+        let (options, scratch) = options(database_url)?;
+        let writer = open_writer(options.clone()).await?;
+        // The journal mode is a property of the file, already set by the writer.
+        let readers = SqlitePoolOptions::new()
+            .max_connections(READERS)
+            .connect_with(
+                options
+                    .synchronous(SqliteSynchronous::Full)
+                    .foreign_keys(true)
+                    .busy_timeout(BUSY_TIMEOUT),
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(Self {
+            writer,
+            readers,
+            clock,
+            _scratch: scratch,
+        })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> Backend {
+        Backend::Sqlite
+    }
+
+    async fn begin(&self) -> Result<Box<dyn StoreTx>> {
+        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(Box::new(SqliteTx {
+            tx,
+            clock: self.clock.clone(),
+        }))
+    }
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        let mut conn = self.readers.acquire().await?;
+        read_current(&mut conn, resource_type, id).await
+    }
+
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<ResourceVersion>> {
+        let row = sqlx::query(
+            "SELECT v.seq, v.resource_type, v.id, v.version, v.last_updated, v.change, v.body \
+             FROM resource_versions v WHERE v.resource_type = ?1 AND v.id = ?2 AND v.version = ?3",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.map(|row| decode_version(&row)).transpose()
+    }
+
+    async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
+        let mut conn = self.readers.acquire().await?;
+        search_on(&mut conn, query).await
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
+        let (page, count) = query::history(query::SQLITE, query)?;
+        let mut conn = self.readers.acquire().await?;
+        let rows = fetch_all(&mut conn, &page).await?;
+        let total = match count {
+            Some(count) => Some(fetch_count(&mut conn, &count).await?),
+            None => None,
+        };
+        let limit = query.count as usize;
+        let mut versions = Vec::with_capacity(rows.len().min(limit));
+        let mut next = None;
+        for (n, row) in rows.iter().enumerate() {
+            if n == limit {
+                next = versions.last().map(|(seq, _)| *seq);
+                break;
+            }
+            let seq: i64 = row.try_get(0)?;
+            versions.push((seq, decode_version(row)?));
+        }
+        Ok(HistoryPage {
+            versions: versions.into_iter().map(|(_, v)| v).collect(),
+            total,
+            next,
+        })
+    }
+
+    async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT resource_type, COUNT(*) FROM current_resources \
+             WHERE deleted = 0 GROUP BY resource_type ORDER BY resource_type",
+        )
+        .fetch_all(&self.readers)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n)| (t, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+}
+
+fn bind_all<'q>(
+    sql: &'q Sql,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    let mut statement = sqlx::query(&sql.text);
+    for param in &sql.params {
+        statement = match param {
+            Param::Text(text) => statement.bind(text.as_str()),
+            Param::Instant(instant) => statement.bind(format_instant(*instant)),
+        };
+    }
+    statement
+}
+
+async fn fetch_all(conn: &mut SqliteConnection, sql: &Sql) -> Result<Vec<SqliteRow>> {
+    Ok(bind_all(sql).fetch_all(conn).await?)
+}
+
+async fn fetch_count(conn: &mut SqliteConnection, sql: &Sql) -> Result<u64> {
+    let row = bind_all(sql).fetch_one(conn).await?;
+    let n: i64 = row.try_get(0)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+async fn search_on(conn: &mut SqliteConnection, query: &SearchQuery) -> Result<SearchPage> {
+    let (page, count) = query::search(query::SQLITE, query)?;
+    let rows = if query.count > 0 {
+        fetch_all(conn, &page).await?
+    } else {
+        Vec::new()
+    };
+    let total = match count {
+        Some(count) => Some(fetch_count(conn, &count).await?),
+        None => None,
+    };
+    let limit = query.count as usize;
+    let more = if query.count > 0 {
+        rows.len() > limit
+    } else {
+        // Nothing was fetched; more follow exactly when anything is past the offset.
+        match total {
+            Some(total) => total > query.offset,
+            None => false,
+        }
+    };
+    let resources = rows
+        .iter()
+        .take(limit)
+        .map(decode_version)
+        .collect::<Result<_>>()?;
+    Ok(SearchPage {
+        resources,
+        total,
+        more,
+    })
+}
+
+fn decode_version(row: &SqliteRow) -> Result<ResourceVersion> {
+    let last_updated: String = row.try_get(4)?;
+    let change: String = row.try_get(5)?;
+    let body: Option<String> = row.try_get(6)?;
+    let resource = body
+        .map(|body| serde_json::from_str::<Value>(&body))
+        .transpose()
+        .map_err(|e| StoreError::Database(format!("stored resource is not JSON: {e}")))?;
+    Ok(ResourceVersion {
+        resource_type: row.try_get(1)?,
+        id: row.try_get(2)?,
+        version: row.try_get(3)?,
+        last_updated: parse_instant(&last_updated)?,
+        change: change_from_name(&change)?,
+        resource,
+    })
+}
+
+fn parse_instant(text: &str) -> Result<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339)
+        .map_err(|e| StoreError::Database(format!("stored instant {text:?} is invalid: {e}")))
+}
+
+async fn read_current(
+    conn: &mut SqliteConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<ResourceVersion>> {
+    let row = sqlx::query(
+        "SELECT v.seq, v.resource_type, v.id, v.version, v.last_updated, v.change, v.body \
+         FROM current_resources c JOIN resource_versions v \
+         ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version \
+         WHERE c.resource_type = ?1 AND c.id = ?2",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|row| decode_version(&row)).transpose()
+}
+
+struct SqliteTx {
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    clock: Arc<dyn Clock>,
+}
+
+/// The current pointer of a resource: its version number and whether it is deleted.
+async fn current_pointer(
+    conn: &mut SqliteConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<(i64, bool)>> {
+    Ok(sqlx::query_as(
+        "SELECT version, deleted FROM current_resources WHERE resource_type = ?1 AND id = ?2",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+async fn insert_version(
+    conn: &mut SqliteConnection,
+    version: &ResourceVersion,
+    body: Option<String>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO resource_versions (resource_type, id, version, last_updated, change, body) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .bind(&version.resource_type)
+    .bind(&version.id)
+    .bind(version.version)
+    .bind(format_instant(version.last_updated))
+    .bind(change_name(version.change))
+    .bind(body)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn replace_tokens(
+    conn: &mut SqliteConnection,
+    resource_type: &str,
+    id: &str,
+    had_tokens: bool,
+    resource: Option<&Value>,
+) -> Result<()> {
+    if had_tokens {
+        sqlx::query("DELETE FROM identifier_tokens WHERE resource_type = ?1 AND id = ?2")
+            .bind(resource_type)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let Some(resource) = resource else {
+        return Ok(());
+    };
+    for (system, value) in identifier_tokens(resource) {
+        sqlx::query(
+            "INSERT INTO identifier_tokens (resource_type, id, system, value) \
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(system)
+        .bind(value)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl StoreTx for SqliteTx {
+    async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        read_current(&mut self.tx, resource_type, id).await
+    }
+
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+    ) -> Result<ResourceVersion> {
+        let now = self.clock.now();
+        let (version, body) =
+            new_version(resource_type, id, 1, now, Change::Create, Some(resource))?;
+        let inserted = sqlx::query(
+            "INSERT INTO current_resources (resource_type, id, version, last_updated, deleted) \
+             VALUES (?1, ?2, 1, ?3, 0) ON CONFLICT DO NOTHING",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(format_instant(now))
+        .execute(&mut *self.tx)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(StoreError::AlreadyExists {
+                resource_type: resource_type.to_owned(),
+                id: id.to_owned(),
+            });
+        }
+        insert_version(&mut self.tx, &version, body).await?;
+        replace_tokens(
+            &mut self.tx,
+            resource_type,
+            id,
+            false,
+            version.resource.as_ref(),
+        )
+        .await?;
+        Ok(version)
+    }
+
+    async fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<i64>,
+    ) -> Result<(ResourceVersion, bool)> {
+        let current = current_pointer(&mut self.tx, resource_type, id).await?;
+        check_expected(expected_version, current.map(|(v, _)| v))?;
+        let now = self.clock.now();
+        let number = current.map_or(1, |(v, _)| v + 1);
+        let (version, body) = new_version(
+            resource_type,
+            id,
+            number,
+            now,
+            Change::Update,
+            Some(resource),
+        )?;
+        match current {
+            None => {
+                sqlx::query(
+                    "INSERT INTO current_resources \
+                     (resource_type, id, version, last_updated, deleted) \
+                     VALUES (?1, ?2, 1, ?3, 0)",
+                )
+                .bind(resource_type)
+                .bind(id)
+                .bind(format_instant(now))
+                .execute(&mut *self.tx)
+                .await?;
+            }
+            Some(_) => {
+                sqlx::query(
+                    "UPDATE current_resources SET version = ?3, last_updated = ?4, deleted = 0 \
+                     WHERE resource_type = ?1 AND id = ?2",
+                )
+                .bind(resource_type)
+                .bind(id)
+                .bind(number)
+                .bind(format_instant(now))
+                .execute(&mut *self.tx)
+                .await?;
+            }
+        }
+        insert_version(&mut self.tx, &version, body).await?;
+        let was_live = matches!(current, Some((_, false)));
+        replace_tokens(
+            &mut self.tx,
+            resource_type,
+            id,
+            was_live,
+            version.resource.as_ref(),
+        )
+        .await?;
+        let created = !was_live;
+        Ok((version, created))
+    }
+
+    async fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Option<ResourceVersion>> {
+        let current = current_pointer(&mut self.tx, resource_type, id).await?;
+        check_expected(expected_version, current.map(|(v, _)| v))?;
+        let Some((number, false)) = current else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        let (version, body) =
+            new_version(resource_type, id, number + 1, now, Change::Delete, None)?;
+        sqlx::query(
+            "UPDATE current_resources SET version = ?3, last_updated = ?4, deleted = 1 \
+             WHERE resource_type = ?1 AND id = ?2",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(number + 1)
+        .bind(format_instant(now))
+        .execute(&mut *self.tx)
+        .await?;
+        insert_version(&mut self.tx, &version, body).await?;
+        replace_tokens(&mut self.tx, resource_type, id, true, None).await?;
+        Ok(Some(version))
+    }
+
+    async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
+        search_on(&mut self.tx, query).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}

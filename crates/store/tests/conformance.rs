@@ -1,0 +1,1048 @@
+//! One set of behaviour stories, run against every backend: SQLite always (a fresh
+//! file database per test), PostgreSQL when `HAVEN_TEST_POSTGRES_URL` names an admin
+//! URL (a fresh database per test, dropped afterwards, also when the story fails).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use haven_model::clock::{format_instant, Clock, ManualClock};
+use haven_store::{
+    Backend, Change, Comparator, HistoryQuery, InstantBound, SearchQuery, SortOrder, Store,
+    StoreError, TokenFilter, TokenValue,
+};
+use serde_json::{json, Value};
+use time::macros::datetime;
+use time::{Duration, OffsetDateTime};
+
+const START: OffsetDateTime = datetime!(2026-03-01 12:00:00 UTC);
+
+/// What every story gets: a store on an empty database and the clock it uses.
+struct World {
+    store: Arc<dyn Store>,
+    clock: Arc<ManualClock>,
+}
+
+impl World {
+    fn tick(&self) {
+        self.clock.advance(Duration::seconds(1));
+    }
+
+    fn now(&self) -> OffsetDateTime {
+        self.clock.now()
+    }
+}
+
+async fn on_sqlite<F, Fut>(story: F)
+where
+    F: FnOnce(World) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite:{}", dir.path().join("haven.db").display());
+    let clock = Arc::new(ManualClock::new(START));
+    let store = haven_store::connect(&url, clock.clone())
+        .await
+        .expect("sqlite store");
+    assert_eq!(store.backend(), Backend::Sqlite);
+    story(World { store, clock }).await;
+}
+
+async fn on_postgres<F, Fut>(story: F)
+where
+    F: FnOnce(World) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Ok(admin_url) = std::env::var("HAVEN_TEST_POSTGRES_URL") else {
+        println!("not run: HAVEN_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let name = format!("haven_test_{}", uuid::Uuid::new_v4().simple());
+    admin(&admin_url, &format!("CREATE DATABASE {name}")).await;
+    let url = database_url(&admin_url, &name);
+    let clock = Arc::new(ManualClock::new(START));
+    // The story runs as its own task so that a failing assertion still lets the
+    // database be dropped before the failure is passed on.
+    let outcome = tokio::spawn(async move {
+        let store = haven_store::connect(&url, clock.clone())
+            .await
+            .expect("postgres store");
+        assert_eq!(store.backend(), Backend::Postgres);
+        story(World { store, clock }).await;
+    })
+    .await;
+    admin(
+        &admin_url,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    )
+    .await;
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure.into_panic());
+    }
+}
+
+/// Runs one statement on the admin database through a store-independent client.
+async fn admin(admin_url: &str, statement: &str) {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url)
+        .await
+        .expect("admin connection");
+    sqlx::raw_sql(statement)
+        .execute(&mut conn)
+        .await
+        .expect(statement);
+    let _ = conn.close().await;
+}
+
+/// The admin URL with its database name replaced.
+fn database_url(admin_url: &str, name: &str) -> String {
+    let (base, query) = match admin_url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (admin_url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let host_end = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut url = format!("{}/{name}", &base[..host_end]);
+    if let Some(query) = query {
+        url.push('?');
+        url.push_str(query);
+    }
+    url
+}
+
+/// Declares each story once per backend, as `sqlite::story` and `postgres::story`.
+macro_rules! stories {
+    ($($story:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $story() {
+                    super::on_sqlite(super::$story).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $story() {
+                    super::on_postgres(super::$story).await;
+                }
+            )*
+        }
+    };
+}
+
+stories!(
+    a_created_resource_can_be_read_and_vread,
+    the_store_stamps_id_version_and_last_updated_and_keeps_client_meta,
+    creating_an_existing_id_fails_with_already_exists,
+    each_update_adds_a_version_and_old_versions_stay_readable,
+    updating_a_missing_resource_creates_version_one,
+    deleting_writes_a_bodyless_version_and_update_recreates_after_it,
+    deleting_nothing_returns_none,
+    an_expected_version_that_is_not_current_is_a_version_conflict,
+    two_racing_updates_of_one_version_have_exactly_one_winner,
+    a_transaction_dropped_without_commit_leaves_nothing,
+    search_filters_by_type_id_and_last_updated,
+    search_pages_with_count_offset_total_and_more,
+    search_sorts_by_last_updated_both_ways,
+    search_by_identifier_follows_token_semantics,
+    search_inside_a_transaction_sees_its_own_writes,
+    deleted_and_replaced_identifiers_no_longer_match,
+    history_of_an_instance_a_type_and_the_system_is_newest_first,
+    history_honours_since_and_at,
+    history_pages_through_next_without_gaps_or_repeats,
+    count_by_type_counts_live_resources,
+);
+
+fn patient(family: &str) -> Value {
+    json!({"resourceType": "Patient", "name": [{"family": family}]})
+}
+
+fn with_identifiers(mut resource: Value, identifiers: Value) -> Value {
+    resource["identifier"] = identifiers;
+    resource
+}
+
+async fn create(world: &World, resource_type: &str, id: &str, resource: Value) {
+    let mut tx = world.store.begin().await.unwrap();
+    tx.create(resource_type, id, resource).await.unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn update(world: &World, resource_type: &str, id: &str, resource: Value) -> (i64, bool) {
+    let mut tx = world.store.begin().await.unwrap();
+    let (version, created) = tx.update(resource_type, id, resource, None).await.unwrap();
+    tx.commit().await.unwrap();
+    (version.version, created)
+}
+
+async fn delete(world: &World, resource_type: &str, id: &str) -> Option<i64> {
+    let mut tx = world.store.begin().await.unwrap();
+    let deleted = tx.delete(resource_type, id, None).await.unwrap();
+    tx.commit().await.unwrap();
+    deleted.map(|v| v.version)
+}
+
+fn ids(page: &haven_store::SearchPage) -> Vec<String> {
+    page.resources.iter().map(|r| r.id.clone()).collect()
+}
+
+fn search(resource_type: Option<&str>) -> SearchQuery {
+    SearchQuery {
+        resource_type: resource_type.map(str::to_owned),
+        count: 100,
+        ..SearchQuery::default()
+    }
+}
+
+fn identifier(values: &[(Option<&str>, Option<&str>)]) -> TokenFilter {
+    TokenFilter {
+        parameter: "identifier".into(),
+        values: values
+            .iter()
+            .map(|(system, code)| TokenValue {
+                system: system.map(str::to_owned),
+                code: code.map(str::to_owned),
+            })
+            .collect(),
+    }
+}
+
+fn history(resource_type: Option<&str>, id: Option<&str>) -> HistoryQuery {
+    HistoryQuery {
+        resource_type: resource_type.map(str::to_owned),
+        id: id.map(str::to_owned),
+        count: 100,
+        ..HistoryQuery::default()
+    }
+}
+
+fn versions(page: &haven_store::HistoryPage) -> Vec<(String, i64)> {
+    page.versions
+        .iter()
+        .map(|v| (v.id.clone(), v.version))
+        .collect()
+}
+
+async fn a_created_resource_can_be_read_and_vread(world: World) {
+    let mut tx = world.store.begin().await.unwrap();
+    let created = tx
+        .create("Patient", "p1", patient("Chalmers"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(created.version, 1);
+    assert_eq!(created.change, Change::Create);
+
+    let read = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    assert_eq!(read, created);
+    let vread = world
+        .store
+        .vread("Patient", "p1", 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(vread, created);
+    assert_eq!(world.store.vread("Patient", "p1", 2).await.unwrap(), None);
+    assert_eq!(world.store.read("Patient", "p2").await.unwrap(), None);
+    assert_eq!(world.store.read("Observation", "p1").await.unwrap(), None);
+}
+
+async fn the_store_stamps_id_version_and_last_updated_and_keeps_client_meta(world: World) {
+    let sent = json!({
+        "resourceType": "Patient",
+        "id": "chosen-by-client",
+        "meta": {"versionId": "42", "lastUpdated": "2001-01-01T00:00:00Z",
+                 "profile": ["http://example.org/p"], "tag": [{"code": "t"}],
+                 "security": [{"code": "s"}], "source": "http://example.org/src"},
+        "active": true
+    });
+    let mut tx = world.store.begin().await.unwrap();
+    let created = tx.create("Patient", "p1", sent).await.unwrap();
+    tx.commit().await.unwrap();
+    let expected = json!({
+        "resourceType": "Patient",
+        "id": "p1",
+        "meta": {"versionId": "1", "lastUpdated": format_instant(START),
+                 "profile": ["http://example.org/p"], "tag": [{"code": "t"}],
+                 "security": [{"code": "s"}], "source": "http://example.org/src"},
+        "active": true
+    });
+    assert_eq!(created.resource.as_ref(), Some(&expected));
+    assert_eq!(created.last_updated, START);
+    let read = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    assert_eq!(read.resource, Some(expected));
+    assert_eq!(read.last_updated, START);
+
+    world.tick();
+    let (version, _) = update(&world, "Patient", "p1", patient("Next")).await;
+    let read = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    let body = read.resource.unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(body["meta"]["versionId"], "2");
+    assert_eq!(body["meta"]["lastUpdated"], format_instant(world.now()));
+    assert_eq!(read.last_updated, world.now());
+}
+
+async fn creating_an_existing_id_fails_with_already_exists(world: World) {
+    create(&world, "Patient", "p1", patient("A")).await;
+    let mut tx = world.store.begin().await.unwrap();
+    let err = tx.create("Patient", "p1", patient("B")).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    // The failed create leaves the transaction usable.
+    tx.create("Patient", "p2", patient("C")).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // Even a deleted id stays taken.
+    delete(&world, "Patient", "p1").await.unwrap();
+    let mut tx = world.store.begin().await.unwrap();
+    let err = tx.create("Patient", "p1", patient("D")).await.unwrap_err();
+    assert!(matches!(err, StoreError::AlreadyExists { .. }), "{err:?}");
+    // The same id in another type is free.
+    tx.create("Observation", "p1", json!({"resourceType": "Observation"}))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+}
+
+async fn each_update_adds_a_version_and_old_versions_stay_readable(world: World) {
+    create(&world, "Patient", "p1", patient("V1")).await;
+    for expected in 2..=4 {
+        world.tick();
+        let (version, created) =
+            update(&world, "Patient", "p1", patient(&format!("V{expected}"))).await;
+        assert_eq!((version, created), (expected, false));
+    }
+    let current = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    assert_eq!(current.version, 4);
+    assert_eq!(current.change, Change::Update);
+    assert_eq!(current.resource.unwrap()["name"][0]["family"], "V4");
+    for version in 1..=4 {
+        let old = world
+            .store
+            .vread("Patient", "p1", version)
+            .await
+            .unwrap()
+            .unwrap();
+        let body = old.resource.unwrap();
+        assert_eq!(body["name"][0]["family"], format!("V{version}"));
+        assert_eq!(body["meta"]["versionId"], version.to_string());
+        assert_eq!(old.last_updated, START + Duration::seconds(version - 1));
+    }
+}
+
+async fn updating_a_missing_resource_creates_version_one(world: World) {
+    let (version, created) = update(&world, "Patient", "new", patient("N")).await;
+    assert_eq!((version, created), (1, true));
+    let read = world.store.read("Patient", "new").await.unwrap().unwrap();
+    assert_eq!(read.version, 1);
+    assert_eq!(read.resource.unwrap()["meta"]["versionId"], "1");
+    let (version, created) = update(&world, "Patient", "new", patient("M")).await;
+    assert_eq!((version, created), (2, false));
+}
+
+async fn deleting_writes_a_bodyless_version_and_update_recreates_after_it(world: World) {
+    create(&world, "Patient", "p1", patient("A")).await;
+    world.tick();
+    assert_eq!(delete(&world, "Patient", "p1").await, Some(2));
+    let current = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    assert!(current.is_deleted());
+    assert_eq!(
+        (current.version, current.change, current.last_updated),
+        (2, Change::Delete, world.now())
+    );
+    assert!(world
+        .store
+        .vread("Patient", "p1", 2)
+        .await
+        .unwrap()
+        .unwrap()
+        .is_deleted());
+    assert!(world
+        .store
+        .vread("Patient", "p1", 1)
+        .await
+        .unwrap()
+        .unwrap()
+        .resource
+        .is_some());
+    assert!(ids(&world.store.search(&search(Some("Patient"))).await.unwrap()).is_empty());
+
+    world.tick();
+    let (version, created) = update(&world, "Patient", "p1", patient("B")).await;
+    assert_eq!((version, created), (3, true));
+    let current = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    assert_eq!(current.resource.unwrap()["meta"]["versionId"], "3");
+    assert_eq!(
+        ids(&world.store.search(&search(Some("Patient"))).await.unwrap()),
+        ["p1"]
+    );
+}
+
+async fn deleting_nothing_returns_none(world: World) {
+    assert_eq!(delete(&world, "Patient", "never").await, None);
+    create(&world, "Patient", "p1", patient("A")).await;
+    assert_eq!(delete(&world, "Patient", "p1").await, Some(2));
+    assert_eq!(delete(&world, "Patient", "p1").await, None);
+    assert_eq!(
+        world
+            .store
+            .read("Patient", "p1")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        2
+    );
+}
+
+async fn an_expected_version_that_is_not_current_is_a_version_conflict(world: World) {
+    create(&world, "Patient", "p1", patient("A")).await;
+    update(&world, "Patient", "p1", patient("B")).await;
+
+    let mut tx = world.store.begin().await.unwrap();
+    let err = tx
+        .update("Patient", "p1", patient("C"), Some(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::VersionConflict {
+                expected: 1,
+                current: Some(2)
+            }
+        ),
+        "{err:?}"
+    );
+    let err = tx.delete("Patient", "p1", Some(1)).await.unwrap_err();
+    assert!(matches!(err, StoreError::VersionConflict { .. }), "{err:?}");
+    let err = tx
+        .update("Patient", "missing", patient("D"), Some(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::VersionConflict {
+                expected: 1,
+                current: None
+            }
+        ),
+        "{err:?}"
+    );
+    let (version, created) = tx
+        .update("Patient", "p1", patient("E"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!((version.version, created), (3, false));
+    let deleted = tx.delete("Patient", "p1", Some(3)).await.unwrap().unwrap();
+    assert_eq!(deleted.version, 4);
+    tx.commit().await.unwrap();
+}
+
+async fn two_racing_updates_of_one_version_have_exactly_one_winner(world: World) {
+    for round in 0..8 {
+        let id = format!("race{round}");
+        create(&world, "Patient", &id, patient("Start")).await;
+        let mut racers = Vec::new();
+        for racer in 0..2 {
+            let store = world.store.clone();
+            let id = id.clone();
+            racers.push(tokio::spawn(async move {
+                let mut tx = store.begin().await?;
+                let outcome = tx
+                    .update("Patient", &id, patient(&format!("R{racer}")), Some(1))
+                    .await;
+                // Hold the transaction open a little so the other racer really overlaps.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                match outcome {
+                    Ok(_) => tx.commit().await,
+                    Err(e) => Err(e),
+                }
+            }));
+        }
+        let mut wins = 0;
+        let mut conflicts = 0;
+        for racer in racers {
+            match racer.await.unwrap() {
+                Ok(()) => wins += 1,
+                Err(StoreError::VersionConflict {
+                    expected: 1,
+                    current: Some(2),
+                }) => conflicts += 1,
+                Err(other) => panic!("unexpected outcome: {other:?}"),
+            }
+        }
+        assert_eq!((wins, conflicts), (1, 1), "round {round}");
+        let current = world.store.read("Patient", &id).await.unwrap().unwrap();
+        assert_eq!(current.version, 2);
+        assert_eq!(world.store.vread("Patient", &id, 3).await.unwrap(), None);
+    }
+}
+
+async fn a_transaction_dropped_without_commit_leaves_nothing(world: World) {
+    create(&world, "Patient", "kept", patient("K")).await;
+    {
+        let mut tx = world.store.begin().await.unwrap();
+        tx.create(
+            "Patient",
+            "dropped",
+            with_identifiers(patient("D"), json!([{"system": "s", "value": "v"}])),
+        )
+        .await
+        .unwrap();
+        tx.update("Patient", "kept", patient("Changed"), None)
+            .await
+            .unwrap();
+        tx.delete("Patient", "kept", None).await.unwrap();
+    }
+    assert_eq!(world.store.read("Patient", "dropped").await.unwrap(), None);
+    let kept = world.store.read("Patient", "kept").await.unwrap().unwrap();
+    assert_eq!(kept.version, 1);
+    let mut query = search(Some("Patient"));
+    query.tokens = vec![identifier(&[(Some("s"), Some("v"))])];
+    assert!(ids(&world.store.search(&query).await.unwrap()).is_empty());
+    let all = world.store.history(&history(None, None)).await.unwrap();
+    assert_eq!(versions(&all), [("kept".to_owned(), 1)]);
+
+    // The store stays usable after the rollback.
+    create(&world, "Patient", "dropped", patient("Again")).await;
+    assert_eq!(
+        world
+            .store
+            .read("Patient", "dropped")
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        1
+    );
+}
+
+async fn search_filters_by_type_id_and_last_updated(world: World) {
+    for (n, id) in ["a", "b", "c"].iter().enumerate() {
+        if n > 0 {
+            world.tick();
+        }
+        create(&world, "Patient", id, patient(id)).await;
+    }
+    create(
+        &world,
+        "Observation",
+        "a",
+        json!({"resourceType": "Observation"}),
+    )
+    .await;
+    world.tick();
+    create(&world, "Patient", "gone", patient("gone")).await;
+    delete(&world, "Patient", "gone").await;
+
+    let all_patients = world.store.search(&search(Some("Patient"))).await.unwrap();
+    assert_eq!(ids(&all_patients), ["a", "b", "c"]);
+    assert!(all_patients.resources.iter().all(|r| r.resource.is_some()));
+    let everything = world.store.search(&search(None)).await.unwrap();
+    assert_eq!(everything.resources.len(), 4);
+
+    let mut by_id = search(Some("Patient"));
+    by_id.ids = vec!["c".into(), "a".into(), "zzz".into(), "gone".into()];
+    assert_eq!(ids(&world.store.search(&by_id).await.unwrap()), ["a", "c"]);
+
+    let second = START + Duration::seconds(1);
+    let cases = [
+        (Comparator::Lt, second, vec!["a"]),
+        (Comparator::Le, second, vec!["a", "b"]),
+        (Comparator::Gt, second, vec!["c"]),
+        (Comparator::Ge, second, vec!["b", "c"]),
+        // Finer than microseconds: still exact.
+        (
+            Comparator::Lt,
+            second + Duration::nanoseconds(1),
+            vec!["a", "b"],
+        ),
+        (Comparator::Ge, second + Duration::nanoseconds(1), vec!["c"]),
+    ];
+    for (comparator, instant, expected) in cases {
+        let mut query = search(Some("Patient"));
+        query.last_updated = vec![InstantBound {
+            comparator,
+            instant,
+        }];
+        assert_eq!(
+            ids(&world.store.search(&query).await.unwrap()),
+            expected,
+            "{comparator:?}"
+        );
+    }
+    let mut range = search(Some("Patient"));
+    range.last_updated = vec![
+        InstantBound {
+            comparator: Comparator::Ge,
+            instant: START,
+        },
+        InstantBound {
+            comparator: Comparator::Lt,
+            instant: START + Duration::seconds(2),
+        },
+    ];
+    range.ids = vec!["b".into(), "c".into()];
+    assert_eq!(ids(&world.store.search(&range).await.unwrap()), ["b"]);
+}
+
+async fn search_pages_with_count_offset_total_and_more(world: World) {
+    for n in 0..7 {
+        world.tick();
+        create(&world, "Patient", &format!("p{n}"), patient("P")).await;
+    }
+    let mut query = search(Some("Patient"));
+    query.count = 3;
+    query.total = true;
+    let mut seen = Vec::new();
+    for page_number in 0..3 {
+        query.offset = page_number * 3;
+        let page = world.store.search(&query).await.unwrap();
+        assert_eq!(page.total, Some(7));
+        assert_eq!(page.more, page_number < 2, "page {page_number}");
+        seen.extend(ids(&page));
+    }
+    assert_eq!(seen, ["p0", "p1", "p2", "p3", "p4", "p5", "p6"]);
+
+    query.count = 0;
+    query.offset = 0;
+    let counted = world.store.search(&query).await.unwrap();
+    assert!(counted.resources.is_empty());
+    assert_eq!(counted.total, Some(7));
+
+    query.count = 10;
+    query.total = false;
+    let page = world.store.search(&query).await.unwrap();
+    assert_eq!(
+        (page.total, page.more, page.resources.len()),
+        (None, false, 7)
+    );
+}
+
+async fn search_sorts_by_last_updated_both_ways(world: World) {
+    create(&world, "Patient", "b", patient("b")).await;
+    world.tick();
+    create(&world, "Patient", "a", patient("a")).await;
+    world.tick();
+    create(&world, "Patient", "c", patient("c")).await;
+    world.tick();
+    update(&world, "Patient", "b", patient("b2")).await;
+    let mut query = search(Some("Patient"));
+    assert_eq!(
+        ids(&world.store.search(&query).await.unwrap()),
+        ["a", "c", "b"]
+    );
+    query.sort = SortOrder::LastUpdatedDescending;
+    assert_eq!(
+        ids(&world.store.search(&query).await.unwrap()),
+        ["b", "c", "a"]
+    );
+}
+
+async fn search_by_identifier_follows_token_semantics(world: World) {
+    create(
+        &world,
+        "Patient",
+        "both",
+        with_identifiers(
+            patient("Both"),
+            json!([{"system": "urn:mrn", "value": "100"}, {"system": "urn:ssn", "value": "200"}]),
+        ),
+    )
+    .await;
+    create(
+        &world,
+        "Patient",
+        "nosystem",
+        with_identifiers(patient("NoSystem"), json!([{"value": "100"}])),
+    )
+    .await;
+    create(
+        &world,
+        "Patient",
+        "single",
+        with_identifiers(
+            patient("Single"),
+            json!({"system": "urn:mrn", "value": "300"}),
+        ),
+    )
+    .await;
+    create(
+        &world,
+        "Organization",
+        "org",
+        json!({"resourceType": "Organization", "identifier": [{"system": "urn:mrn", "value": "100"}]}),
+    )
+    .await;
+
+    let cases: Vec<(Vec<(Option<&str>, Option<&str>)>, Vec<&str>)> = vec![
+        (vec![(Some("urn:mrn"), Some("100"))], vec!["both"]),
+        (vec![(None, Some("100"))], vec!["both", "nosystem"]),
+        (vec![(Some(""), Some("100"))], vec!["nosystem"]),
+        (vec![(Some("urn:mrn"), None)], vec!["both", "single"]),
+        (vec![(Some("urn:ssn"), Some("100"))], vec![]),
+        (
+            vec![(Some("urn:ssn"), Some("200")), (None, Some("300"))],
+            vec!["both", "single"],
+        ),
+    ];
+    for (values, expected) in cases {
+        let mut query = search(Some("Patient"));
+        query.tokens = vec![identifier(&values)];
+        let mut found = ids(&world.store.search(&query).await.unwrap());
+        found.sort();
+        assert_eq!(found, expected, "{values:?}");
+    }
+
+    // Two filters must both hold.
+    let mut query = search(Some("Patient"));
+    query.tokens = vec![
+        identifier(&[(Some("urn:mrn"), Some("100"))]),
+        identifier(&[(Some("urn:ssn"), Some("200"))]),
+    ];
+    assert_eq!(ids(&world.store.search(&query).await.unwrap()), ["both"]);
+
+    // Without a type, every type is searched.
+    let mut query = search(None);
+    query.tokens = vec![identifier(&[(Some("urn:mrn"), Some("100"))])];
+    let mut found = ids(&world.store.search(&query).await.unwrap());
+    found.sort();
+    assert_eq!(found, ["both", "org"]);
+
+    let mut unknown = search(Some("Patient"));
+    unknown.tokens = vec![TokenFilter {
+        parameter: "code".into(),
+        values: vec![],
+    }];
+    assert!(matches!(
+        world.store.search(&unknown).await,
+        Err(StoreError::Unsupported(_))
+    ));
+}
+
+async fn search_inside_a_transaction_sees_its_own_writes(world: World) {
+    let mut query = search(Some("Patient"));
+    query.tokens = vec![identifier(&[(Some("urn:mrn"), Some("7"))])];
+    query.total = true;
+
+    let mut tx = world.store.begin().await.unwrap();
+    assert!(tx.search(&query).await.unwrap().resources.is_empty());
+    tx.create(
+        "Patient",
+        "p1",
+        with_identifiers(patient("A"), json!([{"system": "urn:mrn", "value": "7"}])),
+    )
+    .await
+    .unwrap();
+    let page = tx.search(&query).await.unwrap();
+    assert_eq!((ids(&page), page.total), (vec!["p1".to_owned()], Some(1)));
+    // Others do not see it before the commit.
+    assert!(world
+        .store
+        .search(&query)
+        .await
+        .unwrap()
+        .resources
+        .is_empty());
+    tx.commit().await.unwrap();
+    assert_eq!(ids(&world.store.search(&query).await.unwrap()), ["p1"]);
+}
+
+async fn deleted_and_replaced_identifiers_no_longer_match(world: World) {
+    create(
+        &world,
+        "Patient",
+        "p1",
+        with_identifiers(patient("A"), json!([{"system": "s", "value": "old"}])),
+    )
+    .await;
+    create(
+        &world,
+        "Patient",
+        "p2",
+        with_identifiers(patient("B"), json!([{"system": "s", "value": "two"}])),
+    )
+    .await;
+    update(
+        &world,
+        "Patient",
+        "p1",
+        with_identifiers(patient("A"), json!([{"system": "s", "value": "new"}])),
+    )
+    .await;
+    delete(&world, "Patient", "p2").await;
+    let find = |value: &'static str| {
+        let mut query = search(Some("Patient"));
+        query.tokens = vec![identifier(&[(Some("s"), Some(value))])];
+        query
+    };
+    assert!(ids(&world.store.search(&find("old")).await.unwrap()).is_empty());
+    assert_eq!(
+        ids(&world.store.search(&find("new")).await.unwrap()),
+        ["p1"]
+    );
+    assert!(ids(&world.store.search(&find("two")).await.unwrap()).is_empty());
+    update(
+        &world,
+        "Patient",
+        "p2",
+        with_identifiers(patient("B"), json!([{"system": "s", "value": "two"}])),
+    )
+    .await;
+    assert_eq!(
+        ids(&world.store.search(&find("two")).await.unwrap()),
+        ["p2"]
+    );
+}
+
+async fn history_of_an_instance_a_type_and_the_system_is_newest_first(world: World) {
+    create(&world, "Patient", "p1", patient("A")).await;
+    world.tick();
+    create(
+        &world,
+        "Observation",
+        "o1",
+        json!({"resourceType": "Observation"}),
+    )
+    .await;
+    world.tick();
+    update(&world, "Patient", "p1", patient("B")).await;
+    world.tick();
+    create(&world, "Patient", "p2", patient("C")).await;
+    world.tick();
+    delete(&world, "Patient", "p1").await;
+
+    let instance = world
+        .store
+        .history(&HistoryQuery {
+            total: true,
+            ..history(Some("Patient"), Some("p1"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&instance),
+        [("p1".into(), 3), ("p1".into(), 2), ("p1".into(), 1)]
+    );
+    assert_eq!(instance.total, Some(3));
+    assert_eq!(instance.next, None);
+    let changes: Vec<_> = instance.versions.iter().map(|v| v.change).collect();
+    assert_eq!(changes, [Change::Delete, Change::Update, Change::Create]);
+    assert!(instance.versions[0].is_deleted());
+
+    let of_type = world
+        .store
+        .history(&history(Some("Patient"), None))
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&of_type),
+        [
+            ("p1".into(), 3),
+            ("p2".into(), 1),
+            ("p1".into(), 2),
+            ("p1".into(), 1)
+        ]
+    );
+    let system = world.store.history(&history(None, None)).await.unwrap();
+    assert_eq!(
+        versions(&system),
+        [
+            ("p1".into(), 3),
+            ("p2".into(), 1),
+            ("p1".into(), 2),
+            ("o1".into(), 1),
+            ("p1".into(), 1)
+        ]
+    );
+    let missing = world
+        .store
+        .history(&history(Some("Patient"), Some("nope")))
+        .await
+        .unwrap();
+    assert!(missing.versions.is_empty());
+}
+
+async fn history_honours_since_and_at(world: World) {
+    // t0: p1 v1; t1: p2 v1; t2: p1 v2; t3: p2 deleted (v2).
+    create(&world, "Patient", "p1", patient("A")).await;
+    world.tick();
+    create(&world, "Patient", "p2", patient("B")).await;
+    world.tick();
+    update(&world, "Patient", "p1", patient("C")).await;
+    world.tick();
+    delete(&world, "Patient", "p2").await;
+    let t = |n: i64| START + Duration::seconds(n);
+
+    let since = world
+        .store
+        .history(&HistoryQuery {
+            since: Some(t(1)),
+            total: true,
+            ..history(Some("Patient"), None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&since),
+        [("p2".into(), 2), ("p1".into(), 2), ("p2".into(), 1)]
+    );
+    assert_eq!(since.total, Some(3));
+    let since_instance = world
+        .store
+        .history(&HistoryQuery {
+            since: Some(t(1)),
+            ..history(Some("Patient"), Some("p1"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(versions(&since_instance), [("p1".into(), 2)]);
+
+    let at = |n: i64| HistoryQuery {
+        at: Some(t(n)),
+        ..history(None, None)
+    };
+    let at_1 = world.store.history(&at(1)).await.unwrap();
+    assert_eq!(versions(&at_1), [("p2".into(), 1), ("p1".into(), 1)]);
+    let between = world
+        .store
+        .history(&HistoryQuery {
+            at: Some(t(2) - Duration::milliseconds(500)),
+            ..history(None, None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(versions(&between), [("p2".into(), 1), ("p1".into(), 1)]);
+    let at_3 = world.store.history(&at(3)).await.unwrap();
+    assert_eq!(versions(&at_3), [("p2".into(), 2), ("p1".into(), 2)]);
+    let before_anything = world
+        .store
+        .history(&HistoryQuery {
+            at: Some(t(-1)),
+            ..history(None, None)
+        })
+        .await
+        .unwrap();
+    assert!(before_anything.versions.is_empty());
+}
+
+async fn history_pages_through_next_without_gaps_or_repeats(world: World) {
+    for n in 0..5 {
+        world.tick();
+        create(&world, "Patient", &format!("p{n}"), patient("P")).await;
+        world.tick();
+        update(&world, "Patient", &format!("p{n}"), patient("Q")).await;
+    }
+    let mut query = HistoryQuery {
+        count: 4,
+        total: true,
+        ..history(Some("Patient"), None)
+    };
+    let first = world.store.history(&query).await.unwrap();
+    assert_eq!(first.total, Some(10));
+    assert_eq!(first.versions.len(), 4);
+    let mut seen = versions(&first);
+    let mut next = first.next;
+    // New writes after the first page must not shift the following pages.
+    world.tick();
+    create(&world, "Patient", "late", patient("L")).await;
+    let mut pages = 1;
+    while let Some(before) = next {
+        query.before = Some(before);
+        let page = world.store.history(&query).await.unwrap();
+        assert_eq!(page.total, Some(11));
+        seen.extend(versions(&page));
+        next = page.next;
+        pages += 1;
+        assert!(pages <= 3, "too many pages");
+    }
+    assert_eq!(pages, 3);
+    let mut expected = Vec::new();
+    for n in (0..5).rev() {
+        expected.push((format!("p{n}"), 2));
+        expected.push((format!("p{n}"), 1));
+    }
+    assert_eq!(seen, expected);
+}
+
+async fn count_by_type_counts_live_resources(world: World) {
+    assert!(world.store.count_by_type().await.unwrap().is_empty());
+    for id in ["a", "b", "c"] {
+        create(&world, "Patient", id, patient(id)).await;
+    }
+    create(
+        &world,
+        "Observation",
+        "o",
+        json!({"resourceType": "Observation"}),
+    )
+    .await;
+    create(
+        &world,
+        "Encounter",
+        "e",
+        json!({"resourceType": "Encounter"}),
+    )
+    .await;
+    update(&world, "Patient", "a", patient("a2")).await;
+    delete(&world, "Patient", "b").await;
+    delete(&world, "Encounter", "e").await;
+    let mut counts = world.store.count_by_type().await.unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [("Observation".to_owned(), 1), ("Patient".to_owned(), 2)]
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_url_scheme_is_unsupported() {
+    let clock = Arc::new(ManualClock::new(START));
+    let err = haven_store::connect("mysql://localhost/db", clock)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unsupported(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn an_in_memory_sqlite_url_gives_a_working_store() {
+    let clock = Arc::new(ManualClock::new(START));
+    let store = haven_store::connect("sqlite::memory:", clock)
+        .await
+        .unwrap();
+    let mut tx = store.begin().await.unwrap();
+    tx.create("Patient", "m", patient("M")).await.unwrap();
+    // A read outside the open transaction does not wait for it.
+    assert_eq!(store.read("Patient", "m").await.unwrap(), None);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        store.read("Patient", "m").await.unwrap().unwrap().version,
+        1
+    );
+}
+
+#[tokio::test]
+async fn migrate_alone_prepares_a_sqlite_file_that_connect_then_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("m.db").display());
+    haven_store::migrate(&url).await.unwrap();
+    haven_store::migrate(&url).await.unwrap();
+    let store = haven_store::connect(&url, Arc::new(ManualClock::new(START)))
+        .await
+        .unwrap();
+    assert!(store.count_by_type().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_unavailable() {
+    let clock = Arc::new(ManualClock::new(START));
+    let err = haven_store::connect("postgres://nobody@127.0.0.1:1/none", clock)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
