@@ -1,13 +1,38 @@
 //! Haven's HTTP API: the axum application.
 //!
-//! Every FHIR request enters through one route and passes the stages of
-//! [`pipeline`] in order; no handler can be reached around them.
+//! Every request enters through one handler, [`pipeline`]'s runner, installed as
+//! the router's only route (its fallback), and passes the stages of the pipeline
+//! in order; no interaction can be reached around them. Requests become an
+//! [`interaction::Interaction`] first; executing one is private to the crate and
+//! only the pipeline calls it.
+//!
+//! Design choices:
+//! - Interactions answer a [`response::FhirResponse`] (status, headers, JSON) so
+//!   later stages can label it and Bundle entries can reuse the same code.
+//! - Errors are one [`error::ApiError`], mapped to HTTP in one place.
+//! - Request bodies are read with a strict JSON parser ([`strict_json`]) that
+//!   refuses duplicate keys and excessive nesting.
+//! - Writes run in one store transaction each; a FHIR transaction runs all its
+//!   entries in one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use haven_model::clock::Clock;
 use haven_store::Store;
+
+pub mod error;
+mod execute;
+pub mod interaction;
+pub mod negotiation;
+pub mod pipeline;
+mod r4;
+pub mod response;
+pub mod search_params;
+pub mod strict_json;
+
+pub use error::ApiError;
+pub use pipeline::SecurityStages;
 
 /// Limits enforced by the first pipeline stage; each answers with an OperationOutcome.
 #[derive(Debug, Clone)]
@@ -66,6 +91,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<ApiConfig>,
+    /// Stages 2, 3, 4, 6 and 7 of the pipeline; everything is allowed by default.
+    pub security: Arc<SecurityStages>,
 }
 
 impl AppState {
@@ -74,12 +101,23 @@ impl AppState {
             store,
             clock,
             config: Arc::new(config),
+            security: Arc::new(SecurityStages::default()),
         }
+    }
+
+    /// Replaces the security stages (authentication, authorization, consent,
+    /// labeling, recording).
+    pub fn with_security(mut self, security: SecurityStages) -> Self {
+        self.security = Arc::new(security);
+        self
     }
 }
 
-/// The whole application: `/fhir/...` and nothing else yet.
+/// The whole application: `/fhir/...` and nothing else yet. Every request,
+/// including unknown paths, is answered by the pipeline, so even a 404 is an
+/// OperationOutcome with a request id.
 pub fn router(state: AppState) -> axum::Router {
-    let _ = state;
     axum::Router::new()
+        .fallback(pipeline::handle)
+        .with_state(state)
 }

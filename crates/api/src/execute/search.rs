@@ -1,0 +1,138 @@
+//! Search (R4 search.html): type search, system search (`_type` with one type
+//! or none), and search by POST; results as a `searchset` Bundle with offset
+//! paging links.
+
+use haven_model::clock::format_instant;
+use haven_model::outcome::{operation_outcome, Issue, IssueCode};
+use haven_model::registry::is_resource_type;
+use haven_store::StoreTx;
+use serde_json::{json, Value};
+
+use super::instance::full_url;
+use crate::error::ApiError;
+use crate::pipeline::Exec;
+use crate::response::FhirResponse;
+use crate::search_params::parse_search;
+
+pub(crate) async fn search(
+    exec: &Exec<'_>,
+    resource_type: Option<&str>,
+    params: &[(String, String)],
+    tx: Option<&mut dyn StoreTx>,
+) -> Result<FhirResponse, ApiError> {
+    let config = &exec.state.config;
+    // System search narrows to one type with `_type`; several are not supported.
+    let mut resource_type = resource_type.map(str::to_owned);
+    let mut path = resource_type.clone().unwrap_or_default();
+    if resource_type.is_none() {
+        let types: Vec<&str> = params
+            .iter()
+            .filter(|(k, _)| k == "_type")
+            .flat_map(|(_, v)| v.split(','))
+            .filter(|t| !t.is_empty())
+            .collect();
+        match types.as_slice() {
+            [] => {}
+            [one] if is_resource_type(one) => resource_type = Some((*one).to_owned()),
+            [one] => return Err(ApiError::UnknownType((*one).to_owned())),
+            _ => {
+                return Err(ApiError::invalid(
+                    IssueCode::NotSupported,
+                    "_type with more than one type is not supported",
+                ))
+            }
+        }
+        path = String::new();
+    }
+    let parsed = parse_search(
+        resource_type.as_deref(),
+        params,
+        config.default_page_size,
+        config.max_page_size,
+        exec.prefer.strict,
+    )?;
+    let page = match tx {
+        Some(tx) => tx.search(&parsed.query).await?,
+        None => exec.state.store.search(&parsed.query).await?,
+    };
+
+    let mut link_params = parsed.applied.clone();
+    if path.is_empty() {
+        if let Some(t) = &resource_type {
+            link_params.insert(0, ("_type".into(), t.clone()));
+        }
+    }
+    let count = parsed.query.count;
+    let offset = parsed.query.offset;
+    let link = |offset: u64| {
+        let mut pairs = link_params.clone();
+        pairs.push(("_count".into(), count.to_string()));
+        if offset > 0 {
+            pairs.push(("_offset".into(), offset.to_string()));
+        }
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        if path.is_empty() {
+            format!("{}?{query}", config.base_url)
+        } else {
+            format!("{}/{path}?{query}", config.base_url)
+        }
+    };
+    let mut links = vec![json!({"relation": "self", "url": link(offset)})];
+    if page.more {
+        links.push(json!({"relation": "next", "url": link(offset + u64::from(count))}));
+    }
+    if offset > 0 {
+        links.push(json!({
+            "relation": "previous",
+            "url": link(offset.saturating_sub(u64::from(count.max(1)))),
+        }));
+    }
+
+    let mut entries: Vec<Value> = page
+        .resources
+        .iter()
+        .filter_map(|v| {
+            v.resource.as_ref().map(|r| {
+                json!({
+                    "fullUrl": full_url(exec, &v.resource_type, &v.id),
+                    "resource": r,
+                    "search": {"mode": "match"},
+                })
+            })
+        })
+        .collect();
+    if !parsed.ignored.is_empty() {
+        // R4 search.html#errors: tell the client what was ignored.
+        let issues: Vec<Issue> = parsed
+            .ignored
+            .iter()
+            .map(|p| {
+                Issue::warning(
+                    IssueCode::NotSupported,
+                    format!("the search parameter '{p}' is not supported and was ignored"),
+                )
+            })
+            .collect();
+        entries.push(json!({
+            "resource": operation_outcome(&issues),
+            "search": {"mode": "outcome"},
+        }));
+    }
+
+    let mut bundle = json!({
+        "resourceType": "Bundle",
+        "id": haven_model::id::new_id(),
+        "meta": {"lastUpdated": format_instant(exec.state.clock.now())},
+        "type": "searchset",
+    });
+    if let Some(total) = page.total {
+        bundle["total"] = json!(total);
+    }
+    bundle["link"] = Value::Array(links);
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
+    Ok(FhirResponse::ok(bundle))
+}
