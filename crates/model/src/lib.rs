@@ -2,10 +2,22 @@
 //!
 //! What the server knows about FHIR is generated from the official definitions by
 //! `haven-codegen` into `profiles/generated/` and compiled in here, so the tables
-//! can never drift from the specification without CI noticing.
+//! can never drift from the specification without CI noticing. Regenerate them
+//! from the workspace root with:
+//!
+//! ```text
+//! cargo run -p haven-codegen -- --shared ../shared --out profiles/generated
+//! ```
+//!
+//! The tables are JSON parsed once on first use (`LazyLock`) rather than Rust code
+//! generated into the crate: they stay reviewable in diffs, and the crate compiles
+//! fast. [`registry`] answers questions about resource types, search parameters and
+//! compartments; [`structure`] regroups the element tables for [`validate`], which
+//! checks resources against the base definitions.
 
 pub mod clock;
 pub mod id;
 pub mod outcome;
 pub mod registry;
+pub mod structure;
 pub mod validate;

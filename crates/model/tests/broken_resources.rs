@@ -1,0 +1,87 @@
+//! A corpus of broken resources, each rejected with an issue at the right element.
+//!
+//! Files live in `tests/broken/` and are named `<what is wrong>@<expression>.json`,
+//! where the expression is where the validator must point. Those directly in
+//! `broken/` are also rejected by the official JSON schema (checked when
+//! `HAVEN_SHARED` is set); those in `broken/beyond-schema/` break rules the schema
+//! cannot express (one type per choice, non-empty arrays, numeric ranges, ...).
+
+mod official;
+
+use std::path::{Path, PathBuf};
+
+use haven_model::validate::validate_resource;
+
+fn corpus(dir: &Path) -> Vec<(String, String, serde_json::Value)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("corpus directory")
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let stem = name.trim_end_matches(".json");
+            let (_, expression) = stem
+                .split_once('@')
+                .unwrap_or_else(|| panic!("{name} does not name its expression after '@'"));
+            let text = std::fs::read_to_string(&path).expect("corpus file is readable");
+            let resource = serde_json::from_str(&text).expect("corpus file is JSON");
+            (name.clone(), expression.to_owned(), resource)
+        })
+        .collect()
+}
+
+fn broken_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/broken")
+}
+
+/// Failure lines for files the validator accepts or flags elsewhere.
+fn misjudged(cases: &[(String, String, serde_json::Value)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (name, expression, resource) in cases {
+        let issues = validate_resource(resource);
+        if issues.is_empty() {
+            failures.push(format!("{name}: accepted"));
+        } else if !issues.iter().any(|i| i.expression.contains(expression)) {
+            let found: Vec<String> = issues
+                .iter()
+                .map(|i| format!("{} at {:?}", i.diagnostics, i.expression))
+                .collect();
+            failures.push(format!("{name}: expected at {expression}, got {found:?}"));
+        }
+    }
+    failures
+}
+
+#[test]
+fn every_broken_resource_is_rejected_at_the_right_element() {
+    let cases = corpus(&broken_dir());
+    assert!(cases.len() >= 25, "only {} broken resources", cases.len());
+    let failures = misjudged(&cases);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn broken_resources_beyond_the_schema_are_rejected_at_the_right_element() {
+    let cases = corpus(&broken_dir().join("beyond-schema"));
+    assert!(!cases.is_empty());
+    let failures = misjudged(&cases);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn the_official_schema_rejects_every_broken_resource_too() {
+    let Some(schema) = official::schema() else {
+        println!("not run: HAVEN_SHARED is not set");
+        return;
+    };
+    let accepted: Vec<String> = corpus(&broken_dir())
+        .into_iter()
+        .filter(|(_, _, resource)| schema.is_valid(resource))
+        .map(|(name, _, _)| name)
+        .collect();
+    assert!(accepted.is_empty(), "the schema accepts {accepted:?}");
+}
