@@ -1,31 +1,84 @@
 //! The PostgreSQL backend.
+//!
+//! Resources are `jsonb`, instants `timestamptz`. Transactions run at READ COMMITTED;
+//! every write first locks the resource's `current_resources` row (`FOR UPDATE`), so
+//! a racing writer waits for the lock and then sees the version committed meanwhile,
+//! which is what makes `If-Match` hold under concurrency.
 
+use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use haven_model::clock::Clock;
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{Connection, PgPool, Row};
+use time::OffsetDateTime;
 
+use crate::document::{identifier_tokens, lead_with_stamped_fields};
+use crate::query::{self, Param, Sql};
+use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
-    Backend, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store,
-    StoreError, StoreTx,
+    Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery,
+    Store, StoreError, StoreTx,
 };
 
-#[derive(Debug)]
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+const MAX_CONNECTIONS: u32 = 16;
+/// How long a request may wait for a free connection.
+const ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+
 pub struct PostgresStore {
-    _clock: Arc<dyn Clock>,
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
 }
 
-pub async fn migrate(_database_url: &str) -> Result<()> {
-    Err(StoreError::Unsupported(
-        "PostgreSQL is not built yet".into(),
-    ))
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Connects and brings the schema up to date.
+async fn open(database_url: &str, max_connections: u32) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(database_url)
+        .map_err(|e| StoreError::Unsupported(format!("bad postgres URL: {e}")))?;
+    // One direct connection first: it fails at once when the server cannot be
+    // reached, where a pool would keep retrying until its acquire timeout.
+    PgConnection::connect_with(&options)
+        .await
+        .map_err(unavailable)?
+        .close()
+        .await
+        .map_err(unavailable)?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_WAIT)
+        .connect_with(options)
+        .await
+        .map_err(unavailable)?;
+    MIGRATOR.run(&pool).await.map_err(unavailable)?;
+    Ok(pool)
+}
+
+/// Brings the schema of the database at `database_url` up to date.
+pub async fn migrate(database_url: &str) -> Result<()> {
+    let pool = open(database_url, 1).await?;
+    pool.close().await;
+    Ok(())
 }
 
 impl PostgresStore {
-    pub async fn connect(_database_url: &str, _clock: Arc<dyn Clock>) -> Result<Self> {
-        Err(StoreError::Unsupported(
-            "PostgreSQL is not built yet".into(),
-        ))
+    pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Self> {
+        let pool = open(database_url, MAX_CONNECTIONS).await?;
+        Ok(Self { pool, clock })
     }
 }
 
@@ -34,22 +87,358 @@ impl Store for PostgresStore {
     fn backend(&self) -> Backend {
         Backend::Postgres
     }
+
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        Err(StoreError::Unsupported("x".into()))
+        let tx = self.pool.begin().await?;
+        Ok(Box::new(PostgresTx {
+            tx,
+            clock: self.clock.clone(),
+        }))
     }
-    async fn read(&self, _: &str, _: &str) -> Result<Option<ResourceVersion>> {
-        Ok(None)
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        let mut conn = self.pool.acquire().await?;
+        read_current(&mut conn, resource_type, id).await
     }
-    async fn vread(&self, _: &str, _: &str, _: i64) -> Result<Option<ResourceVersion>> {
-        Ok(None)
+
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<ResourceVersion>> {
+        let row = sqlx::query(
+            "SELECT v.seq, v.resource_type, v.id, v.version, v.last_updated, v.change, v.body \
+             FROM resource_versions v WHERE v.resource_type = $1 AND v.id = $2 AND v.version = $3",
+        )
+        .bind(resource_type)
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| decode_version(&row)).transpose()
     }
-    async fn search(&self, _: &SearchQuery) -> Result<SearchPage> {
-        Err(StoreError::Unsupported("x".into()))
+
+    async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
+        let mut conn = self.pool.acquire().await?;
+        search_on(&mut conn, query).await
     }
-    async fn history(&self, _: &HistoryQuery) -> Result<HistoryPage> {
-        Err(StoreError::Unsupported("x".into()))
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
+        let (page, count) = query::history(query::POSTGRES, query)?;
+        let mut conn = self.pool.acquire().await?;
+        let rows = bind_all(&page)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, decode_version(row)?)))
+            .collect::<Result<_>>()?;
+        let total = match count {
+            Some(count) => Some(fetch_count(&mut conn, &count).await?),
+            None => None,
+        };
+        Ok(query::history_page(query, rows, total))
     }
+
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
-        Ok(vec![])
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT resource_type, COUNT(*) FROM current_resources \
+             WHERE NOT deleted GROUP BY resource_type ORDER BY resource_type",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(t, n)| (t, u64::try_from(n).unwrap_or(0)))
+            .collect())
+    }
+}
+
+fn bind_all<'q>(
+    sql: &'q Sql,
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let mut statement = sqlx::query(&sql.text);
+    for param in &sql.params {
+        statement = match param {
+            Param::Text(text) => statement.bind(text.as_str()),
+            Param::Instant(instant) => statement.bind(*instant),
+        };
+    }
+    statement
+}
+
+async fn fetch_count(conn: &mut PgConnection, sql: &Sql) -> Result<u64> {
+    let row = bind_all(sql).fetch_one(conn).await?;
+    let n: i64 = row.try_get(0)?;
+    Ok(u64::try_from(n).unwrap_or(0))
+}
+
+async fn search_on(conn: &mut PgConnection, query: &SearchQuery) -> Result<SearchPage> {
+    let (page, count) = query::search(query::POSTGRES, query)?;
+    let rows = if query.count > 0 {
+        bind_all(&page).fetch_all(&mut *conn).await?
+    } else {
+        Vec::new()
+    };
+    let total = match count {
+        Some(count) => Some(fetch_count(conn, &count).await?),
+        None => None,
+    };
+    let rows = rows.iter().map(decode_version).collect::<Result<_>>()?;
+    Ok(query::search_page(query, rows, total))
+}
+
+fn decode_version(row: &PgRow) -> Result<ResourceVersion> {
+    let change: String = row.try_get(5)?;
+    let body: Option<Json<Value>> = row.try_get(6)?;
+    Ok(ResourceVersion {
+        resource_type: row.try_get(1)?,
+        id: row.try_get(2)?,
+        version: row.try_get(3)?,
+        last_updated: row.try_get::<OffsetDateTime, _>(4)?,
+        change: change_from_name(&change)?,
+        resource: body.map(|Json(body)| lead_with_stamped_fields(body)),
+    })
+}
+
+async fn read_current(
+    conn: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<ResourceVersion>> {
+    let row = sqlx::query(
+        "SELECT v.seq, v.resource_type, v.id, v.version, v.last_updated, v.change, v.body \
+         FROM current_resources c JOIN resource_versions v \
+         ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version \
+         WHERE c.resource_type = $1 AND c.id = $2",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|row| decode_version(&row)).transpose()
+}
+
+struct PostgresTx {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    clock: Arc<dyn Clock>,
+}
+
+/// Locks the resource's current row and returns its version number and whether it
+/// is deleted. A concurrent writer holding the lock is waited for; its committed
+/// version is what this returns.
+async fn lock_current(
+    conn: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<(i64, bool)>> {
+    Ok(sqlx::query_as(
+        "SELECT version, deleted FROM current_resources \
+         WHERE resource_type = $1 AND id = $2 FOR UPDATE",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .fetch_optional(conn)
+    .await?)
+}
+
+/// Inserts the current row of a new resource. `false` if the id exists, including
+/// when a concurrent transaction created it and committed while this one waited.
+async fn insert_current(
+    conn: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+    last_updated: OffsetDateTime,
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO current_resources (resource_type, id, version, last_updated, deleted) \
+         VALUES ($1, $2, 1, $3, FALSE) ON CONFLICT DO NOTHING",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .bind(last_updated)
+    .execute(conn)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Moves the locked current row from version `from` to `version`.
+async fn advance_current(
+    conn: &mut PgConnection,
+    version: &ResourceVersion,
+    from: i64,
+) -> Result<()> {
+    let updated = sqlx::query(
+        "UPDATE current_resources SET version = $3, last_updated = $4, deleted = $5 \
+         WHERE resource_type = $1 AND id = $2 AND version = $6",
+    )
+    .bind(&version.resource_type)
+    .bind(&version.id)
+    .bind(version.version)
+    .bind(version.last_updated)
+    .bind(version.is_deleted())
+    .bind(from)
+    .execute(conn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        // Unreachable while the row is locked; kept as the last line of defence.
+        return Err(StoreError::VersionConflict {
+            expected: from,
+            current: None,
+        });
+    }
+    Ok(())
+}
+
+async fn insert_version(conn: &mut PgConnection, version: &ResourceVersion) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO resource_versions (resource_type, id, version, last_updated, change, body) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&version.resource_type)
+    .bind(&version.id)
+    .bind(version.version)
+    .bind(version.last_updated)
+    .bind(change_name(version.change))
+    .bind(version.resource.as_ref().map(Json))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+async fn replace_tokens(
+    conn: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+    had_tokens: bool,
+    resource: Option<&Value>,
+) -> Result<()> {
+    if had_tokens {
+        sqlx::query("DELETE FROM identifier_tokens WHERE resource_type = $1 AND id = $2")
+            .bind(resource_type)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    let tokens = resource.map(identifier_tokens).unwrap_or_default();
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let (systems, values): (Vec<String>, Vec<String>) = tokens.into_iter().unzip();
+    // One statement for all identifiers of the resource.
+    sqlx::query(
+        "INSERT INTO identifier_tokens (resource_type, id, system, value) \
+         SELECT $1, $2, s, v FROM UNNEST($3::text[], $4::text[]) AS t (s, v)",
+    )
+    .bind(resource_type)
+    .bind(id)
+    .bind(systems)
+    .bind(values)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl StoreTx for PostgresTx {
+    async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        read_current(&mut self.tx, resource_type, id).await
+    }
+
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+    ) -> Result<ResourceVersion> {
+        let now = self.clock.now();
+        let (version, _) = new_version(resource_type, id, 1, now, Change::Create, Some(resource))?;
+        if !insert_current(&mut self.tx, resource_type, id, now).await? {
+            return Err(StoreError::AlreadyExists {
+                resource_type: resource_type.to_owned(),
+                id: id.to_owned(),
+            });
+        }
+        insert_version(&mut self.tx, &version).await?;
+        replace_tokens(
+            &mut self.tx,
+            resource_type,
+            id,
+            false,
+            version.resource.as_ref(),
+        )
+        .await?;
+        Ok(version)
+    }
+
+    async fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<i64>,
+    ) -> Result<(ResourceVersion, bool)> {
+        let now = self.clock.now();
+        let current = loop {
+            let current = lock_current(&mut self.tx, resource_type, id).await?;
+            check_expected(expected_version, current.map(|(v, _)| v))?;
+            match current {
+                Some(current) => break Some(current),
+                None if insert_current(&mut self.tx, resource_type, id, now).await? => break None,
+                // Created concurrently since the lock attempt: lock the new row.
+                None => continue,
+            }
+        };
+        let number = current.map_or(1, |(v, _)| v + 1);
+        let (version, _) = new_version(
+            resource_type,
+            id,
+            number,
+            now,
+            Change::Update,
+            Some(resource),
+        )?;
+        if let Some((from, _)) = current {
+            advance_current(&mut self.tx, &version, from).await?;
+        }
+        insert_version(&mut self.tx, &version).await?;
+        let was_live = matches!(current, Some((_, false)));
+        replace_tokens(
+            &mut self.tx,
+            resource_type,
+            id,
+            was_live,
+            version.resource.as_ref(),
+        )
+        .await?;
+        Ok((version, !was_live))
+    }
+
+    async fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Option<ResourceVersion>> {
+        let current = lock_current(&mut self.tx, resource_type, id).await?;
+        check_expected(expected_version, current.map(|(v, _)| v))?;
+        let Some((number, false)) = current else {
+            return Ok(None);
+        };
+        let now = self.clock.now();
+        let (version, _) = new_version(resource_type, id, number + 1, now, Change::Delete, None)?;
+        advance_current(&mut self.tx, &version, number).await?;
+        insert_version(&mut self.tx, &version).await?;
+        replace_tokens(&mut self.tx, resource_type, id, true, None).await?;
+        Ok(Some(version))
+    }
+
+    async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
+        search_on(&mut self.tx, query).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
     }
 }

@@ -5,7 +5,10 @@ use std::fmt::Write;
 
 use time::OffsetDateTime;
 
-use crate::{Comparator, HistoryQuery, InstantBound, Result, SearchQuery, SortOrder, StoreError};
+use crate::{
+    Comparator, HistoryPage, HistoryQuery, InstantBound, ResourceVersion, Result, SearchPage,
+    SearchQuery, SortOrder, StoreError,
+};
 
 /// The few spots where the two SQL dialects differ.
 #[derive(Debug, Clone, Copy)]
@@ -256,4 +259,47 @@ fn history_criteria(sql: &mut Sql, query: &HistoryQuery) -> Result<()> {
         sql.push(")");
     }
     Ok(())
+}
+
+/// Cuts the fetched rows (one more than the page size, to learn whether more
+/// follow) into a search page.
+pub(crate) fn search_page(
+    query: &SearchQuery,
+    mut rows: Vec<ResourceVersion>,
+    total: Option<u64>,
+) -> SearchPage {
+    let limit = query.count as usize;
+    let more = if query.count > 0 {
+        rows.len() > limit
+    } else {
+        // Nothing was fetched; more follow exactly when anything is past the offset.
+        total.is_some_and(|total| total > query.offset)
+    };
+    rows.truncate(limit);
+    SearchPage {
+        resources: rows,
+        total,
+        more,
+    }
+}
+
+/// Cuts the fetched `(seq, version)` rows (one more than the page size) into a
+/// history page whose `next` is the last shown position.
+pub(crate) fn history_page(
+    query: &HistoryQuery,
+    mut rows: Vec<(i64, ResourceVersion)>,
+    total: Option<u64>,
+) -> HistoryPage {
+    let limit = query.count as usize;
+    let next = if rows.len() > limit && limit > 0 {
+        Some(rows[limit - 1].0)
+    } else {
+        None
+    };
+    rows.truncate(limit);
+    HistoryPage {
+        versions: rows.into_iter().map(|(_, version)| version).collect(),
+        total,
+        next,
+    }
 }

@@ -192,27 +192,16 @@ impl Store for SqliteStore {
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
         let (page, count) = query::history(query::SQLITE, query)?;
         let mut conn = self.readers.acquire().await?;
-        let rows = fetch_all(&mut conn, &page).await?;
+        let rows = fetch_all(&mut conn, &page)
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, decode_version(row)?)))
+            .collect::<Result<_>>()?;
         let total = match count {
             Some(count) => Some(fetch_count(&mut conn, &count).await?),
             None => None,
         };
-        let limit = query.count as usize;
-        let mut versions = Vec::with_capacity(rows.len().min(limit));
-        let mut next = None;
-        for (n, row) in rows.iter().enumerate() {
-            if n == limit {
-                next = versions.last().map(|(seq, _)| *seq);
-                break;
-            }
-            let seq: i64 = row.try_get(0)?;
-            versions.push((seq, decode_version(row)?));
-        }
-        Ok(HistoryPage {
-            versions: versions.into_iter().map(|(_, v)| v).collect(),
-            total,
-            next,
-        })
+        Ok(query::history_page(query, rows, total))
     }
 
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
@@ -263,26 +252,8 @@ async fn search_on(conn: &mut SqliteConnection, query: &SearchQuery) -> Result<S
         Some(count) => Some(fetch_count(conn, &count).await?),
         None => None,
     };
-    let limit = query.count as usize;
-    let more = if query.count > 0 {
-        rows.len() > limit
-    } else {
-        // Nothing was fetched; more follow exactly when anything is past the offset.
-        match total {
-            Some(total) => total > query.offset,
-            None => false,
-        }
-    };
-    let resources = rows
-        .iter()
-        .take(limit)
-        .map(decode_version)
-        .collect::<Result<_>>()?;
-    Ok(SearchPage {
-        resources,
-        total,
-        more,
-    })
+    let rows = rows.iter().map(decode_version).collect::<Result<_>>()?;
+    Ok(query::search_page(query, rows, total))
 }
 
 fn decode_version(row: &SqliteRow) -> Result<ResourceVersion> {
