@@ -1,0 +1,92 @@
+//! How `haven serve` starts, where it may listen, and how it stops.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use haven_e2e::{run_haven, spawn_haven, HavenOptions};
+
+#[test]
+fn serve_refuses_an_address_off_this_machine() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    for address in ["0.0.0.0:0", "[::]:0"] {
+        let output = run_haven(&["serve", "--listen", address, "--data-dir", data_dir]).unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{address} was accepted");
+        assert!(stderr.contains("loopback"), "unclear message: {stderr}");
+    }
+}
+
+#[test]
+fn serve_refuses_plain_http_off_this_machine_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run_haven(&[
+        "serve",
+        "--insecure-http",
+        "--listen",
+        "0.0.0.0:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ])
+    .unwrap();
+    assert!(!output.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn insecure_http_on_loopback_serves_with_a_warning() {
+    let haven = spawn_haven(HavenOptions {
+        insecure_http: true,
+        ..HavenOptions::default()
+    })
+    .await
+    .unwrap();
+    assert!(haven.base_url.starts_with("http://127.0.0.1:"));
+    let response = reqwest::get(haven.url("metadata")).await.unwrap();
+    assert_eq!(response.status(), 200, "{}", haven.log());
+    assert!(haven.log().contains("insecure-http"), "{}", haven.log());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_generated_ca_is_private_and_reused_after_a_restart() {
+    let mut first = spawn_haven(HavenOptions::default()).await.unwrap();
+    let dir = first.keep_data_dir().unwrap();
+    let ca = first.ca_pem.clone().unwrap();
+    for key in ["ca-key.pem", "localhost-key.pem"] {
+        let mode = std::fs::metadata(dir.path().join("tls").join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    let client = first.client();
+    drop(first);
+    let second = spawn_haven(HavenOptions {
+        data_dir: Some(dir.path().to_path_buf()),
+        ..HavenOptions::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(second.ca_pem.as_ref(), Some(&ca));
+    // A client that trusted the first start still trusts the second.
+    client.get(second.url("metadata")).send().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_the_server_cleanly() {
+    let mut haven = spawn_haven(HavenOptions::default()).await.unwrap();
+    let status = haven.terminate(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "exit status {status}: {}", haven.log());
+}
+
+#[test]
+fn migrate_creates_the_sqlite_database_and_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("nested");
+    let output = run_haven(&["migrate", "--data-dir", data_dir.to_str().unwrap()]).unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(data_dir.join("haven.db").is_file());
+}
