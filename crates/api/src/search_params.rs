@@ -120,9 +120,11 @@ pub fn parse_search(
                 query.sort = match value.as_str() {
                     "_lastUpdated" => SortOrder::LastUpdatedAscending,
                     "-_lastUpdated" => SortOrder::LastUpdatedDescending,
-                    _ => return Err(bad(format!(
+                    _ => {
+                        return Err(bad(format!(
                         "_sort: only _lastUpdated and -_lastUpdated are supported, not '{value}'"
-                    ))),
+                    )))
+                    }
                 };
                 applied.push((name.clone(), value.clone()));
                 false

@@ -111,7 +111,7 @@ fn parse_entry(exec: &Exec<'_>, index: usize, entry: &Value) -> Result<Entry, Ap
     let base = &exec.state.config.base_url;
     let relative = match url.strip_prefix(base.as_str()) {
         Some(rest) => rest.trim_start_matches('/'),
-        None if url.contains("://") => {
+        None if url.split('?').next().unwrap_or("").contains("://") => {
             return Err(ApiError::invalid_at(
                 IssueCode::NotSupported,
                 format!("'{url}' is not on this server"),
@@ -584,10 +584,15 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
 
 /// `Patient?identifier=...`: a reference by search (R4 http.html#trules).
 fn is_conditional_reference(reference: &str) -> bool {
-    !reference.starts_with('#')
-        && !reference.contains("://")
-        && !reference.starts_with("urn:")
-        && reference.contains('?')
+    match reference.split_once('?') {
+        Some((target, _)) => {
+            !target.is_empty()
+                && !target.starts_with('#')
+                && !target.starts_with("urn:")
+                && !target.contains(['/', ':'])
+        }
+        None => false,
+    }
 }
 
 async fn resolve_conditional(tx: &mut dyn StoreTx, reference: &str) -> Result<String, ApiError> {

@@ -1,0 +1,171 @@
+//! The test harness: a router over a fresh SQLite store in a temporary directory,
+//! and request helpers that return what a client would see.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::Router;
+use haven_api::{router, ApiConfig, AppState, SecurityStages};
+use haven_model::clock::{Clock, ManualClock};
+use haven_store::Store;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tempfile::TempDir;
+use time::macros::datetime;
+use tower::ServiceExt;
+
+pub const BASE: &str = "http://haven.test/fhir";
+
+pub struct App {
+    pub router: Router,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<ManualClock>,
+    _dir: TempDir,
+}
+
+/// What a client sees.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// `Value::Null` when there is no body.
+    pub body: Value,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The first issue's code, for error answers.
+    pub fn issue_code(&self) -> &str {
+        self.body["issue"][0]["code"].as_str().unwrap_or("")
+    }
+}
+
+pub async fn spawn_app() -> App {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut ApiConfig)) -> App {
+    spawn_app_secured(configure, SecurityStages::default()).await
+}
+
+/// An app whose security stages are replaced, to watch the pipeline run them.
+pub async fn spawn_app_secured(
+    configure: impl FnOnce(&mut ApiConfig),
+    security: SecurityStages,
+) -> App {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let clock = Arc::new(ManualClock::new(datetime!(2026-01-01 12:00 UTC)));
+    let path = dir.path().join("haven.db");
+    let store = haven_store::connect(
+        &format!("sqlite:{}", path.display()),
+        clock.clone() as Arc<dyn Clock>,
+    )
+    .await
+    .expect("SQLite store");
+    let mut config = ApiConfig::new(BASE);
+    configure(&mut config);
+    let state = AppState::new(store.clone(), clock.clone(), config).with_security(security);
+    App {
+        router: router(state),
+        store,
+        clock,
+        _dir: dir,
+    }
+}
+
+pub fn request(method: Method, path: &str) -> http::request::Builder {
+    Request::builder().method(method).uri(path)
+}
+
+impl App {
+    pub async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self
+            .router
+            .clone()
+            .oneshot(request)
+            .await
+            .expect("the router never fails");
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+        };
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send(request(Method::GET, path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    pub async fn send_json(&self, method: Method, path: &str, body: &Value) -> Reply {
+        self.send(
+            request(method, path)
+                .header("content-type", "application/fhir+json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.send_json(Method::POST, path, body).await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> Reply {
+        self.send_json(Method::PUT, path, body).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Reply {
+        self.send(request(Method::DELETE, path).body(Body::empty()).unwrap())
+            .await
+    }
+
+    /// Creates a resource and returns its id.
+    pub async fn create(&self, resource: &Value) -> String {
+        let t = resource["resourceType"].as_str().unwrap();
+        let reply = self.post(&format!("/fhir/{t}"), resource).await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+        reply.body["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn count(&self, resource_type: &str) -> u64 {
+        self.store
+            .count_by_type()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|(t, _)| t == resource_type)
+            .map_or(0, |(_, n)| n)
+    }
+}
+
+pub fn patient(family: &str, identifier: Option<(&str, &str)>) -> Value {
+    let mut p = serde_json::json!({
+        "resourceType": "Patient",
+        "name": [{"family": family}],
+    });
+    if let Some((system, value)) = identifier {
+        p["identifier"] = serde_json::json!([{"system": system, "value": value}]);
+    }
+    p
+}
