@@ -366,6 +366,19 @@ mod tests {
     }
 
     #[test]
+    fn the_example_configuration_parses() {
+        let example = include_str!("../../../haven.toml.example");
+        let uncommented: String = example
+            .lines()
+            .map(|line| line.strip_prefix("# ").filter(|l| l.contains(" = ")).unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Layer::from_toml(example).unwrap();
+        let layer = Layer::from_toml(&uncommented).unwrap();
+        assert_eq!(layer.limits.max_json_depth, Some(64));
+    }
+
+    #[test]
     fn unknown_keys_in_the_file_are_rejected() {
         assert!(Layer::from_toml("lisen = \"127.0.0.1:1\"").is_err());
     }
