@@ -50,13 +50,22 @@ pub(crate) fn stamp(
 /// Puts `resourceType`, `id` and `meta` first again, for backends (jsonb) that
 /// do not keep key order.
 pub(crate) fn lead_with_stamped_fields(resource: Value) -> Value {
-    let Value::Object(mut fields) = resource else {
-        return resource;
+    let mut resource = leading(resource, &["resourceType", "id", "meta"]);
+    if let Some(meta) = resource.get_mut("meta") {
+        *meta = leading(meta.take(), &["versionId", "lastUpdated"]);
+    }
+    resource
+}
+
+/// The object with the named keys moved to the front, in that order.
+fn leading(value: Value, keys: &[&str]) -> Value {
+    let Value::Object(mut fields) = value else {
+        return value;
     };
     let mut ordered = Map::with_capacity(fields.len());
-    for key in ["resourceType", "id", "meta"] {
-        if let Some(value) = fields.remove(key) {
-            ordered.insert(key.into(), value);
+    for key in keys {
+        if let Some(value) = fields.remove(*key) {
+            ordered.insert((*key).into(), value);
         }
     }
     ordered.extend(fields);
@@ -115,6 +124,22 @@ mod tests {
         );
         let keys: Vec<_> = stamped.as_object().unwrap().keys().cloned().collect();
         assert_eq!(keys, ["resourceType", "id", "meta", "active"]);
+    }
+
+    #[test]
+    fn stamped_fields_are_moved_back_to_the_front() {
+        let shuffled = json!({"active": true, "meta": {"source": "s", "versionId": "1"},
+                              "id": "a", "resourceType": "Patient"});
+        let ordered = lead_with_stamped_fields(shuffled);
+        let keys: Vec<_> = ordered.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["resourceType", "id", "meta", "active"]);
+        let meta: Vec<_> = ordered["meta"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(meta, ["versionId", "source"]);
     }
 
     #[test]
