@@ -308,28 +308,28 @@ fn type_level(
             .join("&")
     };
     match rest {
-        [] => match method {
+        [] => match *method {
             _ if get => Ok(Interaction::Search {
                 resource_type: Some(resource_type),
                 params: params(),
             }),
-            &Method::POST => Ok(Interaction::Create {
+            Method::POST => Ok(Interaction::Create {
                 resource_type,
                 resource: resource_body(body)?,
                 if_none_exist: header(headers, "if-none-exist")
                     .map(|c| c.trim_start_matches('?').to_owned()),
             }),
-            &Method::PUT if has_criteria() => Ok(Interaction::ConditionalUpdate {
+            Method::PUT if has_criteria() => Ok(Interaction::ConditionalUpdate {
                 resource_type,
                 criteria: criteria(),
                 resource: resource_body(body)?,
                 if_match: if_match(headers)?,
             }),
-            &Method::DELETE if has_criteria() => Ok(Interaction::ConditionalDelete {
+            Method::DELETE if has_criteria() => Ok(Interaction::ConditionalDelete {
                 resource_type,
                 criteria: criteria(),
             }),
-            &Method::PATCH if has_criteria() => Ok(Interaction::Patch {
+            Method::PATCH if has_criteria() => Ok(Interaction::Patch {
                 resource_type,
                 target: Target::Criteria(criteria()),
                 patch: patch_body(body)?,
@@ -381,7 +381,7 @@ fn instance_level(
     body: RequestBody,
 ) -> Result<Interaction, Routing> {
     match rest {
-        [] => match method {
+        [] => match *method {
             _ if get => Ok(Interaction::Read {
                 resource_type,
                 id,
@@ -389,19 +389,19 @@ fn instance_level(
                 if_modified_since: header(headers, "if-modified-since")
                     .and_then(|v| httpdate::parse_http_date(&v).ok()),
             }),
-            &Method::PUT => Ok(Interaction::Update {
+            Method::PUT => Ok(Interaction::Update {
                 resource_type,
                 id,
                 resource: resource_body(body)?,
                 if_match: if_match(headers)?,
             }),
-            &Method::PATCH => Ok(Interaction::Patch {
+            Method::PATCH => Ok(Interaction::Patch {
                 resource_type,
                 target: Target::Id(id),
                 patch: patch_body(body)?,
                 if_match: if_match(headers)?,
             }),
-            &Method::DELETE => Ok(Interaction::Delete {
+            Method::DELETE => Ok(Interaction::Delete {
                 resource_type,
                 id,
                 if_match: if_match(headers)?,
