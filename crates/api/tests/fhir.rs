@@ -1225,6 +1225,44 @@ async fn a_bundle_of_another_type_is_refused() {
     );
 }
 
+#[tokio::test]
+async fn a_transaction_with_a_reference_to_no_entry_is_400_and_writes_nothing() {
+    let app = spawn_app().await;
+    let bundle = transaction(vec![json!({
+        "resource": {"resourceType": "Observation", "status": "final", "code": {"text": "x"},
+                     "subject": {"reference": "urn:uuid:nowhere"}},
+        "request": {"method": "POST", "url": "Observation"}})]);
+    let reply = app.post("/fhir", &bundle).await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reply.body["issue"][0]["expression"][0], "Bundle.entry[0]");
+    assert_eq!(app.count("Observation").await, 0);
+}
+
+#[tokio::test]
+async fn total_none_leaves_the_total_out_and_several_types_are_refused() {
+    let app = spawn_app().await;
+    app.create(&patient("A", None)).await;
+    let reply = app.get("/fhir/Patient?_total=none").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(reply.body.get("total").is_none());
+    let reply = app.get("/fhir?_type=Patient,Observation").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    let reply = app
+        .get("/fhir/Patient?_format=application/fhir%2Bjson")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_version_that_is_not_a_number_is_400() {
+    let app = spawn_app().await;
+    let id = app.create(&patient("A", None)).await;
+    let reply = app
+        .get(&format!("/fhir/Patient/{id}/_history/latest"))
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+}
+
 // ---- $validate ----
 
 #[tokio::test]
