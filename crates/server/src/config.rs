@@ -370,7 +370,11 @@ mod tests {
         let example = include_str!("../../../haven.toml.example");
         let uncommented: String = example
             .lines()
-            .map(|line| line.strip_prefix("# ").filter(|l| l.contains(" = ")).unwrap_or(line))
+            .map(|line| {
+                line.strip_prefix("# ")
+                    .filter(|l| l.contains(" = "))
+                    .unwrap_or(line)
+            })
             .collect::<Vec<_>>()
             .join("\n");
         Layer::from_toml(example).unwrap();

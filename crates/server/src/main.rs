@@ -8,12 +8,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use haven_model::clock::{Clock, SystemClock};
 use tracing_subscriber::EnvFilter;
 
 mod config;
@@ -212,9 +210,7 @@ async fn migrate(config: &Config) -> Result<()> {
     if let Some(dir) = sqlite_parent_dir(&config.database_url) {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    // Opening the store applies any pending migrations.
-    haven_store::connect(&config.database_url, clock)
+    haven_store::migrate(&config.database_url)
         .await
         .context("migrating the database")?;
     println!("haven: the database schema is up to date");
