@@ -26,7 +26,6 @@ mod execute;
 pub mod interaction;
 pub mod negotiation;
 pub mod pipeline;
-mod r4;
 pub mod response;
 pub mod search_params;
 pub mod strict_json;

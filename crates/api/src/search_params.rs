@@ -18,7 +18,11 @@ use haven_store::{Comparator, InstantBound, SearchQuery, SortOrder, TokenFilter,
 use time::{Date, Duration, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 use crate::error::ApiError;
-use crate::r4::has_identifier_parameter;
+
+/// Whether `resource_type` has the R4 `identifier` search parameter.
+pub fn has_identifier_parameter(resource_type: &str) -> bool {
+    haven_model::registry::search_param(resource_type, "identifier").is_some()
+}
 
 /// Parameters the caller handles itself and the parser must leave alone.
 const HANDLED_ELSEWHERE: [&str; 2] = ["_format", "_type"];

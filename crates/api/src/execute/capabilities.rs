@@ -1,20 +1,19 @@
 //! The CapabilityStatement (R4 capabilitystatement.html): exactly what this
-//! server implements, built from the same tables the interactions use, so it
-//! cannot promise more than the code does.
+//! server implements, built from the registry the interactions use (every
+//! resource type it knows; `identifier` only where R4 defines it), so it cannot
+//! promise more than the code does.
 
 use haven_model::clock::format_instant;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::r4::{has_identifier_parameter, supported_types};
 use crate::ApiConfig;
+use haven_model::registry::{resource_types, search_param as registry_param};
 
 const SEARCH_PARAM_DEFS: &str = "http://hl7.org/fhir/SearchParameter/";
 
 fn search_param(name: &str, kind: &str, definition: Option<&str>, doc: &str) -> Value {
     let mut param = json!({"name": name});
-    // R4 shares some `identifier` definitions between types under one id, so
-    // the definition is given only where it is unambiguous.
     if let Some(d) = definition {
         param["definition"] = json!(format!("{SEARCH_PARAM_DEFS}{d}"));
     }
@@ -42,11 +41,11 @@ fn common_params() -> Vec<Value> {
 
 fn resource_entry(resource_type: &str) -> Value {
     let mut params = common_params();
-    if has_identifier_parameter(resource_type) {
+    if let Some(identifier) = registry_param(resource_type, "identifier") {
         params.push(search_param(
             "identifier",
             "token",
-            None,
+            identifier.url.strip_prefix(SEARCH_PARAM_DEFS),
             "system|code, |code, system| or code; comma separated values are alternatives.",
         ));
     }
@@ -85,7 +84,7 @@ fn resource_entry(resource_type: &str) -> Value {
 
 /// The statement for this deployment.
 pub(crate) fn capability_statement(config: &ApiConfig, now: OffsetDateTime) -> Value {
-    let resources: Vec<Value> = supported_types().map(resource_entry).collect();
+    let resources: Vec<Value> = resource_types().map(resource_entry).collect();
     let version = env!("CARGO_PKG_VERSION");
     json!({
         "resourceType": "CapabilityStatement",
