@@ -90,3 +90,38 @@ fn migrate_creates_the_sqlite_database_and_exits() {
     );
     assert!(data_dir.join("haven.db").is_file());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_request_headers_are_refused_over_http1_and_http2() {
+    let haven = spawn_haven(HavenOptions {
+        extra_args: vec!["--max-header-bytes".into(), "16384".into()],
+        ..HavenOptions::default()
+    })
+    .await
+    .unwrap();
+    let ca = reqwest::Certificate::from_pem(haven.ca_pem.as_ref().unwrap()).unwrap();
+    let http1 = reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .http1_only()
+        .build()
+        .unwrap();
+    let big = "x".repeat(64 * 1024);
+    for (name, client) in [("HTTP/1.1", http1), ("HTTP/2", haven.client())] {
+        let small = client
+            .get(haven.url("metadata"))
+            .header("x-padding", "x".repeat(4096))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(small.status(), 200, "{name}");
+        match client
+            .get(haven.url("metadata"))
+            .header("x-padding", &big)
+            .send()
+            .await
+        {
+            Err(_) => {}
+            Ok(response) => assert_eq!(response.status(), 431, "{name}"),
+        }
+    }
+}
