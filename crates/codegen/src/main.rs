@@ -48,7 +48,13 @@ const REGEX_EXT: &str = "http://hl7.org/fhir/StructureDefinition/regex";
 const SYSTEM_PREFIX: &str = "http://hl7.org/fhirpath/System.";
 
 /// The compartments Haven serves, by their CompartmentDefinition file suffix.
-const COMPARTMENTS: [&str; 5] = ["patient", "encounter", "practitioner", "relatedPerson", "device"];
+const COMPARTMENTS: [&str; 5] = [
+    "patient",
+    "encounter",
+    "practitioner",
+    "relatedPerson",
+    "device",
+];
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -78,7 +84,12 @@ fn main() -> Result<()> {
 
     fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     write(&args.out, "resource-types.json", &json!(resource_types), 1)?;
-    write(&args.out, "search-parameters.json", &Value::Array(search), 2)?;
+    write(
+        &args.out,
+        "search-parameters.json",
+        &Value::Array(search),
+        2,
+    )?;
     write(&args.out, "compartments.json", &compartments, 2)?;
     let structures_json = json!({
         "primitives": structures.primitives,
@@ -136,11 +147,15 @@ impl Structures {
         // Constraints (SimpleQuantity, MoneyQuantity, ...) add no elements of their
         // own; instances are validated against the type they constrain.
         let derivation = def["derivation"].as_str();
-        let name = def["id"].as_str().context("StructureDefinition without id")?;
+        let name = def["id"]
+            .as_str()
+            .context("StructureDefinition without id")?;
         if derivation == Some("constraint") {
             return Ok(());
         }
-        let kind = def["kind"].as_str().context("StructureDefinition without kind")?;
+        let kind = def["kind"]
+            .as_str()
+            .context("StructureDefinition without kind")?;
         let elements = def["snapshot"]["element"]
             .as_array()
             .with_context(|| format!("{name} has no snapshot"))?;
@@ -196,7 +211,11 @@ impl Structures {
             entry.insert("base".into(), json!(base));
         }
         entry.insert("elements".into(), Value::Array(rows));
-        if self.types.insert(name.to_owned(), Value::Object(entry)).is_some() {
+        if self
+            .types
+            .insert(name.to_owned(), Value::Object(entry))
+            .is_some()
+        {
             bail!("{name} is defined twice");
         }
         Ok(())
@@ -229,7 +248,9 @@ fn search_parameters(bundle: &Value) -> Result<Vec<Value>> {
     let mut params = Vec::new();
     let mut seen = BTreeSet::new();
     for p in bundle_resources(bundle, "SearchParameter") {
-        let code = p["code"].as_str().context("search parameter without code")?;
+        let code = p["code"]
+            .as_str()
+            .context("search parameter without code")?;
         let url = p["url"].as_str().context("search parameter without url")?;
         let mut out = Map::new();
         out.insert("code".into(), json!(code));
@@ -277,7 +298,9 @@ fn compartments(dir: &Path) -> Result<Value> {
         let code = def["code"].as_str().context("compartment without code")?;
         let mut members = BTreeMap::new();
         for resource in def["resource"].as_array().into_iter().flatten() {
-            let name = resource["code"].as_str().context("compartment resource without code")?;
+            let name = resource["code"]
+                .as_str()
+                .context("compartment resource without code")?;
             let params = str_list(&resource["param"]);
             if !params.is_empty() {
                 members.insert(name.to_owned(), params);

@@ -16,7 +16,13 @@ const SEARCH_PARAMETERS_JSON: &str =
 const COMPARTMENTS_JSON: &str = include_str!("../../../profiles/generated/compartments.json");
 
 /// The compartments Haven knows, by their CompartmentDefinition code.
-pub const COMPARTMENTS: [&str; 5] = ["Device", "Encounter", "Patient", "Practitioner", "RelatedPerson"];
+pub const COMPARTMENTS: [&str; 5] = [
+    "Device",
+    "Encounter",
+    "Patient",
+    "Practitioner",
+    "RelatedPerson",
+];
 
 /// `SearchParameter.type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
@@ -143,8 +149,8 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         serde_json::from_str(RESOURCE_TYPES_JSON).expect("generated resource-types.json is valid");
     let params: Vec<SearchParam> = serde_json::from_str(SEARCH_PARAMETERS_JSON)
         .expect("generated search-parameters.json is valid");
-    let compartments = serde_json::from_str(COMPARTMENTS_JSON)
-        .expect("generated compartments.json is valid");
+    let compartments =
+        serde_json::from_str(COMPARTMENTS_JSON).expect("generated compartments.json is valid");
     let mut by_base: HashMap<String, HashMap<String, usize>> = HashMap::new();
     let mut by_url = HashMap::new();
     for (i, param) in params.iter().enumerate() {
@@ -277,7 +283,10 @@ mod tests {
     fn a_patient_search_parameter_carries_its_definition() {
         let p = search_param("Patient", "birthdate").expect("Patient?birthdate");
         assert_eq!(p.kind, SearchParamType::Date);
-        assert_eq!(p.expression_for("Patient").as_deref(), Some("Patient.birthDate"));
+        assert_eq!(
+            p.expression_for("Patient").as_deref(),
+            Some("Patient.birthDate")
+        );
         assert!(p.comparator.contains(&"ge".to_owned()));
         let general = search_param("Patient", "general-practitioner").expect("reference");
         assert_eq!(general.kind, SearchParamType::Reference);
@@ -299,7 +308,10 @@ mod tests {
     fn a_shared_expression_is_narrowed_to_one_resource_type() {
         let code = search_param("Condition", "code").unwrap();
         assert!(code.base.len() > 1);
-        assert_eq!(code.expression_for("Condition").as_deref(), Some("Condition.code"));
+        assert_eq!(
+            code.expression_for("Condition").as_deref(),
+            Some("Condition.code")
+        );
         let value = search_param("Observation", "value-quantity").unwrap();
         assert_eq!(
             value.expression_for("Observation").as_deref(),
@@ -329,7 +341,10 @@ mod tests {
     #[test]
     fn all_five_compartments_are_known() {
         for compartment in COMPARTMENTS {
-            assert!(!compartment_resource_types(compartment).is_empty(), "{compartment}");
+            assert!(
+                !compartment_resource_types(compartment).is_empty(),
+                "{compartment}"
+            );
         }
         assert!(compartment_resource_types("Encounter").contains(&"Observation"));
     }

@@ -185,7 +185,10 @@ impl Walk {
         if !child.many {
             if value.is_array() {
                 self.within(name, None, |w| {
-                    w.report(IssueCode::Structure, "Expected a single value, not an array")
+                    w.report(
+                        IssueCode::Structure,
+                        "Expected a single value, not an array",
+                    )
                 });
                 return;
             }
@@ -207,7 +210,10 @@ impl Walk {
         if let Some(max) = child.max {
             if items.len() > max {
                 self.within(name, None, |w| {
-                    w.report(IssueCode::Structure, format!("At most {max} values allowed"))
+                    w.report(
+                        IssueCode::Structure,
+                        format!("At most {max} values allowed"),
+                    )
                 });
             }
         }
@@ -245,7 +251,10 @@ impl Walk {
             return;
         }
         let Some(object) = value.as_object() else {
-            self.report(IssueCode::Structure, format!("Expected an object of type {code}"));
+            self.report(
+                IssueCode::Structure,
+                format!("Expected an object of type {code}"),
+            );
             return;
         };
         // Inline elements (BackboneElement, Element) have their children in the same
@@ -269,7 +278,11 @@ impl Walk {
     /// The `_name` sibling of a primitive: an object (or array of them, aligned with
     /// the values) holding only `id` and `extension`.
     fn primitive_extension(&mut self, child: &'static Child, value: &Value, main: Option<&Value>) {
-        let element = self.tables.types.get("Element").expect("Element is defined");
+        let element = self
+            .tables
+            .types
+            .get("Element")
+            .expect("Element is defined");
         if !child.many {
             match value.as_object() {
                 Some(object) => self.element(object, element, "Element", false),
@@ -415,14 +428,26 @@ mod tests {
 
     #[test]
     fn a_resource_without_resource_type_is_rejected() {
-        assert_eq!(single(json!({"id": "x"})), ("invalid", "resourceType".into()));
+        assert_eq!(
+            single(json!({"id": "x"})),
+            ("invalid", "resourceType".into())
+        );
     }
 
     #[test]
     fn an_unknown_or_abstract_resource_type_is_rejected() {
-        assert_eq!(single(json!({"resourceType": "Patientt"})).1, "resourceType");
-        assert_eq!(single(json!({"resourceType": "DomainResource"})).1, "resourceType");
-        assert_eq!(single(json!({"resourceType": "HumanName"})).1, "resourceType");
+        assert_eq!(
+            single(json!({"resourceType": "Patientt"})).1,
+            "resourceType"
+        );
+        assert_eq!(
+            single(json!({"resourceType": "DomainResource"})).1,
+            "resourceType"
+        );
+        assert_eq!(
+            single(json!({"resourceType": "HumanName"})).1,
+            "resourceType"
+        );
     }
 
     #[test]
@@ -438,7 +463,8 @@ mod tests {
 
     #[test]
     fn an_unknown_element_inside_a_data_type_is_located_by_index() {
-        let patient = json!({"resourceType": "Patient", "name": [{"family": "A"}, {"surname": "B"}]});
+        let patient =
+            json!({"resourceType": "Patient", "name": [{"family": "A"}, {"surname": "B"}]});
         assert_eq!(single(patient).1, "Patient.name[1].surname");
     }
 
@@ -449,20 +475,31 @@ mod tests {
             "status": "draft",
             "item": [{"linkId": "1", "type": "group", "item": [{"linkId": "1.1", "type": "string", "colour": "red"}]}],
         });
-        assert_eq!(single(questionnaire).1, "Questionnaire.item[0].item[0].colour");
+        assert_eq!(
+            single(questionnaire).1,
+            "Questionnaire.item[0].item[0].colour"
+        );
     }
 
     #[test]
     fn a_choice_element_accepts_only_its_listed_types() {
-        assert_eq!(found(observation(json!({"valueQuantity": {"value": 72.5}}))), vec![]);
+        assert_eq!(
+            found(observation(json!({"valueQuantity": {"value": 72.5}}))),
+            vec![]
+        );
         let issue = single(observation(json!({"valueAge": {"value": 3}})));
         assert_eq!(issue, ("structure", "Observation.valueAge".into()));
     }
 
     #[test]
     fn a_choice_element_takes_at_most_one_type() {
-        let issues = found(observation(json!({"valueString": "a", "valueBoolean": true})));
-        assert_eq!(issues, vec![("structure", "Observation.valueBoolean".into())]);
+        let issues = found(observation(
+            json!({"valueString": "a", "valueBoolean": true}),
+        ));
+        assert_eq!(
+            issues,
+            vec![("structure", "Observation.valueBoolean".into())]
+        );
     }
 
     #[test]
@@ -494,7 +531,10 @@ mod tests {
         let issues = found(json!({"resourceType": "Extension"}));
         assert_eq!(issues, vec![("invalid", "resourceType".into())]);
         let patient = json!({"resourceType": "Patient", "link": [{"type": "seealso"}]});
-        assert_eq!(single(patient), ("required", "Patient.link[0].other".into()));
+        assert_eq!(
+            single(patient),
+            ("required", "Patient.link[0].other".into())
+        );
     }
 
     #[test]
@@ -509,8 +549,12 @@ mod tests {
 
     #[test]
     fn primitive_extensions_are_checked_as_elements() {
-        let patient = json!({"resourceType": "Patient", "birthDate": "1970", "_birthDate": {"foo": 1}});
-        assert_eq!(single(patient), ("structure", "Patient.birthDate.foo".into()));
+        let patient =
+            json!({"resourceType": "Patient", "birthDate": "1970", "_birthDate": {"foo": 1}});
+        assert_eq!(
+            single(patient),
+            ("structure", "Patient.birthDate.foo".into())
+        );
         let patient = json!({"resourceType": "Patient", "_nickname": {"id": "a"}});
         assert_eq!(single(patient).1, "Patient._nickname");
         let patient = json!({"resourceType": "Patient", "_name": {"id": "a"}});
@@ -528,9 +572,16 @@ mod tests {
         });
         assert_eq!(found(patient), vec![]);
         let patient = json!({"resourceType": "Patient", "name": [{"given": ["Peter", null]}]});
-        assert_eq!(single(patient), ("structure", "Patient.name[0].given[1]".into()));
-        let patient = json!({"resourceType": "Patient", "name": [{"given": ["A", "B"], "_given": [null]}]});
-        assert_eq!(single(patient), ("structure", "Patient.name[0].given".into()));
+        assert_eq!(
+            single(patient),
+            ("structure", "Patient.name[0].given[1]".into())
+        );
+        let patient =
+            json!({"resourceType": "Patient", "name": [{"given": ["A", "B"], "_given": [null]}]});
+        assert_eq!(
+            single(patient),
+            ("structure", "Patient.name[0].given".into())
+        );
     }
 
     #[test]
@@ -543,17 +594,32 @@ mod tests {
 
     #[test]
     fn empty_objects_arrays_and_strings_are_rejected() {
-        assert_eq!(single(json!({"resourceType": "Patient", "maritalStatus": {}})).1, "Patient.maritalStatus");
-        assert_eq!(single(json!({"resourceType": "Patient", "name": []})).1, "Patient.name");
+        assert_eq!(
+            single(json!({"resourceType": "Patient", "maritalStatus": {}})).1,
+            "Patient.maritalStatus"
+        );
+        assert_eq!(
+            single(json!({"resourceType": "Patient", "name": []})).1,
+            "Patient.name"
+        );
         let issue = single(json!({"resourceType": "Patient", "name": [{"given": ["A", ""]}]}));
         assert_eq!(issue, ("value", "Patient.name[0].given[1]".into()));
-        assert_eq!(single(json!({"resourceType": "Patient", "implicitRules": ""})).0, "value");
+        assert_eq!(
+            single(json!({"resourceType": "Patient", "implicitRules": ""})).0,
+            "value"
+        );
     }
 
     #[test]
     fn objects_and_primitives_are_not_interchangeable() {
-        assert_eq!(single(json!({"resourceType": "Patient", "maritalStatus": "S"})).0, "structure");
-        assert_eq!(single(json!({"resourceType": "Patient", "gender": {"v": 1}})).0, "value");
+        assert_eq!(
+            single(json!({"resourceType": "Patient", "maritalStatus": "S"})).0,
+            "structure"
+        );
+        assert_eq!(
+            single(json!({"resourceType": "Patient", "gender": {"v": 1}})).0,
+            "value"
+        );
     }
 
     #[test]
@@ -563,20 +629,37 @@ mod tests {
             let issue = single(json!({"resourceType": "Patient", "id": bad}));
             assert_eq!(issue, ("value", "Patient.id".into()));
         }
-        assert_eq!(found(json!({"resourceType": "Patient", "id": "A-1.b"})), vec![]);
+        assert_eq!(
+            found(json!({"resourceType": "Patient", "id": "A-1.b"})),
+            vec![]
+        );
     }
 
     #[test]
     fn element_ids_are_plain_strings() {
-        assert_eq!(found(json!({"resourceType": "Patient", "name": [{"id": "n 1", "text": "A"}]})), vec![]);
+        assert_eq!(
+            found(json!({"resourceType": "Patient", "name": [{"id": "n 1", "text": "A"}]})),
+            vec![]
+        );
     }
 
     #[test]
     fn dates_follow_the_r4_format() {
         for good in ["2024", "2024-02", "2024-02-29"] {
-            assert_eq!(found(json!({"resourceType": "Patient", "birthDate": good})), vec![], "{good}");
+            assert_eq!(
+                found(json!({"resourceType": "Patient", "birthDate": good})),
+                vec![],
+                "{good}"
+            );
         }
-        for bad in ["24", "2024-13", "2024-02-30x", "0000", "2024-1-01", "2024-02-29T10:00:00Z"] {
+        for bad in [
+            "24",
+            "2024-13",
+            "2024-02-30x",
+            "0000",
+            "2024-1-01",
+            "2024-02-29T10:00:00Z",
+        ] {
             let issue = single(json!({"resourceType": "Patient", "birthDate": bad}));
             assert_eq!(issue, ("value", "Patient.birthDate".into()), "{bad}");
         }
@@ -584,10 +667,23 @@ mod tests {
 
     #[test]
     fn date_times_need_seconds_and_a_zone_when_they_have_a_time() {
-        for good in ["2024", "2024-05-06", "2024-05-06T07:08:09Z", "2024-05-06T07:08:09.123-05:00"] {
-            assert_eq!(found(observation(json!({"effectiveDateTime": good}))), vec![], "{good}");
+        for good in [
+            "2024",
+            "2024-05-06",
+            "2024-05-06T07:08:09Z",
+            "2024-05-06T07:08:09.123-05:00",
+        ] {
+            assert_eq!(
+                found(observation(json!({"effectiveDateTime": good}))),
+                vec![],
+                "{good}"
+            );
         }
-        for bad in ["2024-05-06T07:08", "2024-05-06T07:08:09", "2024-05-06 07:08:09Z"] {
+        for bad in [
+            "2024-05-06T07:08",
+            "2024-05-06T07:08:09",
+            "2024-05-06 07:08:09Z",
+        ] {
             let issue = single(observation(json!({"effectiveDateTime": bad})));
             assert_eq!(issue.1, "Observation.effectiveDateTime", "{bad}");
         }
@@ -595,7 +691,12 @@ mod tests {
 
     #[test]
     fn instants_are_complete_to_the_second_with_a_zone() {
-        assert_eq!(found(observation(json!({"issued": "2024-05-06T07:08:09.5+14:00"}))), vec![]);
+        assert_eq!(
+            found(observation(
+                json!({"issued": "2024-05-06T07:08:09.5+14:00"})
+            )),
+            vec![]
+        );
         for bad in ["2024-05-06", "2024-05-06T07:08:09", "2024-05-06T07:08Z"] {
             let issue = single(observation(json!({"issued": bad})));
             assert_eq!(issue, ("value", "Observation.issued".into()), "{bad}");
@@ -604,20 +705,38 @@ mod tests {
 
     #[test]
     fn times_follow_the_r4_format() {
-        assert_eq!(found(observation(json!({"valueTime": "23:59:60.5"}))), vec![]);
-        assert_eq!(single(observation(json!({"valueTime": "24:00:00"}))).1, "Observation.valueTime");
-        assert_eq!(single(observation(json!({"valueTime": "10:00"}))).1, "Observation.valueTime");
+        assert_eq!(
+            found(observation(json!({"valueTime": "23:59:60.5"}))),
+            vec![]
+        );
+        assert_eq!(
+            single(observation(json!({"valueTime": "24:00:00"}))).1,
+            "Observation.valueTime"
+        );
+        assert_eq!(
+            single(observation(json!({"valueTime": "10:00"}))).1,
+            "Observation.valueTime"
+        );
     }
 
     #[test]
     fn decimals_are_json_numbers() {
-        assert_eq!(found(observation(json!({"valueQuantity": {"value": -1.5e3}}))), vec![]);
-        assert_eq!(single(observation(json!({"valueQuantity": {"value": "1.5"}}))).0, "value");
+        assert_eq!(
+            found(observation(json!({"valueQuantity": {"value": -1.5e3}}))),
+            vec![]
+        );
+        assert_eq!(
+            single(observation(json!({"valueQuantity": {"value": "1.5"}}))).0,
+            "value"
+        );
     }
 
     #[test]
     fn integers_are_whole_json_numbers_within_32_bits() {
-        assert_eq!(found(observation(json!({"valueInteger": -2147483648_i64}))), vec![]);
+        assert_eq!(
+            found(observation(json!({"valueInteger": -2147483648_i64}))),
+            vec![]
+        );
         for bad in [json!(2147483648_i64), json!(1.5), json!("1")] {
             let issue = single(observation(json!({"valueInteger": bad})));
             assert_eq!(issue, ("value", "Observation.valueInteger".into()));
@@ -627,10 +746,15 @@ mod tests {
     #[test]
     fn positive_and_unsigned_integers_respect_their_bounds() {
         let sampled = |dimensions: Value| {
-            observation(json!({"valueSampledData": {"origin": {"value": 0}, "period": 1, "dimensions": dimensions}}))
+            observation(
+                json!({"valueSampledData": {"origin": {"value": 0}, "period": 1, "dimensions": dimensions}}),
+            )
         };
         assert_eq!(found(sampled(json!(1))), vec![]);
-        assert_eq!(single(sampled(json!(0))).1, "Observation.valueSampledData.dimensions");
+        assert_eq!(
+            single(sampled(json!(0))).1,
+            "Observation.valueSampledData.dimensions"
+        );
         let photo = |size: Value| json!({"resourceType": "Patient", "photo": [{"size": size}]});
         assert_eq!(found(photo(json!(0))), vec![]);
         assert_eq!(single(photo(json!(-1))).1, "Patient.photo[0].size");
@@ -650,7 +774,10 @@ mod tests {
 
     #[test]
     fn uris_urls_and_canonicals_contain_no_whitespace() {
-        assert_eq!(single(json!({"resourceType": "Patient", "implicitRules": "a b"})).1, "Patient.implicitRules");
+        assert_eq!(
+            single(json!({"resourceType": "Patient", "implicitRules": "a b"})).1,
+            "Patient.implicitRules"
+        );
         let meta = json!({"resourceType": "Patient", "meta": {"profile": ["http://x/ y"]}});
         assert_eq!(single(meta).1, "Patient.meta.profile[0]");
         let photo = json!({"resourceType": "Patient", "photo": [{"url": "http://x/ y"}]});
@@ -660,14 +787,21 @@ mod tests {
     #[test]
     fn codes_have_no_leading_trailing_or_double_spaces() {
         for bad in [" male", "male ", "a  b"] {
-            assert_eq!(single(json!({"resourceType": "Patient", "gender": bad})).0, "value");
+            assert_eq!(
+                single(json!({"resourceType": "Patient", "gender": bad})).0,
+                "value"
+            );
         }
-        assert_eq!(found(json!({"resourceType": "Patient", "language": "en US"})), vec![]);
+        assert_eq!(
+            found(json!({"resourceType": "Patient", "language": "en US"})),
+            vec![]
+        );
     }
 
     #[test]
     fn oids_uuids_base64_and_markdown_follow_their_formats() {
-        let identifier = |system: &str| json!({"resourceType": "Patient", "identifier": [{"system": system}]});
+        let identifier =
+            |system: &str| json!({"resourceType": "Patient", "identifier": [{"system": system}]});
         assert_eq!(found(identifier("urn:oid:1.2.3")), vec![]);
         let ok = json!({"resourceType": "Patient", "photo": [{"data": "aGVsbG8="}]});
         assert_eq!(found(ok), vec![]);
@@ -690,7 +824,10 @@ mod tests {
             "resourceType": "Patient",
             "contained": [{"resourceType": "Practitioner", "id": "p1"}, {"resourceType": "Patient", "birthDate": "soon"}],
         });
-        assert_eq!(single(patient), ("value", "Patient.contained[1].birthDate".into()));
+        assert_eq!(
+            single(patient),
+            ("value", "Patient.contained[1].birthDate".into())
+        );
         let patient = json!({"resourceType": "Patient", "contained": [{"id": "p1"}]});
         assert_eq!(single(patient), ("invalid", "Patient.contained[0]".into()));
     }
@@ -702,16 +839,31 @@ mod tests {
             "type": "transaction",
             "entry": [{"resource": {"resourceType": "Patient", "id": "bad id"}, "request": {"method": "POST", "url": "Patient"}}],
         });
-        assert_eq!(single(bundle), ("value", "Bundle.entry[0].resource.id".into()));
+        assert_eq!(
+            single(bundle),
+            ("value", "Bundle.entry[0].resource.id".into())
+        );
     }
 
     #[test]
     fn extensions_need_a_url_and_at_most_one_value() {
         let patient = json!({"resourceType": "Patient", "extension": [{"valueString": "x"}]});
-        assert_eq!(single(patient), ("required", "Patient.extension[0].url".into()));
+        assert_eq!(
+            single(patient),
+            ("required", "Patient.extension[0].url".into())
+        );
         let patient = json!({"resourceType": "Patient", "modifierExtension": [{"url": "http://x", "valueString": "x", "valueCode": "y"}]});
-        assert_eq!(single(patient), ("structure", "Patient.modifierExtension[0].valueCode".into()));
+        assert_eq!(
+            single(patient),
+            ("structure", "Patient.modifierExtension[0].valueCode".into())
+        );
         let nested = json!({"resourceType": "Patient", "extension": [{"url": "http://x", "extension": [{"url": "a", "valueFoo": 1}]}]});
-        assert_eq!(single(nested), ("structure", "Patient.extension[0].extension[0].valueFoo".into()));
+        assert_eq!(
+            single(nested),
+            (
+                "structure",
+                "Patient.extension[0].extension[0].valueFoo".into()
+            )
+        );
     }
 }

@@ -27,7 +27,10 @@ fn every_official_example_the_schema_accepts_is_accepted() {
             .iter()
             .map(|half| scope.spawn(|| check(half, &schema)))
             .collect();
-        workers.into_iter().map(|w| w.join().expect("worker")).collect()
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("worker"))
+            .collect()
     });
     let accepted_by_schema: usize = results.iter().map(|r| r.0).sum();
     let accepted: usize = results.iter().map(|r| r.1).sum();
