@@ -1342,11 +1342,11 @@ fn references(v: &Value, out: &mut Vec<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_synthea_bundle_loads_and_reads_back_as_sent() {
-    let Some(shared) = std::env::var_os("HAVEN_SHARED") else {
+    let Some(shared) = support::shared_dir() else {
         println!("not run: HAVEN_SHARED is not set");
         return;
     };
-    let dir = std::path::PathBuf::from(shared).join("synthea");
+    let dir = shared.join("synthea");
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
         .expect("the synthea directory")
         .map(|e| e.unwrap().path())

@@ -169,3 +169,16 @@ pub fn patient(family: &str, identifier: Option<(&str, &str)>) -> Value {
     }
     p
 }
+
+/// `$HAVEN_SHARED`, a relative path taken from the workspace root (as `.ci/run`
+/// sets it), or `None` when the variable is unset.
+pub fn shared_dir() -> Option<std::path::PathBuf> {
+    let shared = std::path::PathBuf::from(std::env::var_os("HAVEN_SHARED")?);
+    Some(if shared.is_absolute() {
+        shared
+    } else {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .join(shared)
+    })
+}
