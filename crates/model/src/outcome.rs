@@ -114,6 +114,11 @@ impl Issue {
         }
     }
 
+    /// Whether the issue makes the request fail (error or fatal).
+    pub fn is_error(&self) -> bool {
+        matches!(self.severity, Severity::Error | Severity::Fatal)
+    }
+
     /// Points the issue at an element, as a FHIRPath expression.
     pub fn at(mut self, expression: impl Into<String>) -> Self {
         self.expression.push(expression.into());

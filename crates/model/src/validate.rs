@@ -39,6 +39,11 @@ impl Walk {
         self.issues.push(issue);
     }
 
+    fn warn(&mut self, code: IssueCode, message: impl Into<String>) {
+        let issue = Issue::warning(code, message).at(self.path.clone());
+        self.issues.push(issue);
+    }
+
     /// Runs `check` with `segment` appended to the path.
     fn within(&mut self, segment: &str, index: Option<usize>, check: impl FnOnce(&mut Self)) {
         let mark = self.path.len();
@@ -164,11 +169,27 @@ impl Walk {
                 } else {
                     element.clone()
                 };
+                // The official JSON schema never requires a primitive element (its
+                // value may be absent with only `_name` extensions), and official
+                // examples omit some; so a missing primitive is a warning, a missing
+                // complex element an error.
+                // `Extension.url` is an XML attribute in R4: it has no `_url` form
+                // and must always be present.
+                let attribute = parent == "Extension" && element == "url";
+                let primitive = !attribute
+                    && required.names.iter().all(|n| {
+                        children
+                            .by_name
+                            .get(n)
+                            .is_some_and(|c| self.is_primitive(&c.type_code))
+                    });
+                let message = format!("Missing required element '{shown}'");
                 self.within(&shown, None, |w| {
-                    w.report(
-                        IssueCode::Required,
-                        format!("Missing required element '{shown}'"),
-                    )
+                    if primitive {
+                        w.warn(IssueCode::Required, message)
+                    } else {
+                        w.report(IssueCode::Required, message)
+                    }
                 });
             }
         }
@@ -522,8 +543,19 @@ mod tests {
 
     #[test]
     fn a_missing_required_element_is_reported() {
-        let issues = found(json!({"resourceType": "Observation", "code": {"text": "x"}}));
-        assert_eq!(issues, vec![("required", "Observation.status".into())]);
+        let issues = found(json!({"resourceType": "Observation", "status": "final"}));
+        assert_eq!(issues, vec![("required", "Observation.code".into())]);
+    }
+
+    #[test]
+    fn a_missing_required_primitive_is_a_warning_and_a_missing_data_type_an_error() {
+        let issues = validate_resource(&json!({"resourceType": "Observation", "status": "final"}));
+        assert!(issues.iter().all(|i| i.is_error()), "{issues:?}");
+        assert_eq!(issues[0].expression, ["Observation.code"]);
+        let issues =
+            validate_resource(&json!({"resourceType": "Observation", "code": {"text": "x"}}));
+        assert!(issues.iter().all(|i| !i.is_error()), "{issues:?}");
+        assert_eq!(issues[0].expression, ["Observation.status"]);
     }
 
     #[test]

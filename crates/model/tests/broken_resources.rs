@@ -5,11 +5,14 @@
 //! `broken/` are also rejected by the official JSON schema (checked when
 //! `HAVEN_SHARED` is set); those in `broken/beyond-schema/` break rules the schema
 //! cannot express (one type per choice, non-empty arrays, numeric ranges, ...).
+//! Those in `broken/warned/` are accepted with a warning at the element: a missing
+//! required primitive, which the schema allows because `_name` may carry it.
 
 mod official;
 
 use std::path::{Path, PathBuf};
 
+use haven_model::outcome::Severity;
 use haven_model::validate::validate_resource;
 
 fn corpus(dir: &Path) -> Vec<(String, String, serde_json::Value)> {
@@ -42,7 +45,10 @@ fn broken_dir() -> PathBuf {
 fn misjudged(cases: &[(String, String, serde_json::Value)]) -> Vec<String> {
     let mut failures = Vec::new();
     for (name, expression, resource) in cases {
-        let issues = validate_resource(resource);
+        let issues: Vec<_> = validate_resource(resource)
+            .into_iter()
+            .filter(|i| i.is_error())
+            .collect();
         if issues.is_empty() {
             failures.push(format!("{name}: accepted"));
         } else if !issues.iter().any(|i| i.expression.contains(expression)) {
@@ -84,4 +90,20 @@ fn the_official_schema_rejects_every_broken_resource_too() {
         .map(|(name, _, _)| name)
         .collect();
     assert!(accepted.is_empty(), "the schema accepts {accepted:?}");
+}
+
+#[test]
+fn a_missing_required_primitive_is_accepted_with_a_warning_at_the_element() {
+    let cases = corpus(&broken_dir().join("warned"));
+    assert!(!cases.is_empty());
+    for (name, expression, resource) in &cases {
+        let issues = validate_resource(resource);
+        assert!(!issues.iter().any(|i| i.is_error()), "{name}: {issues:?}");
+        assert!(
+            issues
+                .iter()
+                .any(|i| i.severity == Severity::Warning && i.expression.contains(expression)),
+            "{name}: {issues:?}"
+        );
+    }
 }

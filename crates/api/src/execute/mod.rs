@@ -143,10 +143,7 @@ pub(crate) fn check_resource(resource_type: &str, resource: &Value) -> Result<()
         }
     }
     let issues = validate_resource(resource);
-    if issues
-        .iter()
-        .any(|i| matches!(i.severity, Severity::Error | Severity::Fatal))
-    {
+    if issues.iter().any(Issue::is_error) {
         return Err(ApiError::Invalid(issues));
     }
     Ok(())
