@@ -16,7 +16,7 @@ mod instance;
 mod search;
 mod validation;
 
-use haven_model::outcome::{Issue, IssueCode, Severity};
+use haven_model::outcome::{Issue, IssueCode};
 use haven_model::validate::validate_resource;
 use haven_store::ResourceVersion;
 use http::header::{CONTENT_LOCATION, LOCATION};
