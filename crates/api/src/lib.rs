@@ -119,4 +119,14 @@ pub fn router(state: AppState) -> axum::Router {
     axum::Router::new()
         .fallback(pipeline::handle)
         .with_state(state)
+        // A bug must still get a FHIR answer, never a dropped connection; the
+        // transaction it was in rolls back when its task unwinds.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a request handler panicked");
+                axum::response::IntoResponse::into_response(ApiError::Internal(
+                    "handler panicked".into(),
+                ))
+            },
+        ))
 }

@@ -230,6 +230,30 @@ impl Authenticator for SlowAuthenticator {
     }
 }
 
+#[derive(Debug)]
+struct PanickingAuthenticator;
+
+#[async_trait::async_trait]
+impl Authenticator for PanickingAuthenticator {
+    async fn authenticate(&self, _: &RequestHead<'_>) -> Result<Principal, ApiError> {
+        panic!("a bug in a stage");
+    }
+}
+
+#[tokio::test]
+async fn a_panic_in_the_pipeline_is_answered_with_500_and_an_operation_outcome() {
+    let security = SecurityStages {
+        authenticator: Arc::new(PanickingAuthenticator),
+        ..SecurityStages::default()
+    };
+    let app = spawn_app_secured(|_| {}, security).await;
+    let reply = app.get("/fhir/metadata").await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.body["resourceType"], "OperationOutcome");
+    assert_eq!(reply.issue_code(), "exception");
+    assert!(!reply.body.to_string().contains("a bug in a stage"));
+}
+
 #[tokio::test]
 async fn a_request_that_runs_too_long_is_503_with_a_timeout_issue() {
     let security = SecurityStages {
