@@ -10,6 +10,7 @@ use http::StatusCode;
 use serde_json::{json, Value};
 
 use super::instance::full_url;
+use super::result_bundle;
 use crate::error::ApiError;
 use crate::pipeline::Exec;
 use crate::response::{etag, status_line, FhirResponse};
@@ -131,18 +132,7 @@ pub(crate) async fn history(
         })
         .collect();
 
-    let mut bundle = json!({
-        "resourceType": "Bundle",
-        "id": haven_model::id::new_id(),
-        "meta": {"lastUpdated": format_instant(exec.state.clock.now())},
-        "type": "history",
-    });
-    if let Some(total) = page.total {
-        bundle["total"] = json!(total);
-    }
-    bundle["link"] = Value::Array(links);
-    if !entries.is_empty() {
-        bundle["entry"] = Value::Array(entries);
-    }
-    Ok(FhirResponse::ok(bundle))
+    Ok(FhirResponse::ok(result_bundle(
+        exec, "history", page.total, links, entries,
+    )))
 }

@@ -224,3 +224,27 @@ pub(crate) fn locate_in_entry(
         other => other,
     }
 }
+
+/// A search or history result Bundle (`type` `searchset` or `history`).
+pub(crate) fn result_bundle(
+    exec: &Exec<'_>,
+    bundle_type: &str,
+    total: Option<u64>,
+    links: Vec<Value>,
+    entries: Vec<Value>,
+) -> Value {
+    let mut bundle = serde_json::json!({
+        "resourceType": "Bundle",
+        "id": haven_model::id::new_id(),
+        "meta": {"lastUpdated": haven_model::clock::format_instant(exec.state.clock.now())},
+        "type": bundle_type,
+    });
+    if let Some(total) = total {
+        bundle["total"] = serde_json::json!(total);
+    }
+    bundle["link"] = Value::Array(links);
+    if !entries.is_empty() {
+        bundle["entry"] = Value::Array(entries);
+    }
+    bundle
+}

@@ -2,13 +2,13 @@
 //! or none), and search by POST; results as a `searchset` Bundle with offset
 //! paging links.
 
-use haven_model::clock::format_instant;
 use haven_model::outcome::{operation_outcome, Issue, IssueCode};
 use haven_model::registry::is_resource_type;
 use haven_store::StoreTx;
 use serde_json::{json, Value};
 
 use super::instance::full_url;
+use super::result_bundle;
 use crate::error::ApiError;
 use crate::pipeline::Exec;
 use crate::response::FhirResponse;
@@ -121,18 +121,11 @@ pub(crate) async fn search(
         }));
     }
 
-    let mut bundle = json!({
-        "resourceType": "Bundle",
-        "id": haven_model::id::new_id(),
-        "meta": {"lastUpdated": format_instant(exec.state.clock.now())},
-        "type": "searchset",
-    });
-    if let Some(total) = page.total {
-        bundle["total"] = json!(total);
-    }
-    bundle["link"] = Value::Array(links);
-    if !entries.is_empty() {
-        bundle["entry"] = Value::Array(entries);
-    }
-    Ok(FhirResponse::ok(bundle))
+    Ok(FhirResponse::ok(result_bundle(
+        exec,
+        "searchset",
+        page.total,
+        links,
+        entries,
+    )))
 }
