@@ -1135,6 +1135,56 @@ async fn a_transaction_whose_last_entry_fails_leaves_nothing_behind() {
     );
 }
 
+fn patch_binary(patch: &Value) -> Value {
+    use base64::Engine as _;
+    json!({
+        "resourceType": "Binary",
+        "contentType": "application/json-patch+json",
+        "data": base64::engine::general_purpose::STANDARD.encode(patch.to_string()),
+    })
+}
+
+#[tokio::test]
+async fn a_transaction_applies_a_json_patch_carried_in_a_binary() {
+    let app = spawn_app().await;
+    let id = app.create(&patient("Before", None)).await;
+    let patch = json!([{"op": "replace", "path": "/name/0/family", "value": "After"}]);
+    let bundle = transaction(vec![json!({
+        "resource": patch_binary(&patch),
+        "request": {"method": "PATCH", "url": format!("Patient/{id}"), "ifMatch": "W/\"1\""},
+    })]);
+    let reply = app.post("/fhir", &bundle).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["entry"][0]["response"]["status"], "200 OK");
+    assert_eq!(reply.body["entry"][0]["response"]["etag"], "W/\"2\"");
+    let read = app.get(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(read.body["name"][0]["family"], "After");
+}
+
+#[tokio::test]
+async fn a_patch_entry_without_a_json_patch_binary_is_400_at_the_entry() {
+    let app = spawn_app().await;
+    let id = app.create(&patient("Before", None)).await;
+    let mut not_base64 = patch_binary(&json!([]));
+    not_base64["data"] = json!("***");
+    let fhirpath_patch =
+        json!({"resourceType": "Parameters", "parameter": [{"name": "operation"}]});
+    for (resource, expression) in [
+        (not_base64, "Bundle.entry[0].resource.data"),
+        (fhirpath_patch, "Bundle.entry[0].resource"),
+    ] {
+        let bundle = transaction(vec![json!({
+            "resource": resource,
+            "request": {"method": "PATCH", "url": format!("Patient/{id}")},
+        })]);
+        let reply = app.post("/fhir", &bundle).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+        assert_eq!(reply.body["issue"][0]["expression"][0], expression);
+    }
+    let read = app.get(&format!("/fhir/Patient/{id}")).await;
+    assert_eq!(read.header("etag"), Some("W/\"1\""));
+}
+
 #[tokio::test]
 async fn a_transaction_failing_at_the_store_writes_nothing() {
     let app = spawn_app().await;

@@ -16,9 +16,10 @@
 //!
 //! Both process entries in the order R4 prescribes (DELETE, POST, PUT/PATCH,
 //! GET/HEAD) and answer in the order of the request. Entries return their
-//! resource only with `Prefer: return=representation`. PATCH entries (a Binary
-//! or Parameters body) are not supported, nor are vread and history inside a
-//! transaction, because they could not see its uncommitted writes.
+//! resource only with `Prefer: return=representation`. PATCH entries carry a JSON
+//! Patch in a base64 Binary; FHIRPath Patch (a Parameters body) is not supported,
+//! nor are vread and history inside a transaction, because they could not see its
+//! uncommitted writes.
 
 use std::collections::HashMap;
 
@@ -82,17 +83,11 @@ fn parse_entry(exec: &Exec<'_>, index: usize, entry: &Value) -> Result<Entry, Ap
         Some("POST") => Method::POST,
         Some("PUT") => Method::PUT,
         Some("DELETE") => Method::DELETE,
-        Some("PATCH") => {
-            return Err(ApiError::invalid_at(
-                IssueCode::NotSupported,
-                "PATCH entries are not supported in a Bundle; send the patch directly",
-                at("request.method"),
-            ))
-        }
+        Some("PATCH") => Method::PATCH,
         _ => {
             return Err(ApiError::invalid_at(
                 IssueCode::Required,
-                "the entry's request.method must be GET, HEAD, POST, PUT or DELETE",
+                "the entry's request.method must be GET, HEAD, POST, PUT, PATCH or DELETE",
                 at("request.method"),
             ))
         }
@@ -156,6 +151,9 @@ fn parse_entry(exec: &Exec<'_>, index: usize, entry: &Value) -> Result<Entry, Ap
     }
     let body = match (&method, entry.get("resource")) {
         (&Method::POST | &Method::PUT, Some(resource)) => RequestBody::Resource(resource.clone()),
+        (&Method::PATCH, resource) => {
+            RequestBody::JsonPatch(patch_from_binary(exec, resource, &at)?)
+        }
         _ => RequestBody::None,
     };
     let interaction = interaction::parse(&method, path, query, &headers, body)?;
@@ -167,6 +165,45 @@ fn parse_entry(exec: &Exec<'_>, index: usize, entry: &Value) -> Result<Entry, Ap
             .map(str::to_owned),
         interaction,
     })
+}
+
+/// R4 http.html#transaction: a PATCH entry carries its JSON Patch document as a
+/// Binary resource, base64-encoded in `data`.
+fn patch_from_binary(
+    exec: &Exec<'_>,
+    resource: Option<&Value>,
+    at: &dyn Fn(&str) -> String,
+) -> Result<Value, ApiError> {
+    use base64::Engine as _;
+    let binary = resource
+        .filter(|r| r["resourceType"] == "Binary")
+        .ok_or_else(|| {
+            ApiError::invalid_at(
+                IssueCode::Required,
+                "a PATCH entry needs a Binary resource holding the JSON Patch",
+                at("resource"),
+            )
+        })?;
+    if binary["contentType"].as_str() != Some("application/json-patch+json") {
+        return Err(ApiError::invalid_at(
+            IssueCode::NotSupported,
+            "only JSON Patch (application/json-patch+json) is supported",
+            at("resource.contentType"),
+        ));
+    }
+    let not_a_patch = || {
+        ApiError::invalid_at(
+            IssueCode::Value,
+            "Binary.data must be a base64-encoded JSON Patch document",
+            at("resource.data"),
+        )
+    };
+    let data = binary["data"].as_str().ok_or_else(not_a_patch)?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .map_err(|_| not_a_patch())?;
+    crate::strict_json::parse(&bytes, exec.state.config.limits.max_json_depth)
+        .map_err(|_| not_a_patch())
 }
 
 /// `Bundle.entry.response` (and `resource`) for one answered entry.
