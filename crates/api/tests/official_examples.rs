@@ -5,8 +5,6 @@
 mod official;
 mod support;
 
-use std::path::PathBuf;
-
 use serde_json::Value;
 use support::spawn_app;
 
@@ -25,16 +23,10 @@ fn without_server_meta(resource: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_official_example_the_schema_accepts_is_stored_and_read_back_unchanged() {
-    let Some(dir) = official::fhir_r4_dir() else {
+    let Some(files) = official::example_files() else {
         println!("not run: HAVEN_SHARED is not set");
         return;
     };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.join("examples"))
-        .expect("examples directory")
-        .map(|entry| entry.expect("directory entry").path())
-        .filter(|path| path.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
 
     // The schema check is CPU-bound; run it off the async workers.
     let accepted: Vec<(String, Value)> = tokio::task::spawn_blocking(move || {

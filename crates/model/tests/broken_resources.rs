@@ -8,43 +8,22 @@
 //! Those in `broken/warned/` are accepted with a warning at the element: a missing
 //! required primitive, which the schema allows because `_name` may carry it.
 
+mod broken;
 mod official;
 
-use std::path::{Path, PathBuf};
-
+use broken::{Case, BEYOND_SCHEMA, SCHEMA_REJECTS, WARNED};
 use haven_model::outcome::Severity;
 use haven_model::validate::validate_resource;
 
-fn corpus(dir: &Path) -> Vec<(String, String, serde_json::Value)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("corpus directory")
-        .map(|entry| entry.expect("directory entry").path())
-        .filter(|path| path.extension().is_some_and(|e| e == "json"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|path| {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let stem = name.trim_end_matches(".json");
-            let (_, expression) = stem
-                .split_once('@')
-                .unwrap_or_else(|| panic!("{name} does not name its expression after '@'"));
-            let text = std::fs::read_to_string(&path).expect("corpus file is readable");
-            let resource = serde_json::from_str(&text).expect("corpus file is JSON");
-            (name.clone(), expression.to_owned(), resource)
-        })
-        .collect()
-}
-
-fn broken_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/broken")
-}
-
 /// Failure lines for files the validator accepts or flags elsewhere.
-fn misjudged(cases: &[(String, String, serde_json::Value)]) -> Vec<String> {
+fn misjudged(cases: &[Case]) -> Vec<String> {
     let mut failures = Vec::new();
-    for (name, expression, resource) in cases {
+    for Case {
+        name,
+        expression,
+        resource,
+    } in cases
+    {
         let issues: Vec<_> = validate_resource(resource)
             .into_iter()
             .filter(|i| i.is_error())
@@ -64,7 +43,7 @@ fn misjudged(cases: &[(String, String, serde_json::Value)]) -> Vec<String> {
 
 #[test]
 fn every_broken_resource_is_rejected_at_the_right_element() {
-    let cases = corpus(&broken_dir());
+    let cases = broken::cases(SCHEMA_REJECTS);
     assert!(cases.len() >= 25, "only {} broken resources", cases.len());
     let failures = misjudged(&cases);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -72,7 +51,7 @@ fn every_broken_resource_is_rejected_at_the_right_element() {
 
 #[test]
 fn broken_resources_beyond_the_schema_are_rejected_at_the_right_element() {
-    let cases = corpus(&broken_dir().join("beyond-schema"));
+    let cases = broken::cases(BEYOND_SCHEMA);
     assert!(!cases.is_empty());
     let failures = misjudged(&cases);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -84,19 +63,24 @@ fn the_official_schema_rejects_every_broken_resource_too() {
         println!("not run: HAVEN_SHARED is not set");
         return;
     };
-    let accepted: Vec<String> = corpus(&broken_dir())
+    let accepted: Vec<String> = broken::cases(SCHEMA_REJECTS)
         .into_iter()
-        .filter(|(_, _, resource)| schema.is_valid(resource))
-        .map(|(name, _, _)| name)
+        .filter(|case| schema.is_valid(&case.resource))
+        .map(|case| case.name)
         .collect();
     assert!(accepted.is_empty(), "the schema accepts {accepted:?}");
 }
 
 #[test]
 fn a_missing_required_primitive_is_accepted_with_a_warning_at_the_element() {
-    let cases = corpus(&broken_dir().join("warned"));
+    let cases = broken::cases(WARNED);
     assert!(!cases.is_empty());
-    for (name, expression, resource) in &cases {
+    for Case {
+        name,
+        expression,
+        resource,
+    } in &cases
+    {
         let issues = validate_resource(resource);
         assert!(!issues.iter().any(|i| i.is_error()), "{name}: {issues:?}");
         assert!(

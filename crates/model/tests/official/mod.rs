@@ -1,5 +1,7 @@
 //! Access to the official R4 files under `$HAVEN_SHARED`, for the tests that need them.
 
+#![allow(dead_code)]
+
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
@@ -16,6 +18,19 @@ pub fn fhir_r4_dir() -> Option<PathBuf> {
             .join(shared)
     };
     Some(shared.join("fhir-r4"))
+}
+
+/// Every `*.json` file of `$HAVEN_SHARED/fhir-r4/examples`, sorted, or `None` when
+/// the variable is unset.
+pub fn example_files() -> Option<Vec<PathBuf>> {
+    let dir = fhir_r4_dir()?.join("examples");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    Some(files)
 }
 
 /// The official `fhir.schema.json`, compiled.
