@@ -2,10 +2,9 @@
 //!
 //! Cargo gives integration tests the path of a binary only within the binary's own
 //! package, so the harness finds `haven` beside the test executable: a test runs
-//! from `<target>/debug/deps/`, and the binary is `<target>/debug/haven`. If it is
-//! missing, the harness builds it with `cargo build -p haven` first. `HAVEN_BIN`
-//! names another binary. Because a present binary is used as it is, build it before
-//! testing after changing the server: `cargo build -p haven && cargo test -p haven-e2e`.
+//! from `<target>/debug/deps/`, and the binary is `<target>/debug/haven`. Each test
+//! process first runs `cargo build -p haven` once (a no-op when it is up to date), so
+//! a stale binary is never tested. `HAVEN_BIN` names another binary instead.
 //!
 //! [`spawn_haven`] starts a server on `127.0.0.1:0` with its own data directory, waits
 //! for the line it prints once ready, reads the port from it, and returns a [`Haven`]
@@ -32,16 +31,16 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The `haven` binary under test; built on first use if it is not there.
+/// The `haven` binary under test, brought up to date on first use.
 pub fn haven_binary() -> Result<PathBuf> {
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
-        .get_or_init(|| locate_or_build().map_err(|e| format!("{e:#}")))
+        .get_or_init(|| build_binary().map_err(|e| format!("{e:#}")))
         .clone()
         .map_err(|e| anyhow!(e))
 }
 
-fn locate_or_build() -> Result<PathBuf> {
+fn build_binary() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("HAVEN_BIN") {
         let path = PathBuf::from(path);
         if !path.is_file() {
@@ -55,18 +54,10 @@ fn locate_or_build() -> Result<PathBuf> {
         .and_then(Path::parent)
         .context("the test executable is not in <target>/<profile>/deps")?;
     let binary = profile_dir.join("haven");
-    if binary.is_file() {
-        return Ok(binary);
-    }
-    eprintln!(
-        "{} is missing; building it with `cargo build -p haven` (build it yourself before \
-         `cargo test` to skip this)",
-        binary.display()
-    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
-        .args(["build", "-p", "haven"])
+        .args(["build", "-q", "-p", "haven"])
         .current_dir(workspace_root());
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
