@@ -102,9 +102,12 @@ pub fn parse_search(
                 false
             }
             "_offset" => {
+                // Both databases count rows in signed 64 bits.
                 query.offset = value
-                    .parse()
-                    .map_err(|_| bad(format!("_offset: '{value}' is not a number")))?;
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|n| i64::try_from(*n).is_ok())
+                    .ok_or_else(|| bad(format!("_offset: '{value}' is not a number of rows")))?;
                 false
             }
             "_total" => {

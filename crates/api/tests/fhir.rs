@@ -689,6 +689,49 @@ async fn a_conditional_update_creates_then_updates_and_refuses_several_matches()
     assert_eq!(third.status, StatusCode::PRECONDITION_FAILED);
 }
 
+#[tokio::test]
+async fn a_conditional_update_matching_nothing_never_overwrites_the_bodys_existing_id() {
+    let app = spawn_app().await;
+    let unrelated = app.create(&patient("Unrelated", None)).await;
+    let body = with_id(patient("Intruder", Some(("http://mrn", "new"))), &unrelated);
+    let reply = app
+        .put("/fhir/Patient?identifier=http://mrn|new", &body)
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT, "{}", reply.body);
+    assert_eq!(reply.issue_code(), "conflict");
+    let read = app.get(&format!("/fhir/Patient/{unrelated}")).await;
+    assert_eq!(read.body["name"][0]["family"], "Unrelated");
+    assert_eq!(read.header("etag"), Some("W/\"1\""));
+}
+
+#[tokio::test]
+async fn a_search_with_count_zero_gives_the_total_and_no_paging_links() {
+    let app = spawn_app().await;
+    app.create(&patient("A", None)).await;
+    app.create(&patient("B", None)).await;
+    let reply = app.get("/fhir/Patient?_count=0&_total=accurate").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body["total"], 2);
+    assert!(reply.body.get("entry").is_none());
+    let relations: Vec<&str> = reply.body["link"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["relation"].as_str().unwrap())
+        .collect();
+    assert_eq!(relations, ["self"]);
+}
+
+#[tokio::test]
+async fn an_offset_beyond_what_a_database_can_count_is_400() {
+    let app = spawn_app().await;
+    let reply = app.get("/fhir/Patient?_offset=9223372036854775808").await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.body);
+    assert_eq!(reply.body["resourceType"], "OperationOutcome");
+    let reply = app.get("/fhir/Patient?_offset=9223372036854775807").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+}
+
 // ---- patch ----
 
 fn patch_request(path: &str, patch: Value, if_match: Option<&str>) -> http::Request<Body> {

@@ -288,7 +288,14 @@ pub(crate) async fn conditional_update_target(
             _ => Ok(existing.id),
         },
         Matched::None => match body_id {
-            Some(b) if is_valid_id(b) => Ok(b.to_owned()),
+            // R4 http.html#cond-update: no match, and the body's id names an existing
+            // resource that the criteria did not match: 409, never an overwrite.
+            Some(b) if is_valid_id(b) => match tx.read(resource_type, b).await? {
+                Some(current) if !current.is_deleted() => Err(ApiError::Conflict(format!(
+                    "no {resource_type} matches '{criteria}', but {resource_type}/{b} exists"
+                ))),
+                _ => Ok(b.to_owned()),
+            },
             Some(b) => Err(ApiError::invalid_at(
                 IssueCode::Value,
                 format!("'{b}' is not a valid id"),

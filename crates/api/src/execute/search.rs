@@ -80,10 +80,14 @@ pub(crate) async fn search(
         }
     };
     let mut links = vec![json!({"relation": "self", "url": link(offset)})];
-    if page.more {
-        links.push(json!({"relation": "next", "url": link(offset + u64::from(count))}));
+    // A page of zero entries has no neighbours: `next` would equal `self`.
+    if page.more && count > 0 {
+        links.push(json!({
+            "relation": "next",
+            "url": link(offset.saturating_add(u64::from(count))),
+        }));
     }
-    if offset > 0 {
+    if offset > 0 && count > 0 {
         links.push(json!({
             "relation": "previous",
             "url": link(offset.saturating_sub(u64::from(count.max(1)))),
