@@ -1205,6 +1205,38 @@ async fn a_transaction_applies_a_json_patch_carried_in_a_binary() {
 }
 
 #[tokio::test]
+async fn a_transaction_rewrites_urn_uuid_references_inside_patch_entries() {
+    let app = spawn_app().await;
+    let observation = app
+        .create(&json!({"resourceType": "Observation", "status": "final", "code": {"text": "x"}}))
+        .await;
+    let patch = json!([
+        {"op": "add", "path": "/subject", "value": {"reference": "urn:uuid:p1"}},
+        {"op": "add", "path": "/performer", "value": [{"reference": "placeholder"}]},
+        {"op": "replace", "path": "/performer/0/reference", "value": "urn:uuid:p1"},
+    ]);
+    let bundle = transaction(vec![
+        json!({"fullUrl": "urn:uuid:p1", "resource": patient("New", None),
+               "request": {"method": "POST", "url": "Patient"}}),
+        json!({"resource": patch_binary(&patch),
+               "request": {"method": "PATCH", "url": format!("Observation/{observation}")}}),
+    ]);
+    let reply = app.post("/fhir", &bundle).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let location = reply.body["entry"][0]["response"]["location"]
+        .as_str()
+        .unwrap();
+    let patient_ref = location
+        .trim_start_matches(&format!("{BASE}/"))
+        .split("/_history")
+        .next()
+        .unwrap();
+    let read = app.get(&format!("/fhir/Observation/{observation}")).await;
+    assert_eq!(read.body["subject"]["reference"], patient_ref);
+    assert_eq!(read.body["performer"][0]["reference"], patient_ref);
+}
+
+#[tokio::test]
 async fn a_patch_entry_without_a_json_patch_binary_is_400_at_the_entry() {
     let app = spawn_app().await;
     let id = app.create(&patient("Before", None)).await;

@@ -515,10 +515,17 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
     // Rewrite references now that every id is known.
     let mut conditional: HashMap<String, String> = HashMap::new();
     for (e, plan) in parsed.iter().zip(plans.iter_mut()) {
-        let (Plan::Create { resource, .. } | Plan::Update { resource, .. }) = plan else {
-            continue;
-        };
         let locate = |err| locate_in_entry(err, e.index, e.interaction.resource_type());
+        let resource = match plan {
+            Plan::Create { resource, .. } | Plan::Update { resource, .. } => resource,
+            // A patch's values are rewritten like a resource's; a bare string value
+            // (`"path": "/subject/reference"`) that names an entry is rewritten too.
+            Plan::Patch { patch, .. } => {
+                rewrite_patch_strings(patch, &ids).map_err(locate)?;
+                patch
+            }
+            _ => continue,
+        };
         let mut wanted = Vec::new();
         visit_references(resource, &mut |r| {
             if is_conditional_reference(r) && !conditional.contains_key(r) {
@@ -670,6 +677,37 @@ fn visit_references(value: &Value, f: &mut impl FnMut(&str)) {
 }
 
 /// Replaces every `reference` string for which `f` returns a new value.
+/// Rewrites the string values of JSON Patch operations on a `.../reference` path
+/// that are `urn:` references to entries of the transaction; one that names no
+/// entry is an error.
+fn rewrite_patch_strings(patch: &mut Value, ids: &HashMap<String, String>) -> Result<(), ApiError> {
+    let operations = patch.as_array_mut().into_iter().flatten();
+    let at_reference = |op: &Value| {
+        op["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("/reference"))
+    };
+    for value in operations
+        .filter(|op| at_reference(op))
+        .filter_map(|op| op.get_mut("value"))
+    {
+        let Value::String(r) = value else { continue };
+        if !(r.starts_with("urn:uuid:") || r.starts_with("urn:oid:")) {
+            continue;
+        }
+        match ids.get(r.as_str()) {
+            Some(target) => *r = target.clone(),
+            None => {
+                return Err(ApiError::invalid(
+                    IssueCode::NotFound,
+                    format!("the reference '{r}' names no entry of this transaction"),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn rewrite_references(value: &mut Value, f: &mut impl FnMut(&str) -> Option<String>) {
     match value {
         Value::Object(map) => {
