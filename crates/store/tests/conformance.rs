@@ -1049,39 +1049,3 @@ async fn an_unreachable_postgres_is_unavailable() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
 }
-
-/// A rough write-rate check: one transaction per create, as the API does.
-/// Run with `--ignored --nocapture`; with `HAVEN_TEST_POSTGRES_URL` set it measures
-/// PostgreSQL too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "measurement, not a behaviour"]
-async fn one_create_per_transaction_sustains_a_high_rate() {
-    async fn measure(world: World) {
-        let n = 2000;
-        let started = std::time::Instant::now();
-        let mut writers = Vec::new();
-        for writer in 0..8 {
-            let store = world.store.clone();
-            writers.push(tokio::spawn(async move {
-                for i in 0..n / 8 {
-                    let mut tx = store.begin().await.unwrap();
-                    let resource = with_identifiers(
-                        patient("Rate"),
-                        json!([{"system": "urn:rate", "value": format!("{writer}-{i}")}]),
-                    );
-                    tx.create("Patient", &format!("w{writer}-{i}"), resource)
-                        .await
-                        .unwrap();
-                    tx.commit().await.unwrap();
-                }
-            }));
-        }
-        for writer in writers {
-            writer.await.unwrap();
-        }
-        let rate = f64::from(n) / started.elapsed().as_secs_f64();
-        println!("{:?}: {rate:.0} creates/s", world.store.backend());
-    }
-    on_sqlite(measure).await;
-    on_postgres(measure).await;
-}
