@@ -732,6 +732,49 @@ async fn an_offset_beyond_what_a_database_can_count_is_400() {
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
 }
 
+#[tokio::test]
+async fn history_at_a_day_returns_every_version_current_during_that_day() {
+    // The test clock starts at 2026-01-01T12:00Z.
+    let app = spawn_app().await;
+    let id = app.create(&patient("Morning", None)).await;
+    app.clock.advance(time::Duration::hours(1));
+    let reply = app
+        .put(
+            &format!("/fhir/Patient/{id}"),
+            &with_id(patient("Afternoon", None), &id),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let versions = |reply: &support::Reply| -> Vec<String> {
+        reply.body["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                e["resource"]["meta"]["versionId"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    let day = app
+        .get(&format!("/fhir/Patient/{id}/_history?_at=2026-01-01"))
+        .await;
+    assert_eq!(day.status, StatusCode::OK);
+    assert_eq!(versions(&day), ["2", "1"]);
+    let instant = app
+        .get(&format!(
+            "/fhir/Patient/{id}/_history?_at=2026-01-01T12:30:00Z"
+        ))
+        .await;
+    assert_eq!(versions(&instant), ["1"]);
+    let before = app
+        .get(&format!("/fhir/Patient/{id}/_history?_at=2025-12-31"))
+        .await;
+    assert!(versions(&before).is_empty());
+}
+
 // ---- patch ----
 
 fn patch_request(path: &str, patch: Value, if_match: Option<&str>) -> http::Request<Body> {

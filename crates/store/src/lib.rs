@@ -139,8 +139,11 @@ pub struct HistoryQuery {
     pub id: Option<String>,
     /// `_since`: only versions changed at or after this instant.
     pub since: Option<OffsetDateTime>,
-    /// `_at`: only versions that were current at this instant.
+    /// `_at`: only versions that were current at this instant, or, with
+    /// [`HistoryQuery::at_until`], at some moment of the period from it.
     pub at: Option<OffsetDateTime>,
+    /// The exclusive end of the `_at` period (`_at=2024-03-01` covers that day).
+    pub at_until: Option<OffsetDateTime>,
     pub count: u32,
     /// Continue after this position (an opaque number from [`HistoryPage::next`]);
     /// positions do not move when data changes, so pages stay stable.

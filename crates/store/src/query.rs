@@ -244,13 +244,23 @@ fn history_criteria(sql: &mut Sql, query: &HistoryQuery) -> Result<()> {
         );
     }
     if let Some(at) = query.at {
-        // Current at `at`: changed no later than `at`, and no later version of the
-        // same resource was also changed by then.
+        // Current at some moment of [at, at_until): changed before the period ends,
+        // and no later version of the same resource was changed by its start.
+        let end = match query.at_until {
+            Some(until) => InstantBound {
+                comparator: Comparator::Lt,
+                instant: until,
+            },
+            None => InstantBound {
+                comparator: Comparator::Le,
+                instant: at,
+            },
+        };
+        instant_bound(sql, "v.last_updated", &end);
         let at = InstantBound {
             comparator: Comparator::Le,
             instant: at,
         };
-        instant_bound(sql, "v.last_updated", &at);
         sql.push(
             " AND NOT EXISTS (SELECT 1 FROM resource_versions n \
              WHERE n.resource_type = v.resource_type AND n.id = v.id AND n.version > v.version",

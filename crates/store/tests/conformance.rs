@@ -921,6 +921,19 @@ async fn history_honours_since_and_at(world: World) {
         .await
         .unwrap();
     assert_eq!(versions(&between), [("p2".into(), 1), ("p1".into(), 1)]);
+    let period = world
+        .store
+        .history(&HistoryQuery {
+            at: Some(t(1)),
+            at_until: Some(t(2) + Duration::milliseconds(500)),
+            ..history(None, None)
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        versions(&period),
+        [("p1".into(), 2), ("p2".into(), 1), ("p1".into(), 1)]
+    );
     let at_3 = world.store.history(&at(3)).await.unwrap();
     assert_eq!(versions(&at_3), [("p2".into(), 2), ("p1".into(), 2)]);
     let before_anything = world

@@ -44,9 +44,11 @@ pub(crate) async fn history(
                 kept.push((name.clone(), value.clone()));
             }
             "_at" => {
-                let (low, _) = parse_date_range(value)
+                // R4 http.html#history: versions current at some point of the period.
+                let (low, high) = parse_date_range(value)
                     .ok_or_else(|| bad(format!("_at: '{value}' is not a dateTime")))?;
                 query.at = Some(low);
+                query.at_until = Some(high);
                 kept.push((name.clone(), value.clone()));
             }
             "_count" => {
