@@ -63,12 +63,7 @@ async fn metadata_describes_an_r4_json_server_with_its_interactions() {
 async fn an_xml_accept_header_is_refused_with_406() {
     let app = spawn_app().await;
     let reply = app
-        .send(
-            request(Method::GET, "/fhir/metadata")
-                .header("accept", "application/fhir+xml")
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .get_with_header("/fhir/metadata", "accept", "application/fhir+xml")
         .await;
     assert_eq!(reply.status, StatusCode::NOT_ACCEPTABLE);
     assert_eq!(reply.body["resourceType"], "OperationOutcome");
@@ -97,12 +92,7 @@ async fn an_xml_body_is_refused_with_415() {
 async fn every_response_carries_a_request_id_and_a_sane_client_one_is_echoed() {
     let app = spawn_app().await;
     let reply = app
-        .send(
-            request(Method::GET, "/fhir/metadata")
-                .header("x-request-id", "client-42")
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .get_with_header("/fhir/metadata", "x-request-id", "client-42")
         .await;
     assert_eq!(reply.header("x-request-id"), Some("client-42"));
     let reply = app.get("/fhir/Patient/unknown").await;
@@ -483,31 +473,14 @@ async fn a_conditional_read_of_an_unchanged_resource_is_304() {
     let app = spawn_app().await;
     let id = app.create(&patient("A", None)).await;
     let path = format!("/fhir/Patient/{id}");
+    let reply = app.get_with_header(&path, "if-none-match", "W/\"1\"").await;
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
     let reply = app
-        .send(
-            request(Method::GET, &path)
-                .header("if-none-match", "W/\"1\"")
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .get_with_header(&path, "if-modified-since", "Thu, 01 Jan 2026 12:00:00 GMT")
         .await;
     assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
     let reply = app
-        .send(
-            request(Method::GET, &path)
-                .header("if-modified-since", "Thu, 01 Jan 2026 12:00:00 GMT")
-                .body(Body::empty())
-                .unwrap(),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
-    let reply = app
-        .send(
-            request(Method::GET, &path)
-                .header("if-modified-since", "Wed, 31 Dec 2025 12:00:00 GMT")
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .get_with_header(&path, "if-modified-since", "Wed, 31 Dec 2025 12:00:00 GMT")
         .await;
     assert_eq!(reply.status, StatusCode::OK);
 }
@@ -1113,12 +1086,7 @@ async fn unknown_search_parameters_are_reported_or_refused_when_strict() {
         .expect("an outcome entry");
     assert_eq!(outcome["resource"]["resourceType"], "OperationOutcome");
     let strict = app
-        .send(
-            request(Method::GET, "/fhir/Patient?name=A")
-                .header("prefer", "handling=strict")
-                .body(Body::empty())
-                .unwrap(),
-        )
+        .get_with_header("/fhir/Patient?name=A", "prefer", "handling=strict")
         .await;
     assert_eq!(strict.status, StatusCode::BAD_REQUEST);
 }

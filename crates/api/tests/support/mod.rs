@@ -117,6 +117,17 @@ impl App {
             .await
     }
 
+    /// A GET with one extra request header.
+    pub async fn get_with_header(&self, path: &str, name: &str, value: &str) -> Reply {
+        self.send(
+            request(Method::GET, path)
+                .header(name, value)
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+    }
+
     pub async fn send_json(&self, method: Method, path: &str, body: &Value) -> Reply {
         self.send(
             request(method, path)
