@@ -18,6 +18,7 @@ use haven_model::clock::Clock;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+mod auth_records;
 mod document;
 pub mod error;
 pub mod postgres;
@@ -95,6 +96,36 @@ pub struct TokenFilter {
     pub values: Vec<TokenValue>,
 }
 
+/// A condition on a resource's content that the database cannot evaluate (an
+/// access rule, say). Queries carrying one are evaluated row by row, in order,
+/// before paging and counting, so totals and pages never include what it refuses.
+#[derive(Clone)]
+pub struct ContentFilter(Arc<dyn Fn(&Value) -> bool + Send + Sync>);
+
+impl ContentFilter {
+    pub fn new(admits: impl Fn(&Value) -> bool + Send + Sync + 'static) -> Self {
+        Self(Arc::new(admits))
+    }
+
+    pub fn admits(&self, resource: &Value) -> bool {
+        (self.0)(resource)
+    }
+}
+
+impl Debug for ContentFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ContentFilter")
+    }
+}
+
+impl PartialEq for ContentFilter {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ContentFilter {}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SortOrder {
     /// Oldest change first, then id: stable for paging.
@@ -120,6 +151,8 @@ pub struct SearchQuery {
     pub offset: u64,
     /// Whether to count every match.
     pub total: bool,
+    /// Only resources it admits match.
+    pub filter: Option<ContentFilter>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +182,9 @@ pub struct HistoryQuery {
     /// positions do not move when data changes, so pages stay stable.
     pub before: Option<i64>,
     pub total: bool,
+    /// Only versions whose content it admits are listed; deletions, which have no
+    /// content, are then left out.
+    pub filter: Option<ContentFilter>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -185,6 +221,48 @@ pub trait Store: Send + Sync + Debug {
 
     /// How many current, non-deleted resources of each type there are.
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>>;
+
+    /// The authorization server's records; see [`AuthRecords`].
+    fn auth_records(&self) -> &dyn AuthRecords;
+}
+
+/// Small keyed JSON records of the authorization server (clients, users, codes,
+/// grants, ...), grouped by kind. A record past its expiry counts as absent.
+/// Every operation is atomic on its own, which is what single-use codes and
+/// rotating refresh tokens need.
+#[async_trait]
+pub trait AuthRecords: Send + Sync {
+    /// Stores a record unless a live one has the key; `false` if one had.
+    async fn insert(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &Value,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<bool>;
+
+    /// Stores a record, replacing any with the key.
+    async fn put(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &Value,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<()>;
+
+    /// The live record with the key.
+    async fn get(&self, kind: &str, key: &str) -> Result<Option<Value>>;
+
+    /// Replaces the live record only if it still equals `expected`; `false` if
+    /// it did not (someone else changed it first, or it is gone).
+    async fn replace(&self, kind: &str, key: &str, expected: &Value, value: &Value)
+        -> Result<bool>;
+
+    /// Removes the record; `false` if there was none.
+    async fn delete(&self, kind: &str, key: &str) -> Result<bool>;
+
+    /// Every live record of a kind, by key.
+    async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>>;
 }
 
 /// One database transaction. On PostgreSQL and SQLite alike, the transaction holds

@@ -17,12 +17,13 @@ use sqlx::types::Json;
 use sqlx::{Connection, PgPool, Row};
 use time::OffsetDateTime;
 
+use crate::auth_records::PostgresAuthRecords;
 use crate::document::{identifier_tokens, lead_with_stamped_fields};
 use crate::query::{self, Param, Sql};
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
-    Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery,
-    Store, StoreError, StoreTx,
+    AuthRecords, Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage,
+    SearchQuery, Store, StoreError, StoreTx,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -34,6 +35,7 @@ const ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 pub struct PostgresStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    auth: PostgresAuthRecords,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -78,7 +80,11 @@ pub async fn migrate(database_url: &str) -> Result<()> {
 impl PostgresStore {
     pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Self> {
         let pool = open(database_url, MAX_CONNECTIONS).await?;
-        Ok(Self { pool, clock })
+        let auth = PostgresAuthRecords {
+            pool: pool.clone(),
+            clock: clock.clone(),
+        };
+        Ok(Self { pool, clock, auth })
     }
 }
 
@@ -140,6 +146,10 @@ impl Store for PostgresStore {
         Ok(query::history_page(query, rows, total))
     }
 
+    fn auth_records(&self) -> &dyn AuthRecords {
+        &self.auth
+    }
+
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT resource_type, COUNT(*) FROM current_resources \
@@ -175,7 +185,7 @@ async fn fetch_count(conn: &mut PgConnection, sql: &Sql) -> Result<u64> {
 
 async fn search_on(conn: &mut PgConnection, query: &SearchQuery) -> Result<SearchPage> {
     let (page, count) = query::search(query::POSTGRES, query)?;
-    let rows = if query.count > 0 {
+    let rows = if query.count > 0 || query.filter.is_some() {
         bind_all(&page).fetch_all(&mut *conn).await?
     } else {
         Vec::new()

@@ -91,8 +91,15 @@ pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Opti
     };
     let _ = write!(
         page.text,
-        " ORDER BY c.last_updated {direction}, c.resource_type {direction}, c.id {direction} \
-         LIMIT {} OFFSET {}",
+        " ORDER BY c.last_updated {direction}, c.resource_type {direction}, c.id {direction}"
+    );
+    // A content filter pages and counts after filtering, so every candidate is read.
+    if query.filter.is_some() {
+        return Ok((page, None));
+    }
+    let _ = write!(
+        page.text,
+        " LIMIT {} OFFSET {}",
         u64::from(query.count) + 1,
         query.offset
     );
@@ -200,11 +207,11 @@ pub(crate) fn history(dialect: Dialect, query: &HistoryQuery) -> Result<(Sql, Op
     if let Some(before) = query.before {
         let _ = write!(page.text, " AND v.seq < {before}");
     }
-    let _ = write!(
-        page.text,
-        " ORDER BY v.seq DESC LIMIT {}",
-        u64::from(query.count) + 1
-    );
+    page.push(" ORDER BY v.seq DESC");
+    if query.filter.is_some() {
+        return Ok((page, None));
+    }
+    let _ = write!(page.text, " LIMIT {}", u64::from(query.count) + 1);
 
     let count = if query.total {
         let mut count = Sql::new(dialect, "SELECT COUNT(*) FROM resource_versions v");
@@ -276,8 +283,25 @@ fn history_criteria(sql: &mut Sql, query: &HistoryQuery) -> Result<()> {
 pub(crate) fn search_page(
     query: &SearchQuery,
     mut rows: Vec<ResourceVersion>,
-    total: Option<u64>,
+    mut total: Option<u64>,
 ) -> SearchPage {
+    if let Some(filter) = &query.filter {
+        // Every candidate was fetched in order: filter, count, then cut the page.
+        rows.retain(|row| row.resource.as_ref().is_some_and(|r| filter.admits(r)));
+        if query.total {
+            total = Some(rows.len() as u64);
+        }
+        let skip = usize::try_from(query.offset).unwrap_or(usize::MAX);
+        rows.drain(..skip.min(rows.len()));
+        let limit = query.count as usize;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        return SearchPage {
+            resources: rows,
+            total,
+            more,
+        };
+    }
     let limit = query.count as usize;
     let more = if query.count > 0 {
         rows.len() > limit
@@ -298,8 +322,15 @@ pub(crate) fn search_page(
 pub(crate) fn history_page(
     query: &HistoryQuery,
     mut rows: Vec<(i64, ResourceVersion)>,
-    total: Option<u64>,
+    mut total: Option<u64>,
 ) -> HistoryPage {
+    if let Some(filter) = &query.filter {
+        rows.retain(|(_, v)| v.resource.as_ref().is_some_and(|r| filter.admits(r)));
+        // With a cursor the rows start mid-way, so the whole count is unknown here.
+        if query.total && query.before.is_none() {
+            total = Some(rows.len() as u64);
+        }
+    }
     let limit = query.count as usize;
     let next = if rows.len() > limit && limit > 0 {
         Some(rows[limit - 1].0)

@@ -22,12 +22,13 @@ use sqlx::{Row, SqlitePool};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::auth_records::SqliteAuthRecords;
 use crate::document::identifier_tokens;
 use crate::query::{self, Param, Sql};
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
-    Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery,
-    Store, StoreError, StoreTx,
+    AuthRecords, Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage,
+    SearchQuery, Store, StoreError, StoreTx,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -42,6 +43,7 @@ pub struct SqliteStore {
     writer: SqlitePool,
     readers: SqlitePool,
     clock: Arc<dyn Clock>,
+    auth: SqliteAuthRecords,
     /// Set for `sqlite::memory:`, which is backed by a temporary file (see [`options`]).
     _scratch: Option<ScratchFile>,
 }
@@ -138,10 +140,16 @@ impl SqliteStore {
             )
             .await
             .map_err(unavailable)?;
+        let auth = SqliteAuthRecords {
+            writer: writer.clone(),
+            readers: readers.clone(),
+            clock: clock.clone(),
+        };
         Ok(Self {
             writer,
             readers,
             clock,
+            auth,
             _scratch: scratch,
         })
     }
@@ -204,6 +212,10 @@ impl Store for SqliteStore {
         Ok(query::history_page(query, rows, total))
     }
 
+    fn auth_records(&self) -> &dyn AuthRecords {
+        &self.auth
+    }
+
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
         let rows: Vec<(String, i64)> = sqlx::query_as(
             "SELECT resource_type, COUNT(*) FROM current_resources \
@@ -243,7 +255,7 @@ async fn fetch_count(conn: &mut SqliteConnection, sql: &Sql) -> Result<u64> {
 
 async fn search_on(conn: &mut SqliteConnection, query: &SearchQuery) -> Result<SearchPage> {
     let (page, count) = query::search(query::SQLITE, query)?;
-    let rows = if query.count > 0 {
+    let rows = if query.count > 0 || query.filter.is_some() {
         fetch_all(conn, &page).await?
     } else {
         Vec::new()

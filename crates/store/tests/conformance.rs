@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use haven_model::clock::{format_instant, Clock, ManualClock};
 use haven_store::{
-    Backend, Change, Comparator, HistoryQuery, InstantBound, SearchQuery, SortOrder, Store,
-    StoreError, TokenFilter, TokenValue,
+    Backend, Change, Comparator, ContentFilter, HistoryQuery, InstantBound, SearchQuery, SortOrder,
+    Store, StoreError, TokenFilter, TokenValue,
 };
 use serde_json::{json, Value};
 use time::macros::datetime;
@@ -154,6 +154,10 @@ stories!(
     history_honours_since_and_at,
     history_pages_through_next_without_gaps_or_repeats,
     count_by_type_counts_live_resources,
+    a_content_filter_applies_before_paging_and_counting,
+    a_content_filter_hides_versions_from_history,
+    auth_records_insert_once_and_expire,
+    auth_records_replace_only_what_they_expect,
 );
 
 fn patient(family: &str) -> Value {
@@ -1061,4 +1065,125 @@ async fn an_unreachable_postgres_is_unavailable() {
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+}
+
+async fn a_content_filter_applies_before_paging_and_counting(world: World) {
+    for (id, family) in [("a", "Keep"), ("b", "Drop"), ("c", "Keep"), ("d", "Keep")] {
+        create(&world, "Patient", id, patient(family)).await;
+        world.tick();
+    }
+    let keep = ContentFilter::new(|r: &Value| r["name"][0]["family"] == "Keep");
+    let query = SearchQuery {
+        count: 2,
+        total: true,
+        filter: Some(keep.clone()),
+        ..search(Some("Patient"))
+    };
+    let first = world.store.search(&query).await.unwrap();
+    assert_eq!(ids(&first), ["a", "c"]);
+    assert_eq!(first.total, Some(3));
+    assert!(first.more);
+    let second = world
+        .store
+        .search(&SearchQuery {
+            offset: 2,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(&second), ["d"]);
+    assert!(!second.more);
+    let counted = world
+        .store
+        .search(&SearchQuery { count: 0, ..query })
+        .await
+        .unwrap();
+    assert_eq!(counted.total, Some(3));
+    assert!(counted.resources.is_empty());
+}
+
+async fn a_content_filter_hides_versions_from_history(world: World) {
+    create(&world, "Patient", "a", patient("Keep")).await;
+    world.tick();
+    update(&world, "Patient", "a", patient("Drop")).await;
+    world.tick();
+    create(&world, "Patient", "b", patient("Keep")).await;
+    world.tick();
+    delete(&world, "Patient", "b").await;
+    let page = world
+        .store
+        .history(&HistoryQuery {
+            total: true,
+            filter: Some(ContentFilter::new(|r: &Value| {
+                r["name"][0]["family"] == "Keep"
+            })),
+            ..history(Some("Patient"), None)
+        })
+        .await
+        .unwrap();
+    let seen: Vec<_> = page
+        .versions
+        .iter()
+        .map(|v| (v.id.as_str(), v.version))
+        .collect();
+    assert_eq!(seen, [("b", 1), ("a", 1)]);
+    assert_eq!(page.total, Some(2));
+}
+
+async fn auth_records_insert_once_and_expire(world: World) {
+    let records = world.store.auth_records();
+    let later = world.now() + Duration::seconds(60);
+    assert!(records
+        .insert("jti", "one", &json!({"n": 1}), Some(later))
+        .await
+        .unwrap());
+    assert!(!records
+        .insert("jti", "one", &json!({"n": 2}), Some(later))
+        .await
+        .unwrap());
+    assert_eq!(
+        records.get("jti", "one").await.unwrap(),
+        Some(json!({"n": 1}))
+    );
+    assert_eq!(records.get("other", "one").await.unwrap(), None);
+
+    world.clock.advance(Duration::seconds(61));
+    assert_eq!(records.get("jti", "one").await.unwrap(), None);
+    assert!(records
+        .insert("jti", "one", &json!({"n": 3}), None)
+        .await
+        .unwrap());
+    records
+        .put("jti", "two", &json!({"n": 4}), None)
+        .await
+        .unwrap();
+    records
+        .put("jti", "two", &json!({"n": 5}), None)
+        .await
+        .unwrap();
+    let listed = records.list("jti").await.unwrap();
+    assert_eq!(
+        listed,
+        [
+            ("one".to_string(), json!({"n": 3})),
+            ("two".to_string(), json!({"n": 5}))
+        ]
+    );
+    assert!(records.delete("jti", "one").await.unwrap());
+    assert!(!records.delete("jti", "one").await.unwrap());
+}
+
+async fn auth_records_replace_only_what_they_expect(world: World) {
+    let records = world.store.auth_records();
+    let fresh = json!({"used": false, "grant": "g"});
+    let used = json!({"used": true, "grant": "g"});
+    records.put("code", "h", &fresh, None).await.unwrap();
+    assert!(records.replace("code", "h", &fresh, &used).await.unwrap());
+    // The second use finds the record changed: exactly one caller wins.
+    assert!(!records.replace("code", "h", &fresh, &used).await.unwrap());
+    assert!(!records
+        .replace("code", "missing", &fresh, &used)
+        .await
+        .unwrap());
+    assert_eq!(records.get("code", "h").await.unwrap(), Some(used));
 }
