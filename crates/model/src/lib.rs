@@ -19,5 +19,6 @@ pub mod clock;
 pub mod id;
 pub mod outcome;
 pub mod registry;
+pub mod search_value;
 pub mod structure;
 pub mod validate;
