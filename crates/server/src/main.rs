@@ -120,6 +120,28 @@ struct LoadArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value = "human")]
     log_format: LogFormat,
+    /// The SMART Backend Services client ID to get access tokens as; needs
+    /// `--private-key`. Without both, bundles are sent without a token.
+    #[arg(long, requires = "private_key")]
+    client_id: Option<String>,
+    /// The PEM private key (RSA or EC P-384) registered for `--client-id`.
+    #[arg(long, requires = "client_id")]
+    private_key: Option<PathBuf>,
+    /// The scopes to ask for, space-separated; needs `--client-id`.
+    #[arg(long, default_value = "system/*.cruds", requires = "client_id")]
+    scope: String,
+}
+
+impl LoadArgs {
+    /// clap has made sure the client ID and key come together.
+    fn auth(&self) -> Option<load::LoadAuth> {
+        let (client_id, private_key) = (self.client_id.clone()?, self.private_key.clone()?);
+        Some(load::LoadAuth {
+            client_id,
+            private_key,
+            scope: self.scope.clone(),
+        })
+    }
 }
 
 impl DatabaseArgs {
@@ -184,6 +206,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Load(args) => {
             let filter = env_value(&env, "HAVEN_LOG").unwrap_or("warn");
             init_logging(args.log_format, filter)?;
+            let auth = args.auth();
             let options = load::LoadOptions {
                 paths: args.paths,
                 server: args.server,
@@ -191,6 +214,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 insecure_http: args.insecure_http,
                 concurrency: args.concurrency,
                 timeout: Duration::from_secs(args.timeout_secs),
+                auth,
             };
             let summary = runtime.block_on(load::run(options))?;
             Ok(if summary.failures.is_empty() {
@@ -270,6 +294,46 @@ mod tests {
         };
         assert_eq!(args.layer().insecure_http, Some(true));
         assert_eq!(args.layer().limits.max_body_bytes, Some(7));
+    }
+
+    #[test]
+    fn load_credentials_are_given_both_or_neither() {
+        use clap::error::ErrorKind;
+        let load = |extra: &[&str]| {
+            let mut argv = vec!["haven", "load", "bundles"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Load(args) => args,
+                _ => panic!("expected load"),
+            })
+        };
+        assert!(load(&[]).unwrap().auth().is_none());
+        let both = load(&["--client-id", "loader", "--private-key", "key.pem"]).unwrap();
+        let auth = both.auth().unwrap();
+        assert_eq!(auth.client_id, "loader");
+        assert_eq!(auth.private_key, PathBuf::from("key.pem"));
+        assert_eq!(auth.scope, "system/*.cruds");
+        for lone in [
+            &["--client-id", "loader"][..],
+            &["--private-key", "key.pem"],
+            &["--scope", "system/Patient.c"],
+        ] {
+            let err = load(lone).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument, "{lone:?}");
+        }
+        let scoped = load(&[
+            "--client-id",
+            "loader",
+            "--private-key",
+            "key.pem",
+            "--scope",
+            "system/Patient.c system/Observation.c",
+        ])
+        .unwrap();
+        assert_eq!(
+            scoped.auth().unwrap().scope,
+            "system/Patient.c system/Observation.c"
+        );
     }
 
     #[test]
