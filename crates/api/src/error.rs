@@ -8,7 +8,7 @@
 //! | error                                   | HTTP | issue code         |
 //! |-----------------------------------------|------|--------------------|
 //! | `Invalid` (bad JSON, bad resource, ...)  | 400  | from each issue    |
-//! | `Unauthenticated`                       | 401  | `login`            |
+//! | `Unauthenticated`, `InvalidToken`       | 401  | `login`            |
 //! | `Forbidden`                             | 403  | `forbidden`        |
 //! | `NotFound`                              | 404  | `not-found`        |
 //! | `UnknownType`                           | 404  | `not-supported`    |
@@ -23,6 +23,7 @@
 //! | `HeadersTooLarge`                       | 431  | `too-long`         |
 //! | `Timeout`                               | 503  | `timeout`          |
 //! | `Store(AlreadyExists)`                  | 409  | `duplicate`        |
+//! | `Store(Refused)`                        | 403  | `forbidden`        |
 //! | `Store(VersionConflict)`                | 412  | `conflict` (409 when the server, not the client, asked for the version: see [`ApiError::concurrent_change`]) |
 //! | `Store(Unavailable)`                    | 503  | `exception`        |
 //! | `Store(Database)`, `Store(Unsupported)`, `Internal` | 500 | `exception`, generic text |
@@ -39,6 +40,10 @@ pub enum ApiError {
     Invalid(Vec<Issue>),
     #[error("authentication required: {0}")]
     Unauthenticated(String),
+    /// A bearer token was given but is not acceptable (bad, expired, revoked, or
+    /// for another audience); the client learns only that (RFC 6750 §3.1).
+    #[error("invalid access token: {0}")]
+    InvalidToken(String),
     #[error("forbidden: {0}")]
     Forbidden(String),
     #[error("not found: {0}")]
@@ -109,7 +114,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthenticated(_) | ApiError::InvalidToken(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::UnknownType(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -124,6 +129,7 @@ impl ApiError {
             ApiError::Timeout => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Store(e) => match e {
                 StoreError::AlreadyExists { .. } => StatusCode::CONFLICT,
+                StoreError::Refused(_) => StatusCode::FORBIDDEN,
                 StoreError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
                 StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
                 StoreError::Database(_) | StoreError::Unsupported(_) => {
@@ -145,6 +151,9 @@ impl ApiError {
         match self {
             ApiError::Invalid(issues) => issues.clone(),
             ApiError::Unauthenticated(m) => one(IssueCode::Login, m.clone()),
+            ApiError::InvalidToken(_) => {
+                one(IssueCode::Login, "the access token is not valid".into())
+            }
             ApiError::Forbidden(m) => one(IssueCode::Forbidden, m.clone()),
             ApiError::NotFound(m) => one(IssueCode::NotFound, m.clone()),
             ApiError::UnknownType(t) => one(
@@ -171,6 +180,7 @@ impl ApiError {
                 IssueCode::Duplicate,
                 format!("{resource_type}/{id} already exists"),
             ),
+            ApiError::Store(StoreError::Refused(m)) => one(IssueCode::Forbidden, m.clone()),
             ApiError::Store(StoreError::VersionConflict { expected, .. }) => one(
                 IssueCode::Conflict,
                 format!("version {expected} is not the current version"),

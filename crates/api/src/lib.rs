@@ -23,11 +23,15 @@ use haven_store::Store;
 
 pub mod error;
 mod execute;
+pub mod guard;
 pub mod interaction;
 pub mod negotiation;
+mod oauth;
+mod pages;
 pub mod pipeline;
 pub mod response;
 pub mod search_params;
+pub mod smart;
 pub mod strict_json;
 
 pub use error::ApiError;
@@ -90,8 +94,10 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<ApiConfig>,
-    /// Stages 2, 3, 4, 6 and 7 of the pipeline; everything is allowed by default.
+    /// Stages 2, 3, 4, 6 and 7 of the pipeline; everything is refused by default.
     pub security: Arc<SecurityStages>,
+    /// The built-in authorization server, when SMART on FHIR is on.
+    pub auth: Option<Arc<haven_auth::AuthServer>>,
 }
 
 impl AppState {
@@ -100,8 +106,22 @@ impl AppState {
             store,
             clock,
             config: Arc::new(config),
-            security: Arc::new(SecurityStages::default()),
+            security: Arc::new(SecurityStages::deny_all()),
+            auth: None,
         }
+    }
+
+    /// SMART on FHIR: the authorization server's routes and pages, and bearer
+    /// tokens with their scopes as stages 2 and 3 of the pipeline.
+    pub fn with_smart(mut self, server: Arc<haven_auth::AuthServer>) -> Self {
+        let mut security = (*self.security).clone();
+        security.authenticator = Arc::new(smart::SmartAuthenticator {
+            server: server.clone(),
+        });
+        security.authorizer = Arc::new(smart::SmartAuthorizer);
+        self.security = Arc::new(security);
+        self.auth = Some(server);
+        self
     }
 
     /// Replaces the security stages (authentication, authorization, consent,
@@ -116,9 +136,17 @@ impl AppState {
 /// including unknown paths, is answered by the pipeline, so even a 404 is an
 /// OperationOutcome with a request id.
 pub fn router(state: AppState) -> axum::Router {
-    axum::Router::new()
+    let auth_routes = state.auth.clone().map(|server| {
+        oauth::routes(oauth::AuthState {
+            server,
+            store: state.store.clone(),
+        })
+    });
+    let fhir = axum::Router::new()
         .fallback(pipeline::handle)
-        .with_state(state)
+        .with_state(state);
+    auth_routes
+        .map_or(fhir.clone(), |routes| routes.merge(fhir))
         // A bug must still get a FHIR answer, never a dropped connection; the
         // transaction it was in rolls back when its task unwinds.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

@@ -28,6 +28,7 @@ use async_trait::async_trait;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
+use haven_auth::AccessContext;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -35,6 +36,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::error::ApiError;
+use crate::guard::{ContentGuard, GuardedStore, Unguarded};
 use crate::interaction::{self, Interaction, RequestBody};
 use crate::negotiation;
 use crate::response::FhirResponse;
@@ -43,13 +45,13 @@ use crate::{execute, AppState};
 /// The header carrying the request id, both ways.
 pub const REQUEST_ID: &str = "x-request-id";
 
-/// Who is asking. Filled in by the SMART requirement; anonymous until then.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Who is asking: anonymous, or what a verified access token says.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Principal {
     /// The token's subject (user or client); `None` for an anonymous caller.
     pub subject: Option<String>,
-    /// The granted scopes.
-    pub scopes: Vec<String>,
+    /// The verified access token: scopes, client, patient in context.
+    pub access: Option<AccessContext>,
 }
 
 /// The consent stage's verdict on a permitted request; a denial is an
@@ -92,11 +94,15 @@ pub trait Authenticator: Send + Sync + Debug {
     async fn authenticate(&self, head: &RequestHead<'_>) -> Result<Principal, ApiError>;
 }
 
-/// Stage 3. The SMART requirement fills it: scopes (v1/v2), launch context and
-/// role decide whether this interaction on this type is allowed; 403 otherwise.
+/// Stage 3: scopes (v1/v2), launch context and role decide whether this
+/// interaction on this type is allowed (403 otherwise), and the guard decides
+/// which resource content the request may touch once it runs.
 #[async_trait]
 pub trait Authorizer: Send + Sync + Debug {
     async fn authorize(&self, who: &Principal, what: &Interaction) -> Result<(), ApiError>;
+
+    /// The guard placed over the store for this caller's whole request.
+    fn guard(&self, who: &Principal) -> Arc<dyn ContentGuard>;
 }
 
 /// Stage 4. The consent requirement fills it: the patient's Consents and the
@@ -126,9 +132,23 @@ pub trait Recorder: Send + Sync + Debug {
     async fn record(&self, record: &RequestRecord<'_>) -> Result<(), ApiError>;
 }
 
-/// The placeholder for every security stage: lets everything through.
+/// Lets everything through: for tests of the FHIR behaviour itself, never for
+/// a server (which runs the SMART stages).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct AllowAll;
+
+/// Refuses every request: what a server without configured security does.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DenyAll;
+
+#[async_trait]
+impl Authenticator for DenyAll {
+    async fn authenticate(&self, _: &RequestHead<'_>) -> Result<Principal, ApiError> {
+        Err(ApiError::Unauthenticated(
+            "this server has no means of authentication configured".into(),
+        ))
+    }
+}
 
 #[async_trait]
 impl Authenticator for AllowAll {
@@ -141,6 +161,10 @@ impl Authenticator for AllowAll {
 impl Authorizer for AllowAll {
     async fn authorize(&self, _: &Principal, _: &Interaction) -> Result<(), ApiError> {
         Ok(())
+    }
+
+    fn guard(&self, _: &Principal) -> Arc<dyn ContentGuard> {
+        Arc::new(Unguarded)
     }
 }
 
@@ -180,14 +204,23 @@ pub struct SecurityStages {
     pub recorder: Arc<dyn Recorder>,
 }
 
-impl Default for SecurityStages {
-    fn default() -> Self {
+impl SecurityStages {
+    /// Every stage lets everything through: for tests of FHIR behaviour only.
+    pub fn allow_all() -> Self {
         Self {
             authenticator: Arc::new(AllowAll),
             authorizer: Arc::new(AllowAll),
             consent: Arc::new(AllowAll),
             labeler: Arc::new(AllowAll),
             recorder: Arc::new(AllowAll),
+        }
+    }
+
+    /// Default deny: nothing is authenticated, so nothing is answered but errors.
+    pub fn deny_all() -> Self {
+        Self {
+            authenticator: Arc::new(DenyAll),
+            ..Self::allow_all()
         }
     }
 }
@@ -377,6 +410,16 @@ async fn run(
     let principal = &*trace
         .principal
         .insert(state.security.authenticator.authenticate(&head).await?);
+
+    // From here on the store is seen through the caller's guard.
+    let guarded = AppState {
+        store: Arc::new(GuardedStore::new(
+            state.store.clone(),
+            state.security.authorizer.guard(principal),
+        )),
+        ..state.clone()
+    };
+    let state = &guarded;
 
     // Stages 3 and 4: authorize, consent and labels.
     let gate = Gate {

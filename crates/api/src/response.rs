@@ -47,7 +47,18 @@ impl FhirResponse {
     }
 
     pub fn from_error(error: &ApiError, request_id: Option<&str>) -> Self {
-        Self::new(error.status(), Some(error.outcome(request_id)))
+        let response = Self::new(error.status(), Some(error.outcome(request_id)));
+        // RFC 6750 §3: a 401 names the scheme, and says when the token was the problem.
+        match error {
+            ApiError::Unauthenticated(_) => {
+                response.with_header(http::header::WWW_AUTHENTICATE, "Bearer realm=\"haven\"")
+            }
+            ApiError::InvalidToken(_) => response.with_header(
+                http::header::WWW_AUTHENTICATE,
+                "Bearer realm=\"haven\", error=\"invalid_token\"",
+            ),
+            _ => response,
+        }
     }
 
     pub fn outcome(status: StatusCode, issues: &[Issue]) -> Self {

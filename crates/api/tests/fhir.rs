@@ -234,7 +234,7 @@ impl Authenticator for PanickingAuthenticator {
 async fn a_panic_in_the_pipeline_is_answered_with_500_and_an_operation_outcome() {
     let security = SecurityStages {
         authenticator: Arc::new(PanickingAuthenticator),
-        ..SecurityStages::default()
+        ..SecurityStages::allow_all()
     };
     let app = spawn_app_secured(|_| {}, security).await;
     let reply = app.get("/fhir/metadata").await;
@@ -248,7 +248,7 @@ async fn a_panic_in_the_pipeline_is_answered_with_500_and_an_operation_outcome()
 async fn a_request_that_runs_too_long_is_503_with_a_timeout_issue() {
     let security = SecurityStages {
         authenticator: Arc::new(SlowAuthenticator),
-        ..SecurityStages::default()
+        ..SecurityStages::allow_all()
     };
     let app = spawn_app_secured(
         |c| c.limits.request_timeout = std::time::Duration::from_millis(50),
@@ -297,6 +297,10 @@ impl Authorizer for NoPatientWrites {
         }
         Ok(())
     }
+
+    fn guard(&self, _: &Principal) -> Arc<dyn haven_api::guard::ContentGuard> {
+        Arc::new(haven_api::guard::Unguarded)
+    }
 }
 
 #[tokio::test]
@@ -304,7 +308,7 @@ async fn the_record_stage_sees_every_request_including_refused_ones() {
     let journal = Arc::new(Journal::default());
     let security = SecurityStages {
         recorder: journal.clone(),
-        ..SecurityStages::default()
+        ..SecurityStages::allow_all()
     };
     let app = spawn_app_secured(|_| {}, security).await;
     app.get("/fhir/metadata").await;
@@ -329,7 +333,7 @@ async fn a_request_whose_record_cannot_be_stored_fails() {
     });
     let security = SecurityStages {
         recorder: journal,
-        ..SecurityStages::default()
+        ..SecurityStages::allow_all()
     };
     let app = spawn_app_secured(|_| {}, security).await;
     let reply = app.get("/fhir/metadata").await;
@@ -341,7 +345,7 @@ async fn a_request_whose_record_cannot_be_stored_fails() {
 async fn bundle_entries_pass_the_authorization_stage_one_by_one() {
     let security = SecurityStages {
         authorizer: Arc::new(NoPatientWrites),
-        ..SecurityStages::default()
+        ..SecurityStages::allow_all()
     };
     let app = spawn_app_secured(|_| {}, security).await;
     let direct = app.post("/fhir/Patient", &patient("A", None)).await;

@@ -14,9 +14,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod admin;
 mod config;
 mod load;
 mod serve;
+mod signing_keys;
 mod tls;
 
 use config::{Config, Layer, LogFormat};
@@ -36,6 +38,27 @@ enum Command {
     Migrate(DatabaseArgs),
     /// Post transaction Bundles from files or folders to a running server.
     Load(LoadArgs),
+    /// Register and list SMART client applications.
+    Clients {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: admin::ClientsCommand,
+    },
+    /// Add users who sign in on the authorization pages.
+    Users {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: admin::UsersCommand,
+    },
+    /// Manage the token signing keys.
+    Keys {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: admin::KeysCommand,
+    },
 }
 
 /// Settings that every command touching the database shares.
@@ -61,7 +84,7 @@ struct DatabaseArgs {
 struct ServeArgs {
     #[command(flatten)]
     database: DatabaseArgs,
-    /// The address to listen on; loopback only for now. [env: HAVEN_LISTEN]
+    /// The address to listen on. [env: HAVEN_LISTEN]
     /// [default: 127.0.0.1:8443]
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -203,6 +226,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime.block_on(migrate(&config))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Clients { database, command } => {
+            let config = config::load(database.config.as_deref(), &env, database.layer())?;
+            init_logging(config.log_format, "warn")?;
+            print_json(&runtime.block_on(admin::clients(&config, command))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Users { database, command } => {
+            let config = config::load(database.config.as_deref(), &env, database.layer())?;
+            init_logging(config.log_format, "warn")?;
+            print_json(&runtime.block_on(admin::users(&config, command))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keys { database, command } => {
+            let config = config::load(database.config.as_deref(), &env, database.layer())?;
+            print_json(&admin::keys(&config, command)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Load(args) => {
             let filter = env_value(&env, "HAVEN_LOG").unwrap_or("warn");
             init_logging(args.log_format, filter)?;
@@ -226,6 +266,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+    );
+}
+
 fn env_value<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
     env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
 }
@@ -242,7 +289,7 @@ async fn migrate(config: &Config) -> Result<()> {
 }
 
 /// The folder a SQLite database file will live in, so it can be created first.
-fn sqlite_parent_dir(url: &str) -> Option<PathBuf> {
+pub(crate) fn sqlite_parent_dir(url: &str) -> Option<PathBuf> {
     let path = url.strip_prefix("sqlite:")?;
     let path = path.trim_start_matches("//");
     let path = path.split('?').next()?;

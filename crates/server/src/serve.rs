@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::signing_keys;
 use crate::tls;
 
 /// How long a client may take to finish the TLS handshake.
@@ -29,13 +30,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long open connections get to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Refuses any address off this machine: without authorization, the API must not be
-/// reachable from the network.
+/// Refuses any address off this machine for plain HTTP: tokens and passwords
+/// must not cross a network unencrypted.
 pub fn check_loopback(addr: SocketAddr) -> Result<()> {
     if !addr.ip().is_loopback() {
         bail!(
-            "refusing to listen on {addr}: until authorization is in place, haven serves \
-             only on loopback addresses (127.0.0.0/8 or ::1), e.g. --listen 127.0.0.1:8443"
+            "refusing to serve plain HTTP on {addr}: --insecure-http is for loopback \
+             addresses only (127.0.0.0/8 or ::1); serve HTTPS to listen on the network"
         );
     }
     Ok(())
@@ -56,7 +57,9 @@ fn derived_public_url(scheme: &str, bound: SocketAddr) -> String {
 }
 
 pub async fn run(config: Config) -> Result<()> {
-    check_loopback(config.listen)?;
+    if config.insecure_http {
+        check_loopback(config.listen)?;
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
 
@@ -102,7 +105,20 @@ pub async fn run(config: Config) -> Result<()> {
     api_config.limits = config.limits.clone();
     api_config.default_page_size = config.default_page_size;
     api_config.max_page_size = config.max_page_size;
-    let state = haven_api::AppState::new(store, clock, api_config);
+    let (keys, created) = signing_keys::ensure(&config.data_dir, clock.now())?;
+    if created {
+        println!(
+            "haven created its token signing key in {}",
+            config.data_dir.join("keys").display()
+        );
+    }
+    let auth = haven_auth::AuthServer::new(
+        haven_auth::AuthConfig::new(&base_url),
+        store.clone(),
+        clock.clone(),
+        keys,
+    );
+    let state = haven_api::AppState::new(store, clock, api_config).with_smart(Arc::new(auth));
     let app = haven_api::router(state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -18,6 +18,11 @@ pub enum StoreError {
     #[error("database unavailable: {0}")]
     Unavailable(String),
 
+    /// An access rule placed over the store refused the resource (the caller
+    /// may not see or change it).
+    #[error("refused: {0}")]
+    Refused(String),
+
     /// Any other database failure; the message is for logs, never for clients.
     #[error("database error: {0}")]
     Database(String),

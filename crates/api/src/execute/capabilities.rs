@@ -82,11 +82,42 @@ fn resource_entry(resource_type: &str) -> Value {
     })
 }
 
+/// `rest.security` for SMART on FHIR: the service code and the `oauth-uris`
+/// extension, which some clients read instead of `.well-known/smart-configuration`.
+fn security(auth: &haven_auth::AuthConfig) -> Value {
+    json!({
+        "cors": true,
+        "service": [{
+            "coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/restful-security-service",
+                "code": "SMART-on-FHIR",
+                "display": "SMART-on-FHIR",
+            }],
+            "text": "OAuth2 using SMART-on-FHIR profile (see http://docs.smarthealthit.org)",
+        }],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [
+                {"url": "authorize", "valueUri": auth.endpoint("authorize")},
+                {"url": "token", "valueUri": auth.token_endpoint()},
+                {"url": "introspect", "valueUri": auth.endpoint("introspect")},
+                {"url": "revoke", "valueUri": auth.endpoint("revoke")},
+                {"url": "register", "valueUri": auth.endpoint("register")},
+                {"url": "manage", "valueUri": auth.endpoint("launcher")},
+            ],
+        }],
+    })
+}
+
 /// The statement for this deployment.
-pub(crate) fn capability_statement(config: &ApiConfig, now: OffsetDateTime) -> Value {
+pub(crate) fn capability_statement(
+    config: &ApiConfig,
+    auth: Option<&haven_auth::AuthConfig>,
+    now: OffsetDateTime,
+) -> Value {
     let resources: Vec<Value> = resource_types().map(resource_entry).collect();
     let version = env!("CARGO_PKG_VERSION");
-    json!({
+    let mut statement = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": format_instant(now),
@@ -115,5 +146,9 @@ pub(crate) fn capability_statement(config: &ApiConfig, now: OffsetDateTime) -> V
                 "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
             }],
         }],
-    })
+    });
+    if let Some(auth) = auth {
+        statement["rest"][0]["security"] = security(auth);
+    }
+    statement
 }

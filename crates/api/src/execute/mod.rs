@@ -50,6 +50,7 @@ pub(crate) async fn execute_one(
     match interaction {
         Interaction::Capabilities => Ok(FhirResponse::ok(capability_statement(
             &exec.state.config,
+            exec.state.auth.as_ref().map(|a| a.config()),
             exec.state.clock.now(),
         ))),
         Interaction::Read {

@@ -51,7 +51,7 @@ pub async fn spawn_app() -> App {
 }
 
 pub async fn spawn_app_with(configure: impl FnOnce(&mut ApiConfig)) -> App {
-    spawn_app_secured(configure, SecurityStages::default()).await
+    spawn_app_secured(configure, SecurityStages::allow_all()).await
 }
 
 /// An app whose security stages are replaced, to watch the pipeline run them.

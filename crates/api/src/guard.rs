@@ -1,0 +1,247 @@
+//! The store as one request may use it: every read, search, history and write
+//! passes the request's [`ContentGuard`], so an interaction cannot return or
+//! change a resource its caller may not see, however it reaches the store.
+//!
+//! The pipeline wraps the store once per request; the execute stage never sees
+//! the unguarded one. Searches and histories carry the guard into the query as
+//! a content filter, so totals and pages count only what the caller may see.
+
+use std::fmt::Debug;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use haven_auth::scope::Permission;
+use haven_store::{
+    AuthRecords, Backend, ContentFilter, HistoryPage, HistoryQuery, ResourceVersion, Result,
+    SearchPage, SearchQuery, Store, StoreError, StoreTx,
+};
+use serde_json::Value;
+
+/// What a caller may do with resource content, for one kind of access.
+#[derive(Debug, Clone)]
+pub enum ContentRule {
+    /// Everything of every type (the interaction was already admitted by type).
+    Unrestricted,
+    /// Only what the filter admits.
+    Only(ContentFilter),
+}
+
+impl ContentRule {
+    fn admits(&self, resource: &Value) -> bool {
+        match self {
+            ContentRule::Unrestricted => true,
+            ContentRule::Only(filter) => filter.admits(resource),
+        }
+    }
+}
+
+/// Decides, per kind of access, which resource content a request may touch.
+pub trait ContentGuard: Send + Sync + Debug {
+    fn rule(&self, permission: Permission) -> ContentRule;
+}
+
+/// A guard that admits everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unguarded;
+
+impl ContentGuard for Unguarded {
+    fn rule(&self, _: Permission) -> ContentRule {
+        ContentRule::Unrestricted
+    }
+}
+
+fn refused(resource_type: &str, id: &str, what: &str) -> StoreError {
+    StoreError::Refused(format!(
+        "the access token does not allow {what} {resource_type}/{id}"
+    ))
+}
+
+/// Adds the guard's filter to a query's own (both must admit).
+fn combine(own: Option<ContentFilter>, rule: ContentRule) -> Option<ContentFilter> {
+    match (own, rule) {
+        (own, ContentRule::Unrestricted) => own,
+        (None, ContentRule::Only(filter)) => Some(filter),
+        (Some(a), ContentRule::Only(b)) => {
+            Some(ContentFilter::new(move |r| a.admits(r) && b.admits(r)))
+        }
+    }
+}
+
+/// Reading a version: its content must be readable; deletions carry none.
+fn check_read(
+    guard: &dyn ContentGuard,
+    version: Option<ResourceVersion>,
+) -> Result<Option<ResourceVersion>> {
+    if let Some(v) = &version {
+        if let Some(resource) = &v.resource {
+            if !guard.rule(Permission::Read).admits(resource) {
+                return Err(refused(&v.resource_type, &v.id, "reading"));
+            }
+        }
+    }
+    Ok(version)
+}
+
+#[derive(Debug)]
+pub(crate) struct GuardedStore {
+    inner: Arc<dyn Store>,
+    guard: Arc<dyn ContentGuard>,
+}
+
+impl GuardedStore {
+    pub(crate) fn new(inner: Arc<dyn Store>, guard: Arc<dyn ContentGuard>) -> Self {
+        Self { inner, guard }
+    }
+}
+
+#[async_trait]
+impl Store for GuardedStore {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+
+    async fn begin(&self) -> Result<Box<dyn StoreTx>> {
+        Ok(Box::new(GuardedTx {
+            inner: self.inner.begin().await?,
+            guard: self.guard.clone(),
+        }))
+    }
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        check_read(&*self.guard, self.inner.read(resource_type, id).await?)
+    }
+
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<ResourceVersion>> {
+        check_read(
+            &*self.guard,
+            self.inner.vread(resource_type, id, version).await?,
+        )
+    }
+
+    async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
+        let mut query = query.clone();
+        query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
+        self.inner.search(&query).await
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
+        let mut query = query.clone();
+        let permission = if query.id.is_some() {
+            Permission::Read
+        } else {
+            Permission::Search
+        };
+        query.filter = combine(query.filter.take(), self.guard.rule(permission));
+        self.inner.history(&query).await
+    }
+
+    async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
+        match self.guard.rule(Permission::Search) {
+            ContentRule::Unrestricted => self.inner.count_by_type().await,
+            ContentRule::Only(_) => Err(StoreError::Refused(
+                "counting every resource needs unrestricted access".into(),
+            )),
+        }
+    }
+
+    fn auth_records(&self) -> &dyn AuthRecords {
+        self.inner.auth_records()
+    }
+}
+
+struct GuardedTx {
+    inner: Box<dyn StoreTx>,
+    guard: Arc<dyn ContentGuard>,
+}
+
+impl GuardedTx {
+    /// The current content must be open to `permission` before it is replaced
+    /// or deleted.
+    async fn check_current(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        permission: Permission,
+        what: &str,
+    ) -> Result<()> {
+        let current = self.inner.read(resource_type, id).await?;
+        if let Some(resource) = current.as_ref().and_then(|v| v.resource.as_ref()) {
+            if !self.guard.rule(permission).admits(resource) {
+                return Err(refused(resource_type, id, what));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl StoreTx for GuardedTx {
+    async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        let version = self.inner.read(resource_type, id).await?;
+        if let Some(resource) = version.as_ref().and_then(|v| v.resource.as_ref()) {
+            // Inside a write, the current version is read to be changed or deleted.
+            let open = [Permission::Read, Permission::Update, Permission::Delete]
+                .into_iter()
+                .any(|p| self.guard.rule(p).admits(resource));
+            if !open {
+                return Err(refused(resource_type, id, "access to"));
+            }
+        }
+        Ok(version)
+    }
+
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+    ) -> Result<ResourceVersion> {
+        if !self.guard.rule(Permission::Create).admits(&resource) {
+            return Err(refused(resource_type, id, "creating"));
+        }
+        self.inner.create(resource_type, id, resource).await
+    }
+
+    async fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<i64>,
+    ) -> Result<(ResourceVersion, bool)> {
+        self.check_current(resource_type, id, Permission::Update, "updating")
+            .await?;
+        if !self.guard.rule(Permission::Update).admits(&resource) {
+            return Err(refused(resource_type, id, "writing this content to"));
+        }
+        self.inner
+            .update(resource_type, id, resource, expected_version)
+            .await
+    }
+
+    async fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Option<ResourceVersion>> {
+        self.check_current(resource_type, id, Permission::Delete, "deleting")
+            .await?;
+        self.inner.delete(resource_type, id, expected_version).await
+    }
+
+    async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
+        let mut query = query.clone();
+        query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
+        self.inner.search(&query).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.inner.commit().await
+    }
+}

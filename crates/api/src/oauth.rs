@@ -1,0 +1,822 @@
+//! The authorization server's HTTP face: discovery documents, the OAuth
+//! endpoints and the browser pages. The decisions are made in `haven-auth`;
+//! this module only turns requests into calls and results into responses.
+//!
+//! Every OAuth endpoint is rate limited per caller address, answers errors as
+//! RFC 6749 JSON, and never caches token responses (RFC 6749 §5.1).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use haven_auth::limits::Rate;
+use haven_auth::registry::{Role, UserRecord};
+use haven_auth::scope::ScopeSet;
+use haven_auth::server::{AuthorizeError, LaunchContext, LoginError, Pending};
+use haven_auth::{AuthServer, OAuthError};
+use haven_store::{ContentFilter, SearchQuery, SortOrder, Store};
+use serde_json::{json, Value};
+use time::Duration;
+
+use crate::pages::{self, AppChoice, PatientChoice, ScopeChoice};
+
+const SESSION_COOKIE: &str = "haven_session";
+
+/// What the auth routes need.
+#[derive(Clone)]
+pub(crate) struct AuthState {
+    pub server: Arc<AuthServer>,
+    pub store: Arc<dyn Store>,
+}
+
+/// The auth routes, to be merged into the application router.
+pub(crate) fn routes(state: AuthState) -> Router {
+    Router::new()
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(smart_configuration),
+        )
+        .route(
+            "/fhir/.well-known/openid-configuration",
+            get(openid_configuration),
+        )
+        .route("/auth/jwks", get(jwks))
+        .route("/auth/authorize", get(authorize).post(authorize))
+        .route("/auth/login", get(login_form).post(login))
+        .route("/auth/patient", get(patient_picker).post(choose_patient))
+        .route("/auth/consent", get(consent_form).post(consent))
+        .route("/auth/launcher", get(launcher).post(launch))
+        .route("/auth/token", axum::routing::post(token))
+        .route("/auth/introspect", axum::routing::post(introspect))
+        .route("/auth/revoke", axum::routing::post(revoke))
+        .route("/auth/register", axum::routing::post(register))
+        .with_state(state)
+}
+
+// ----- Plumbing --------------------------------------------------------------
+
+fn remote(request_parts: &axum::http::Extensions) -> String {
+    request_parts
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "unknown".to_string(), |c| c.0.ip().to_string())
+}
+
+/// Form or query pairs; a parameter given twice is an error (RFC 6749 §3.1).
+fn single_valued(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>, OAuthError> {
+    let mut map = HashMap::new();
+    for (k, v) in pairs {
+        if map.insert(k.clone(), v).is_some() {
+            return Err(oauth_error(
+                400,
+                "invalid_request",
+                &format!("{k} is given more than once"),
+            ));
+        }
+    }
+    Ok(map)
+}
+
+fn oauth_error(status: u16, error: &'static str, description: &str) -> OAuthError {
+    OAuthError {
+        status,
+        error,
+        description: description.to_string(),
+    }
+}
+
+fn pairs(bytes: &[u8]) -> Vec<(String, String)> {
+    form_urlencoded::parse(bytes).into_owned().collect()
+}
+
+fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    response
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response {
+    no_store((status, axum::Json(body)).into_response())
+}
+
+fn oauth_response(error: &OAuthError, basic_attempted: bool) -> Response {
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_REQUEST);
+    let mut response = json_response(status, error.body());
+    if status == StatusCode::UNAUTHORIZED {
+        let challenge = if basic_attempted || error.error == "invalid_client" {
+            "Basic realm=\"haven\""
+        } else {
+            "Bearer realm=\"haven\", error=\"invalid_token\""
+        };
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
+    }
+    response
+}
+
+fn too_many(wait: u64, as_json: bool) -> Response {
+    let mut response = if as_json {
+        json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            json!({"error": "slow_down", "error_description": "too many requests; retry later"}),
+        )
+    } else {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            Html(pages::error_page(
+                "Too many attempts. Wait a moment and try again.",
+            )),
+        )
+            .into_response()
+    };
+    if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+const TOKEN_RATE: Rate = Rate {
+    requests: 120,
+    window: Duration::minutes(1),
+};
+const LOGIN_RATE: Rate = Rate {
+    requests: 30,
+    window: Duration::minutes(1),
+};
+const REGISTER_RATE: Rate = Rate {
+    requests: 10,
+    window: Duration::minutes(1),
+};
+
+/// `Authorization: Basic` credentials (RFC 6749 §2.3.1: both parts form-encoded).
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, encoded) = value.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
+    let (id, secret) = decoded.split_once(':')?;
+    let unescape = |s: &str| {
+        form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+    };
+    Some((unescape(id)?, unescape(secret)?))
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.to_string())
+}
+
+fn html(status: StatusCode, body: String) -> Response {
+    let mut response = (status, Html(body)).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The pages must not be framed (clickjacking of the consent button).
+    headers.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; form-action 'self' *; frame-ancestors 'none'"),
+    );
+    response
+}
+
+fn redirect(location: &str) -> Response {
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, v);
+    }
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn error_page(status: StatusCode, message: &str) -> Response {
+    html(status, pages::error_page(message))
+}
+
+// ----- Discovery -------------------------------------------------------------
+
+async fn smart_configuration(State(state): State<AuthState>) -> Response {
+    discovery(state.server.smart_configuration())
+}
+
+async fn openid_configuration(State(state): State<AuthState>) -> Response {
+    discovery(state.server.openid_configuration())
+}
+
+async fn jwks(State(state): State<AuthState>) -> Response {
+    discovery(state.server.jwks())
+}
+
+/// Discovery documents are JSON whatever the Accept header says, and readable
+/// from browser apps on other origins.
+fn discovery(body: Value) -> Response {
+    let mut response = axum::Json(body).into_response();
+    response.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
+}
+
+// ----- Authorization endpoint and pages -------------------------------------------
+
+async fn authorize(State(state): State<AuthState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let raw = if parts.method == Method::POST {
+        match axum::body::to_bytes(body, 64 * 1024).await {
+            Ok(bytes) => pairs(&bytes),
+            Err(_) => return error_page(StatusCode::BAD_REQUEST, "The request could not be read."),
+        }
+    } else {
+        pairs(parts.uri.query().unwrap_or_default().as_bytes())
+    };
+    let params = match single_valued(raw) {
+        Ok(p) => p,
+        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.description),
+    };
+    let pending = match state.server.begin_authorization(&params).await {
+        Ok(pending) => pending,
+        Err(AuthorizeError::Page(message)) => return error_page(StatusCode::BAD_REQUEST, &message),
+        Err(AuthorizeError::Redirect(location)) => return redirect(&location),
+    };
+    // Signed in already (the EHR launcher, or an earlier app): skip the sign-in page.
+    if let Some(session) = cookie(&parts.headers, SESSION_COOKIE) {
+        if let Some(user) = state.server.session_user(&session).await {
+            if pending
+                .username
+                .as_deref()
+                .is_none_or(|u| u == user.username)
+            {
+                return continue_with(&state, pending, &user, &session).await;
+            }
+        }
+    }
+    redirect(&format!("/auth/login?request={}", pending.id))
+}
+
+/// After sign-in: bind the request to the user and go to the next page.
+async fn continue_with(
+    state: &AuthState,
+    pending: Pending,
+    user: &UserRecord,
+    session: &str,
+) -> Response {
+    match state.server.attach_user(pending, user, session).await {
+        Ok(pending) if pending.needs_patient() && user.role == Role::Patient => error_page(
+            StatusCode::FORBIDDEN,
+            "Your account is not linked to a patient record.",
+        ),
+        Ok(pending) if pending.needs_patient() => {
+            redirect(&format!("/auth/patient?request={}", pending.id))
+        }
+        Ok(pending) => redirect(&format!("/auth/consent?request={}", pending.id)),
+        Err(e) => error_page(StatusCode::FORBIDDEN, &e.description),
+    }
+}
+
+async fn login_form(
+    State(state): State<AuthState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let request = query.get("request").map(String::as_str);
+    let app = match request {
+        Some(id) => match state.server.pending(id).await {
+            Some(p) => Some(p.client_name),
+            None => {
+                return error_page(
+                    StatusCode::BAD_REQUEST,
+                    "This sign-in request has expired. Start again from the app.",
+                )
+            }
+        },
+        None => None,
+    };
+    html(
+        StatusCode::OK,
+        pages::login_page(request, app.as_deref(), None),
+    )
+}
+
+fn session_cookie(state: &AuthState, value: &str) -> HeaderValue {
+    let secure = if state.server.config().fhir_base.starts_with("https://") {
+        "; Secure"
+    } else {
+        ""
+    };
+    let max_age = state.server.config().session_lifetime.whole_seconds();
+    HeaderValue::from_str(&format!(
+        "{SESSION_COOKIE}={value}; Path=/auth; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+async fn login(State(state): State<AuthState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let address = remote(&parts.extensions);
+    if let Err(wait) = state.server.rate.check("login", &address, LOGIN_RATE) {
+        return too_many(wait, false);
+    }
+    let Ok(bytes) = axum::body::to_bytes(body, 16 * 1024).await else {
+        return error_page(StatusCode::BAD_REQUEST, "The form could not be read.");
+    };
+    let form: HashMap<String, String> = pairs(&bytes).into_iter().collect();
+    let username = form.get("username").map(String::as_str).unwrap_or_default();
+    let password = form.get("password").map(String::as_str).unwrap_or_default();
+    let request_id = form.get("request").map(String::as_str);
+    let pending = match request_id {
+        Some(id) => match state.server.pending(id).await {
+            Some(p) => Some(p),
+            None => {
+                return error_page(
+                    StatusCode::BAD_REQUEST,
+                    "This sign-in request has expired. Start again from the app.",
+                )
+            }
+        },
+        None => None,
+    };
+    let app = pending.as_ref().map(|p| p.client_name.clone());
+    match state.server.login(username, password, &address).await {
+        Ok((session, user)) => {
+            let mut response = match pending {
+                Some(pending) => continue_with(&state, pending, &user, &session).await,
+                None => redirect("/auth/launcher"),
+            };
+            response
+                .headers_mut()
+                .append(header::SET_COOKIE, session_cookie(&state, &session));
+            response
+        }
+        Err(LoginError::Invalid) => html(
+            StatusCode::UNAUTHORIZED,
+            pages::login_page(
+                request_id,
+                app.as_deref(),
+                Some("The username or password is wrong."),
+            ),
+        ),
+        Err(LoginError::Throttled(wait)) => too_many(wait, false),
+        Err(LoginError::Unavailable) => error_page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Signing in is not possible right now. Try again later.",
+        ),
+    }
+}
+
+/// The pending request named in the form or query, if this browser owns it.
+async fn owned_pending(
+    state: &AuthState,
+    headers: &HeaderMap,
+    id: Option<&str>,
+) -> Result<(Pending, UserRecord), Response> {
+    let expired = || {
+        error_page(
+            StatusCode::BAD_REQUEST,
+            "This request has expired. Start again from the app.",
+        )
+    };
+    let pending = match id {
+        Some(id) => state.server.pending(id).await.ok_or_else(expired)?,
+        None => return Err(expired()),
+    };
+    let session = cookie(headers, SESSION_COOKIE).unwrap_or_default();
+    if !state.server.owns(&pending, &session) {
+        return Err(error_page(
+            StatusCode::FORBIDDEN,
+            "This request belongs to another sign-in.",
+        ));
+    }
+    let user = state.server.session_user(&session).await.ok_or_else(|| {
+        error_page(
+            StatusCode::FORBIDDEN,
+            "Your sign-in has ended. Start again from the app.",
+        )
+    })?;
+    Ok((pending, user))
+}
+
+/// Patients for the picker and the launcher, optionally by name.
+async fn patients(store: &dyn Store, name: &str) -> Vec<PatientChoice> {
+    let name = name.trim().to_string();
+    let filter = (!name.is_empty()).then(|| {
+        let wanted = vec![("name".to_string(), name.clone())];
+        ContentFilter::new(move |r| haven_model::search_value::matches(r, &wanted).unwrap_or(false))
+    });
+    let query = SearchQuery {
+        resource_type: Some("Patient".into()),
+        count: 50,
+        sort: SortOrder::LastUpdatedDescending,
+        filter,
+        ..SearchQuery::default()
+    };
+    let Ok(page) = store.search(&query).await else {
+        return Vec::new();
+    };
+    page.resources
+        .iter()
+        .filter_map(|v| {
+            let r = v.resource.as_ref()?;
+            Some(PatientChoice {
+                id: v.id.clone(),
+                name: display_name(r),
+                birth_date: r["birthDate"].as_str().unwrap_or_default().to_string(),
+            })
+        })
+        .collect()
+}
+
+/// A person's name as it is usually written.
+fn display_name(resource: &Value) -> String {
+    let Some(name) = resource["name"].as_array().and_then(|n| n.first()) else {
+        return resource["id"].as_str().unwrap_or("(no name)").to_string();
+    };
+    if let Some(text) = name["text"].as_str() {
+        return text.to_string();
+    }
+    let mut parts: Vec<&str> = name["given"]
+        .as_array()
+        .map(|g| g.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    if let Some(family) = name["family"].as_str() {
+        parts.push(family);
+    }
+    if parts.is_empty() {
+        "(no name)".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+async fn patient_picker(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (pending, user) =
+        match owned_pending(&state, &headers, query.get("request").map(String::as_str)).await {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+    if user.role == Role::Patient {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Patients cannot choose another record.",
+        );
+    }
+    let q = query.get("q").map(String::as_str).unwrap_or_default();
+    let list = patients(&*state.store, q).await;
+    html(
+        StatusCode::OK,
+        pages::patient_picker(&pending.id, &pending.client_name, q, &list),
+    )
+}
+
+async fn choose_patient(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let form: HashMap<String, String> = pairs(&body).into_iter().collect();
+    let (pending, user) =
+        match owned_pending(&state, &headers, form.get("request").map(String::as_str)).await {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+    if user.role == Role::Patient {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "Patients cannot choose another record.",
+        );
+    }
+    let Some(patient) = form
+        .get("patient")
+        .filter(|p| haven_model::id::is_valid_id(p))
+    else {
+        return error_page(StatusCode::BAD_REQUEST, "Choose a patient.");
+    };
+    match state.store.read("Patient", patient).await {
+        Ok(Some(v)) if !v.is_deleted() => {}
+        _ => return error_page(StatusCode::BAD_REQUEST, "That patient does not exist."),
+    }
+    match state.server.choose_patient(pending, patient).await {
+        Ok(pending) => redirect(&format!("/auth/consent?request={}", pending.id)),
+        Err(e) => error_page(StatusCode::BAD_REQUEST, &e.description),
+    }
+}
+
+async fn consent_form(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let (pending, user) =
+        match owned_pending(&state, &headers, query.get("request").map(String::as_str)).await {
+            Ok(found) => found,
+            Err(response) => return response,
+        };
+    if pending.needs_patient() {
+        return redirect(&format!("/auth/patient?request={}", pending.id));
+    }
+    let patient = match &pending.context.patient {
+        Some(id) => match state.store.read("Patient", id).await {
+            Ok(Some(v)) => v.resource.as_ref().map(display_name).or(Some(id.clone())),
+            _ => Some(id.clone()),
+        },
+        None => None,
+    };
+    let choices: Vec<ScopeChoice> = pending
+        .scopes
+        .iter()
+        .map(|s| ScopeChoice {
+            scope: s.to_string(),
+            description: s.describe(),
+        })
+        .collect();
+    let who = user.display_name.clone().unwrap_or(user.username.clone());
+    html(
+        StatusCode::OK,
+        pages::consent_page(
+            &pending.id,
+            &pending.client_name,
+            &who,
+            patient.as_deref(),
+            &choices,
+        ),
+    )
+}
+
+async fn consent(State(state): State<AuthState>, headers: HeaderMap, body: Bytes) -> Response {
+    let form = pairs(&body);
+    let request = form
+        .iter()
+        .find(|(k, _)| k == "request")
+        .map(|(_, v)| v.as_str());
+    let (pending, _user) = match owned_pending(&state, &headers, request).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let decision = form
+        .iter()
+        .find(|(k, _)| k == "decision")
+        .map(|(_, v)| v.as_str());
+    if decision != Some("approve") {
+        return redirect(&state.server.deny(&pending).await);
+    }
+    let approved: ScopeSet = form
+        .iter()
+        .filter(|(k, _)| k == "scope")
+        .filter_map(|(_, v)| haven_auth::scope::Scope::parse(v))
+        .collect();
+    match state.server.approve(&pending, &approved).await {
+        Ok(location) => redirect(&location),
+        Err(e) => error_page(StatusCode::BAD_REQUEST, &e.description),
+    }
+}
+
+/// The EHR launcher: a signed-in practitioner picks a patient and an app.
+async fn signed_in_practitioner(
+    state: &AuthState,
+    headers: &HeaderMap,
+) -> Result<UserRecord, Response> {
+    let session = cookie(headers, SESSION_COOKIE).unwrap_or_default();
+    match state.server.session_user(&session).await {
+        Some(user) if user.role != Role::Patient => Ok(user),
+        Some(_) => Err(error_page(
+            StatusCode::FORBIDDEN,
+            "The launcher is for practitioners.",
+        )),
+        None => Err(redirect("/auth/login")),
+    }
+}
+
+async fn launcher(
+    State(state): State<AuthState>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let user = match signed_in_practitioner(&state, &headers).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    let q = query.get("q").map(String::as_str).unwrap_or_default();
+    let list = patients(&*state.store, q).await;
+    let apps: Vec<AppChoice> = state
+        .server
+        .clients()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c.launch_uri.is_some() && !c.backend)
+        .map(|c| AppChoice {
+            client_id: c.client_id,
+            name: c.name,
+        })
+        .collect();
+    let who = user.display_name.clone().unwrap_or(user.username.clone());
+    html(StatusCode::OK, pages::launcher_page(&who, q, &list, &apps))
+}
+
+async fn launch(State(state): State<AuthState>, headers: HeaderMap, body: Bytes) -> Response {
+    let user = match signed_in_practitioner(&state, &headers).await {
+        Ok(user) => user,
+        Err(response) => return response,
+    };
+    let form: HashMap<String, String> = pairs(&body).into_iter().collect();
+    let (Some(patient), Some(client_id)) = (form.get("patient"), form.get("client_id")) else {
+        return error_page(StatusCode::BAD_REQUEST, "Choose a patient and an app.");
+    };
+    if !haven_model::id::is_valid_id(patient)
+        || !matches!(state.store.read("Patient", patient).await, Ok(Some(ref v)) if !v.is_deleted())
+    {
+        return error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
+    }
+    let context = LaunchContext {
+        patient: Some(patient.clone()),
+        encounter: None,
+    };
+    match state.server.create_launch(&user, client_id, context).await {
+        Ok(location) => redirect(&location),
+        Err(e) => error_page(StatusCode::BAD_REQUEST, &e.description),
+    }
+}
+
+// ----- Token, introspection, revocation, registration --------------------------------
+
+/// Reads a form-encoded OAuth request body and the caller's Basic credentials.
+async fn oauth_form(
+    state: &AuthState,
+    endpoint: &str,
+    request: Request,
+) -> Result<(HashMap<String, String>, Option<(String, String)>), Response> {
+    let (parts, body) = request.into_parts();
+    if let Err(wait) = state
+        .server
+        .rate
+        .check(endpoint, &remote(&parts.extensions), TOKEN_RATE)
+    {
+        return Err(too_many(wait, true));
+    }
+    let form_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if !form_type {
+        return Err(oauth_response(
+            &oauth_error(
+                400,
+                "invalid_request",
+                "the body must be application/x-www-form-urlencoded",
+            ),
+            false,
+        ));
+    }
+    let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|_| {
+        oauth_response(
+            &oauth_error(400, "invalid_request", "the body is too large"),
+            false,
+        )
+    })?;
+    let form = single_valued(pairs(&bytes)).map_err(|e| oauth_response(&e, false))?;
+    Ok((form, basic_credentials(&parts.headers)))
+}
+
+async fn token(State(state): State<AuthState>, request: Request) -> Response {
+    let (form, basic) = match oauth_form(&state, "token", request).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let basic_attempted = basic.is_some();
+    match state.server.token(&form, basic).await {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => oauth_response(&e, basic_attempted),
+    }
+}
+
+async fn introspect(State(state): State<AuthState>, request: Request) -> Response {
+    let (form, basic) = match oauth_form(&state, "introspect", request).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let basic_attempted = basic.is_some();
+    match state.server.introspect(&form, basic).await {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => oauth_response(&e, basic_attempted),
+    }
+}
+
+async fn revoke(State(state): State<AuthState>, request: Request) -> Response {
+    let (form, basic) = match oauth_form(&state, "revoke", request).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let basic_attempted = basic.is_some();
+    match state.server.revoke(&form, basic).await {
+        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Err(e) => oauth_response(&e, basic_attempted),
+    }
+}
+
+async fn register(State(state): State<AuthState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    if let Err(wait) =
+        state
+            .server
+            .rate
+            .check("register", &remote(&parts.extensions), REGISTER_RATE)
+    {
+        return too_many(wait, true);
+    }
+    let token = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_string());
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return oauth_response(
+            &oauth_error(400, "invalid_client_metadata", "the body is too large"),
+            false,
+        );
+    };
+    let metadata: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            return oauth_response(
+                &oauth_error(
+                    400,
+                    "invalid_client_metadata",
+                    "the body must be a JSON object",
+                ),
+                false,
+            )
+        }
+    };
+    match state.server.register(token.as_deref(), &metadata).await {
+        Ok(body) => json_response(StatusCode::CREATED, body),
+        Err(e) => oauth_response(&e, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_decoded_and_unescaped() {
+        let mut headers = HeaderMap::new();
+        let encoded = STANDARD.encode("my%20app:s%3Acret");
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {encoded}")).unwrap(),
+        );
+        assert_eq!(
+            basic_credentials(&headers),
+            Some(("my app".into(), "s:cret".into()))
+        );
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        assert_eq!(basic_credentials(&headers), None);
+    }
+
+    #[test]
+    fn a_parameter_given_twice_is_refused() {
+        let error =
+            single_valued(vec![("a".into(), "1".into()), ("a".into(), "2".into())]).unwrap_err();
+        assert_eq!(error.error, "invalid_request");
+    }
+
+    #[test]
+    fn names_are_displayed_as_written() {
+        assert_eq!(
+            display_name(&json!({"name": [{"given": ["Amy", "V."], "family": "Shaw"}]})),
+            "Amy V. Shaw"
+        );
+        assert_eq!(
+            display_name(&json!({"name": [{"text": "Dr. Who"}]})),
+            "Dr. Who"
+        );
+        assert_eq!(display_name(&json!({"id": "p1"})), "p1");
+    }
+}

@@ -1,0 +1,376 @@
+//! The SMART on FHIR security stages: bearer tokens authenticate (stage 2), and
+//! the token's scopes and launch context authorize (stage 3) every interaction,
+//! every Bundle entry, and, through the store guard, every resource touched.
+//!
+//! - A type or interaction outside the scopes is 403, never an empty result.
+//! - `patient/` scopes confine everything to the compartment of the patient in
+//!   context (CompartmentDefinition Patient); v2 search restrictions
+//!   (`patient/Observation.rs?category=laboratory`) must match the content.
+//! - Only the capability statement may be read without a token.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use haven_auth::scope::{Context, Permission, ScopeSet};
+use haven_auth::{AccessContext, AuthServer, TokenRejection};
+use haven_model::registry;
+use haven_model::search_value;
+use haven_store::ContentFilter;
+use http::header::AUTHORIZATION;
+use serde_json::Value;
+
+use crate::error::ApiError;
+use crate::guard::{ContentGuard, ContentRule, Unguarded};
+use crate::interaction::{Interaction, Target};
+use crate::pipeline::{Authenticator, Authorizer, Principal, RequestHead};
+
+/// Stage 2: `Authorization: Bearer <token>` verified by the authorization server.
+#[derive(Debug, Clone)]
+pub struct SmartAuthenticator {
+    pub server: Arc<AuthServer>,
+}
+
+#[async_trait]
+impl Authenticator for SmartAuthenticator {
+    async fn authenticate(&self, head: &RequestHead<'_>) -> Result<Principal, ApiError> {
+        let Some(value) = head.headers.get(AUTHORIZATION) else {
+            // Anonymous: stage 3 lets it read the capability statement only.
+            return Ok(Principal::default());
+        };
+        let token = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| ApiError::InvalidToken("not a bearer token".into()))?;
+        match self.server.verify_access_token(token).await {
+            Ok(access) => Ok(Principal {
+                subject: Some(access.subject.clone()),
+                access: Some(access),
+            }),
+            Err(TokenRejection::Unavailable) => Err(ApiError::Store(
+                haven_store::StoreError::Unavailable("token storage".into()),
+            )),
+            Err(rejection) => Err(ApiError::InvalidToken(rejection.to_string())),
+        }
+    }
+}
+
+/// Stage 3 and the store guard, from the token's scopes.
+#[derive(Debug, Clone, Default)]
+pub struct SmartAuthorizer;
+
+fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::Forbidden(message.into())
+}
+
+fn permission_word(permission: Permission) -> &'static str {
+    match permission {
+        Permission::Create => "create",
+        Permission::Read => "read",
+        Permission::Update => "update",
+        Permission::Delete => "delete",
+        Permission::Search => "search",
+    }
+}
+
+/// Whether some scope grants `permission` on `resource_type`.
+fn require(
+    access: &AccessContext,
+    resource_type: &str,
+    permission: Permission,
+) -> Result<(), ApiError> {
+    if access
+        .scopes
+        .grants_for(resource_type, permission)
+        .is_empty()
+    {
+        return Err(forbidden(format!(
+            "the granted scopes do not allow {} of {resource_type}",
+            permission_word(permission)
+        )));
+    }
+    Ok(())
+}
+
+/// The types a system-level search or history names in `_type`.
+fn listed_types(params: &[(String, String)]) -> Vec<String> {
+    params
+        .iter()
+        .filter(|(name, _)| name == "_type")
+        .flat_map(|(_, value)| value.split(','))
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Whether the caller may only see one patient's compartment for this type
+/// and permission: every grant is a `patient/` grant.
+fn confined_to_patient(
+    access: &AccessContext,
+    resource_type: &str,
+    permission: Permission,
+) -> bool {
+    let grants = access.scopes.grants_for(resource_type, permission);
+    !grants.is_empty() && grants.iter().all(|g| g.context == Context::Patient)
+}
+
+/// The patient id a search value names: `123`, `Patient/123` or an absolute
+/// URL ending in `Patient/123`.
+fn named_patient(value: &str) -> Option<&str> {
+    let value = value.split("/_history/").next().unwrap_or(value);
+    match value.rsplit_once("Patient/") {
+        Some((_, id)) => Some(id),
+        None if !value.contains('/') => Some(value),
+        None => None,
+    }
+}
+
+/// A search that names another patient than the one in context is refused
+/// outright: answering it with an empty page would hide the refusal.
+fn check_named_patients(
+    access: &AccessContext,
+    resource_type: &str,
+    params: &[(String, String)],
+) -> Result<(), ApiError> {
+    if !confined_to_patient(access, resource_type, Permission::Search) {
+        return Ok(());
+    }
+    let Some(patient) = access.patient.as_deref() else {
+        return Err(forbidden(
+            "the token has patient scopes but no patient in context",
+        ));
+    };
+    let compartment = registry::compartment_params("Patient", resource_type).unwrap_or(&[]);
+    for (name, value) in params {
+        let code = name.split(':').next().unwrap_or(name);
+        let names_patient = (resource_type == "Patient" && (code == "_id" || code == "link"))
+            || compartment.iter().any(|p| p == code);
+        if !names_patient {
+            continue;
+        }
+        for one in value.split(',') {
+            if named_patient(one.trim()).is_some_and(|id| id != patient) {
+                return Err(forbidden(
+                    "the token only gives access to the patient in context",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Authorizer for SmartAuthorizer {
+    async fn authorize(&self, who: &Principal, what: &Interaction) -> Result<(), ApiError> {
+        if matches!(what, Interaction::Capabilities) {
+            return Ok(());
+        }
+        let Some(access) = &who.access else {
+            return Err(ApiError::Unauthenticated(
+                "an access token is required".into(),
+            ));
+        };
+        match what {
+            Interaction::Capabilities => Ok(()),
+            // Each entry is authorized on its own by the pipeline's gate.
+            Interaction::Batch { .. } | Interaction::Transaction { .. } => Ok(()),
+            Interaction::Read { resource_type, .. } | Interaction::VRead { resource_type, .. } => {
+                require(access, resource_type, Permission::Read)
+            }
+            Interaction::Validate {
+                resource_type, id, ..
+            } => match id {
+                Some(_) => require(access, resource_type, Permission::Read),
+                None => require(access, resource_type, Permission::Create)
+                    .or_else(|_| require(access, resource_type, Permission::Update)),
+            },
+            Interaction::Create {
+                resource_type,
+                if_none_exist,
+                ..
+            } => {
+                require(access, resource_type, Permission::Create)?;
+                if if_none_exist.is_some() {
+                    require(access, resource_type, Permission::Search)?;
+                }
+                Ok(())
+            }
+            Interaction::Update { resource_type, .. } => {
+                require(access, resource_type, Permission::Update)
+            }
+            Interaction::ConditionalUpdate { resource_type, .. } => {
+                require(access, resource_type, Permission::Update)?;
+                require(access, resource_type, Permission::Search)
+            }
+            Interaction::Patch {
+                resource_type,
+                target,
+                ..
+            } => {
+                require(access, resource_type, Permission::Update)?;
+                if matches!(target, Target::Criteria(_)) {
+                    require(access, resource_type, Permission::Search)?;
+                }
+                Ok(())
+            }
+            Interaction::Delete { resource_type, .. } => {
+                require(access, resource_type, Permission::Delete)
+            }
+            Interaction::ConditionalDelete { resource_type, .. } => {
+                require(access, resource_type, Permission::Delete)?;
+                require(access, resource_type, Permission::Search)
+            }
+            Interaction::History {
+                resource_type: Some(resource_type),
+                id: Some(_),
+                ..
+            } => require(access, resource_type, Permission::Read),
+            Interaction::History {
+                resource_type: Some(resource_type),
+                ..
+            } => require(access, resource_type, Permission::Search),
+            Interaction::Search {
+                resource_type: Some(resource_type),
+                params,
+            } => {
+                require(access, resource_type, Permission::Search)?;
+                check_named_patients(access, resource_type, params)
+            }
+            Interaction::History {
+                resource_type: None,
+                params,
+                ..
+            }
+            | Interaction::Search {
+                resource_type: None,
+                params,
+            } => {
+                // Types named in `_type` must each be allowed; the guard keeps
+                // everything else out of the results.
+                for resource_type in listed_types(params) {
+                    require(access, &resource_type, Permission::Search)?;
+                }
+                if access
+                    .scopes
+                    .resource_scopes()
+                    .any(|s| s.permissions.search)
+                {
+                    Ok(())
+                } else {
+                    Err(forbidden("the granted scopes do not allow searching"))
+                }
+            }
+        }
+    }
+
+    fn guard(&self, who: &Principal) -> Arc<dyn ContentGuard> {
+        match &who.access {
+            Some(access) => Arc::new(ScopeGuard {
+                scopes: Arc::new(access.scopes.clone()),
+                patient: access.patient.clone(),
+            }),
+            // Anonymous callers reach nothing but the capability statement.
+            None => Arc::new(Unguarded),
+        }
+    }
+}
+
+/// The content rule of a token's scopes.
+#[derive(Debug, Clone)]
+struct ScopeGuard {
+    scopes: Arc<ScopeSet>,
+    patient: Option<String>,
+}
+
+/// Whether the scopes let `permission` touch this resource: some grant for its
+/// type whose compartment (for `patient/`) and restrictions it satisfies.
+fn admits(
+    scopes: &ScopeSet,
+    patient: Option<&str>,
+    permission: Permission,
+    resource: &Value,
+) -> bool {
+    let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
+        return false;
+    };
+    scopes
+        .grants_for(resource_type, permission)
+        .iter()
+        .any(|grant| {
+            let in_compartment = match grant.context {
+                Context::Patient => {
+                    patient.is_some_and(|p| search_value::in_patient_compartment(resource, p))
+                }
+                Context::User | Context::System => true,
+            };
+            // A restriction that cannot be evaluated refuses (fail closed).
+            in_compartment
+                && (grant.restrictions.is_empty()
+                    || search_value::matches(resource, grant.restrictions).unwrap_or(false))
+        })
+}
+
+impl ContentGuard for ScopeGuard {
+    fn rule(&self, permission: Permission) -> ContentRule {
+        // A wildcard grant without compartment or restriction sees everything.
+        let open = self.scopes.resource_scopes().any(|s| {
+            s.resource_type.is_none()
+                && s.context != Context::Patient
+                && s.restrictions.is_empty()
+                && s.permissions.has(permission)
+        });
+        if open {
+            return ContentRule::Unrestricted;
+        }
+        let scopes = self.scopes.clone();
+        let patient = self.patient.clone();
+        ContentRule::Only(ContentFilter::new(move |resource| {
+            admits(&scopes, patient.as_deref(), permission, resource)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scopes(text: &str) -> ScopeSet {
+        ScopeSet::parse(text)
+    }
+
+    #[test]
+    fn a_patient_scope_admits_only_its_patients_compartment() {
+        let s = scopes("patient/Observation.rs");
+        let own = json!({"resourceType": "Observation", "subject": {"reference": "Patient/a"}});
+        let other = json!({"resourceType": "Observation", "subject": {"reference": "Patient/b"}});
+        assert!(admits(&s, Some("a"), Permission::Read, &own));
+        assert!(!admits(&s, Some("a"), Permission::Read, &other));
+        assert!(!admits(&s, None, Permission::Read, &own));
+        assert!(!admits(&s, Some("a"), Permission::Update, &own));
+    }
+
+    #[test]
+    fn a_restricted_scope_admits_only_matching_content() {
+        let s = scopes("user/Observation.rs?category=laboratory");
+        let lab = json!({"resourceType": "Observation", "category": [{"coding": [{"code": "laboratory"}]}]});
+        let vitals = json!({"resourceType": "Observation", "category": [{"coding": [{"code": "vital-signs"}]}]});
+        assert!(admits(&s, None, Permission::Read, &lab));
+        assert!(!admits(&s, None, Permission::Read, &vitals));
+    }
+
+    #[test]
+    fn search_values_naming_a_patient_are_recognised() {
+        assert_eq!(named_patient("123"), Some("123"));
+        assert_eq!(named_patient("Patient/123"), Some("123"));
+        assert_eq!(
+            named_patient("https://x/fhir/Patient/123/_history/2"),
+            Some("123")
+        );
+        assert_eq!(named_patient("Group/9"), None);
+    }
+}

@@ -1,0 +1,216 @@
+//! Administration commands: `haven clients ...`, `haven users add`, `haven keys
+//! rotate`. They work on the database directly (the server may be running)
+//! and print what they created as JSON.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use haven_auth::registry::{ClientAuth, Role};
+use haven_auth::server::ClientSpec;
+use haven_auth::{AuthConfig, AuthServer};
+use haven_model::clock::{Clock, SystemClock};
+use serde_json::{json, Value};
+
+use crate::config::Config;
+use crate::signing_keys;
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClientsCommand {
+    /// Register a client application and print it (with its secret, shown once).
+    Add(ClientAddArgs),
+    /// List registered clients.
+    List,
+    /// Print a one-time initial access token for dynamic registration (RFC 7591).
+    RegistrationToken {
+        /// How long the token stays usable, in hours.
+        #[arg(long, default_value_t = 24)]
+        hours: i64,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ClientAddArgs {
+    /// The name users see on the consent page.
+    #[arg(long)]
+    pub name: String,
+    /// A redirect URI, compared by exact string; repeat for several.
+    #[arg(long = "redirect-uri")]
+    pub redirect_uris: Vec<String>,
+    /// The most this client may be granted, space separated
+    /// (e.g. "launch/patient openid fhirUser offline_access patient/*.rs").
+    #[arg(long)]
+    pub scope: String,
+    /// A public client (no secret; PKCE protects its codes). The default for apps.
+    #[arg(long, conflicts_with_all = ["secret", "jwks", "jwks_url"])]
+    pub public: bool,
+    /// A confidential client with a generated secret (Basic or form post).
+    #[arg(long, conflicts_with_all = ["jwks", "jwks_url"])]
+    pub secret: bool,
+    /// A JWKS file with the client's public keys (private_key_jwt).
+    #[arg(long, conflicts_with = "jwks_url")]
+    pub jwks: Option<PathBuf>,
+    /// A JWKS URL with the client's public keys (private_key_jwt).
+    #[arg(long)]
+    pub jwks_url: Option<String>,
+    /// A SMART Backend Services client (client_credentials, system/ scopes).
+    #[arg(long)]
+    pub backend: bool,
+    /// Where the EHR launcher opens the app (with `iss` and `launch`).
+    #[arg(long)]
+    pub launch_url: Option<String>,
+    /// The organization requesting data through this client (required for backend clients).
+    #[arg(long)]
+    pub organization: Option<String>,
+    /// A contact (e-mail) for the client; repeat for several (required for backend clients).
+    #[arg(long = "contact")]
+    pub contacts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum UsersCommand {
+    /// Add a user who can sign in; the password is read from standard input.
+    Add(UserAddArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UserAddArgs {
+    #[arg(long)]
+    pub username: String,
+    /// patient, practitioner or admin.
+    #[arg(long)]
+    pub role: String,
+    /// The user's FHIR resource, e.g. Patient/123 or Practitioner/9.
+    #[arg(long)]
+    pub fhir_user: Option<String>,
+    /// The name shown on pages.
+    #[arg(long)]
+    pub display_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Start signing with a new key; the old public key stays published until
+    /// the tokens it signed have expired.
+    Rotate,
+}
+
+fn fhir_base(config: &Config) -> String {
+    let public = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("https://localhost:{}", config.listen.port()));
+    format!("{public}/fhir")
+}
+
+/// The authorization server over the configured database and keys.
+pub async fn auth_server(config: &Config) -> Result<AuthServer> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    if let Some(dir) = crate::sqlite_parent_dir(&config.database_url) {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let store = haven_store::connect(&config.database_url, clock.clone())
+        .await
+        .context("opening the database")?;
+    let (keys, _) = signing_keys::ensure(&config.data_dir, clock.now())?;
+    Ok(AuthServer::new(
+        AuthConfig::new(&fhir_base(config)),
+        store,
+        clock,
+        keys,
+    ))
+}
+
+fn refused(e: haven_auth::OAuthError) -> anyhow::Error {
+    anyhow!("{}", e.description)
+}
+
+pub async fn clients(config: &Config, command: ClientsCommand) -> Result<Value> {
+    let server = auth_server(config).await?;
+    match command {
+        ClientsCommand::Add(args) => {
+            let jwks = match &args.jwks {
+                Some(path) => Some(
+                    serde_json::from_str::<Value>(
+                        &std::fs::read_to_string(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )
+                    .with_context(|| format!("{} is not JSON", path.display()))?,
+                ),
+                None => None,
+            };
+            let auth = if args.secret {
+                Some(ClientAuth::ClientSecretBasic)
+            } else if args.public {
+                Some(ClientAuth::None)
+            } else {
+                None
+            };
+            let spec = ClientSpec {
+                name: args.name,
+                redirect_uris: args.redirect_uris,
+                scopes: args.scope,
+                auth,
+                jwks,
+                jwks_uri: args.jwks_url,
+                backend: args.backend,
+                launch_uri: args.launch_url,
+                organization: args.organization,
+                contacts: args.contacts,
+            };
+            let (record, secret) = server.add_client(spec).await.map_err(refused)?;
+            let mut out = record.public_view();
+            if let Some(secret) = secret {
+                out["client_secret"] = json!(secret);
+            }
+            Ok(out)
+        }
+        ClientsCommand::List => {
+            let clients = server.clients().await.map_err(refused)?;
+            Ok(Value::Array(
+                clients.iter().map(|c| c.public_view()).collect(),
+            ))
+        }
+        ClientsCommand::RegistrationToken { hours } => {
+            if !(1..=24 * 30).contains(&hours) {
+                bail!("--hours must be between 1 and 720");
+            }
+            let token = server
+                .issue_registration_token(time::Duration::hours(hours))
+                .await
+                .map_err(refused)?;
+            Ok(json!({"initial_access_token": token, "expires_in": hours * 3600}))
+        }
+    }
+}
+
+pub async fn users(config: &Config, command: UsersCommand) -> Result<Value> {
+    let UsersCommand::Add(args) = command;
+    let role = Role::parse(&args.role)
+        .ok_or_else(|| anyhow!("--role must be patient, practitioner or admin"))?;
+    let mut password = String::new();
+    std::io::stdin()
+        .read_to_string(&mut password)
+        .context("reading the password from standard input")?;
+    let password = password.trim_end_matches(['\r', '\n']);
+    let server = auth_server(config).await?;
+    let user = server
+        .add_user(
+            &args.username,
+            password,
+            role,
+            args.fhir_user,
+            args.display_name,
+        )
+        .await
+        .map_err(refused)?;
+    Ok(user.public_view())
+}
+
+pub fn keys(config: &Config, command: KeysCommand) -> Result<Value> {
+    let KeysCommand::Rotate = command;
+    let kid = signing_keys::rotate(&config.data_dir, SystemClock.now())?;
+    Ok(json!({"kid": kid}))
+}
