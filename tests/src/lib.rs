@@ -80,6 +80,8 @@ pub struct HavenOptions {
     /// `--database-url`; SQLite in the data directory otherwise.
     pub database_url: Option<String>,
     pub insecure_http: bool,
+    /// `--listen`; `127.0.0.1:0` otherwise.
+    pub listen: Option<String>,
     /// Further arguments for `haven serve`.
     pub extra_args: Vec<String>,
 }
@@ -90,6 +92,8 @@ pub struct Haven {
     /// Kept so the directory lives as long as the server.
     _temp_dir: Option<tempfile::TempDir>,
     pub data_dir: PathBuf,
+    /// `--database-url` when not the SQLite file in the data directory.
+    pub database_url: Option<String>,
     /// The address the server bound.
     pub addr: std::net::SocketAddr,
     /// The FHIR base URL through the bound address, e.g. `https://127.0.0.1:43121/fhir`.
@@ -173,6 +177,77 @@ impl Haven {
     }
 }
 
+/// A registered SMART Backend Services client: its id and private key file.
+#[derive(Debug, Clone)]
+pub struct BackendClient {
+    pub client_id: String,
+    pub key_file: PathBuf,
+}
+
+impl Haven {
+    /// Registers a Backend Services client allowed `scope` (e.g. `system/*.cruds`)
+    /// with `haven clients add`, its RS384 key pair kept in the data directory.
+    pub fn register_backend_client(&self, scope: &str) -> Result<BackendClient> {
+        let key = haven_auth::client::ClientKey::generate_rsa();
+        let name = uuid::Uuid::new_v4().simple().to_string();
+        let key_file = self.data_dir.join(format!("client-{name}.pem"));
+        let jwks_file = self.data_dir.join(format!("client-{name}.jwks.json"));
+        std::fs::write(&key_file, key.to_pem())?;
+        std::fs::write(&jwks_file, key.jwks().to_string())?;
+        let data_dir = self.data_dir.display().to_string();
+        let jwks = jwks_file.display().to_string();
+        let output = run_haven(&[
+            "clients",
+            "add",
+            "--data-dir",
+            &data_dir,
+            "--name",
+            "Test loader",
+            "--backend",
+            "--jwks",
+            &jwks,
+            "--scope",
+            scope,
+            "--organization",
+            "Haven tests",
+            "--contact",
+            "tests@haven.invalid",
+        ])?;
+        if !output.status.success() {
+            bail!(
+                "haven clients add failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let client: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("haven clients add prints JSON")?;
+        let client_id = client["client_id"]
+            .as_str()
+            .context("the printed client has an id")?
+            .to_string();
+        Ok(BackendClient {
+            client_id,
+            key_file,
+        })
+    }
+
+    /// A bearer token for `scope` through SMART Backend Services.
+    pub async fn system_token(&self, scope: &str) -> Result<String> {
+        let registered = self.register_backend_client(scope)?;
+        let key = haven_auth::client::ClientKey::from_pem(&std::fs::read_to_string(
+            &registered.key_file,
+        )?)?;
+        let client = haven_auth::client::BackendServicesClient::new(
+            self.base_url.parse()?,
+            registered.client_id,
+            key,
+            scope,
+            self.client(),
+        );
+        Ok(client.access_token().await?)
+    }
+}
+
 impl Drop for Haven {
     fn drop(&mut self) {
         self.kill();
@@ -212,7 +287,7 @@ fn spawn_blocking(options: HavenOptions) -> Result<Haven> {
     command
         .arg("serve")
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
         .arg("--data-dir")
         .arg(&data_dir);
     if let Some(url) = &options.database_url {
@@ -285,6 +360,7 @@ fn spawn_blocking(options: HavenOptions) -> Result<Haven> {
         announced_base_url,
         addr,
         data_dir,
+        database_url: options.database_url.clone(),
         ca_pem,
         log_path,
         stdout_lines: lines,

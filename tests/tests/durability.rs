@@ -21,13 +21,15 @@ async fn acknowledged_creates_survive_a_kill(database_url: Option<String>) {
     .unwrap();
     let data_dir = haven.keep_data_dir().unwrap();
     let client = haven.client();
+    // Signing keys live in the data directory, so the token outlives the restart.
+    let token = haven.system_token("system/*.cruds").await.unwrap();
     let url = haven.url("Patient");
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let stop = Arc::new(AtomicBool::new(false));
 
     let mut writers = Vec::new();
     for writer in 0..WRITERS {
-        let (client, url) = (client.clone(), url.clone());
+        let (client, url, token) = (client.clone(), url.clone(), token.clone());
         let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let mut n = 0;
@@ -39,6 +41,7 @@ async fn acknowledged_creates_survive_a_kill(database_url: Option<String>) {
                 });
                 let Ok(response) = client
                     .post(&url)
+                    .bearer_auth(&token)
                     .header("content-type", "application/fhir+json")
                     .body(patient.to_string())
                     .send()
@@ -93,6 +96,7 @@ async fn acknowledged_creates_survive_a_kill(database_url: Option<String>) {
     for id in &ids {
         let response = client
             .get(restarted.url(&format!("Patient/{id}")))
+            .bearer_auth(&token)
             .send()
             .await
             .unwrap();

@@ -29,6 +29,42 @@ async fn a_failed_bundle_is_reported_and_the_others_still_load() {
     std::fs::write(bundles.path().join("nested/good.json"), transaction(good)).unwrap();
     std::fs::write(bundles.path().join("bad.json"), transaction(bad)).unwrap();
 
+    let loader = haven.register_backend_client("system/*.cruds").unwrap();
+    let output = Command::new(haven_binary().unwrap())
+        .arg("load")
+        .arg(bundles.path())
+        .args(["--server", &haven.base_url, "--ca-file"])
+        .arg(haven.ca_file())
+        .args(["--client-id", &loader.client_id, "--private-key"])
+        .arg(&loader.key_file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("loaded 1 bundles, 1 resources"), "{stdout}");
+    assert!(stdout.contains("1 failed"), "{stdout}");
+    assert!(stdout.contains("bad.json: HTTP 4"), "{stdout}");
+
+    let token = haven.system_token("system/*.rs").await.unwrap();
+    let found: Value = haven
+        .client()
+        .get(haven.url("Patient?_count=0&_total=accurate"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["total"], 1, "{found}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_without_credentials_is_refused_and_writes_nothing() {
+    let haven = spawn_haven(HavenOptions::default()).await.unwrap();
+    let bundles = tempfile::tempdir().unwrap();
+    let patient = json!({"resourceType": "Patient", "name": [{"family": "Anonymous"}]});
+    std::fs::write(bundles.path().join("p.json"), transaction(patient)).unwrap();
     let output = Command::new(haven_binary().unwrap())
         .arg("load")
         .arg(bundles.path())
@@ -38,20 +74,19 @@ async fn a_failed_bundle_is_reported_and_the_others_still_load() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success(), "{stdout}");
-    assert!(stdout.contains("loaded 1 bundles, 1 resources"), "{stdout}");
-    assert!(stdout.contains("1 failed"), "{stdout}");
-    assert!(stdout.contains("bad.json: HTTP 4"), "{stdout}");
-
+    assert!(stdout.contains("p.json: HTTP 401"), "{stdout}");
+    let token = haven.system_token("system/*.rs").await.unwrap();
     let found: Value = haven
         .client()
         .get(haven.url("Patient?_count=0&_total=accurate"))
+        .bearer_auth(&token)
         .send()
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(found["total"], 1, "{found}");
+    assert_eq!(found["total"], 0, "{found}");
 }
 
 #[test]

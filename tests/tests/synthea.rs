@@ -38,9 +38,12 @@ async fn the_synthea_patients_load_completely(database_url: Option<String>) {
     .await
     .unwrap();
 
+    // The loader signs in through SMART Backend Services, as a production loader would.
+    let loader = haven.register_backend_client("system/*.cruds").unwrap();
     let binary = haven_binary().unwrap();
     let output = tokio::task::spawn_blocking({
         let (server, ca) = (haven.base_url.clone(), haven.ca_file());
+        let loader = loader.clone();
         let synthea = synthea.clone();
         move || {
             Command::new(binary)
@@ -50,6 +53,8 @@ async fn the_synthea_patients_load_completely(database_url: Option<String>) {
                 .arg(server)
                 .arg("--ca-file")
                 .arg(ca)
+                .args(["--client-id", &loader.client_id, "--private-key"])
+                .arg(&loader.key_file)
                 .output()
                 .unwrap()
         }
@@ -68,10 +73,12 @@ async fn the_synthea_patients_load_completely(database_url: Option<String>) {
 
     let expected = counts_in_bundles(&synthea);
     let client = haven.client();
+    let token = haven.system_token("system/*.rs").await.unwrap();
     let mut stored = BTreeMap::new();
     for resource_type in expected.keys() {
         let bundle: Value = client
             .get(haven.url(&format!("{resource_type}?_count=0&_total=accurate")))
+            .bearer_auth(&token)
             .send()
             .await
             .unwrap()

@@ -147,8 +147,13 @@ fn check_named_patients(
     let compartment = registry::compartment_params("Patient", resource_type).unwrap_or(&[]);
     for (name, value) in params {
         let code = name.split(':').next().unwrap_or(name);
+        // Any reference parameter that can point at a Patient names one
+        // (`patient`, `subject`, ...), as do the compartment's own parameters.
+        let targets_patients = registry::search_param(resource_type, code)
+            .is_some_and(|p| p.target.iter().any(|t| t == "Patient"));
         let names_patient = (resource_type == "Patient" && (code == "_id" || code == "link"))
-            || compartment.iter().any(|p| p == code);
+            || compartment.iter().any(|p| p == code)
+            || targets_patients;
         if !names_patient {
             continue;
         }

@@ -203,6 +203,14 @@ pub fn form_encode(pairs: &[(&str, &str)]) -> String {
     out.finish()
 }
 
+/// The refresh token to issue with an access token.
+struct Refresh<'a> {
+    /// What the refresh token may later ask for.
+    scopes: &'a ScopeSet,
+    /// Unix seconds; `None` starts a full lifetime.
+    expires_at: Option<i64>,
+}
+
 /// Claims of Haven's access tokens.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 struct AccessClaims {
@@ -347,8 +355,8 @@ impl std::fmt::Debug for AuthServer {
     }
 }
 
-/// SMART's PKCE rule: S256 of the verifier, base64url without padding.
-fn s256(verifier: &str) -> String {
+/// SMART's PKCE rule (RFC 7636 §4.2): S256 of the verifier, base64url without padding.
+pub fn pkce_s256(verifier: &str) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ring::digest::digest(
         &ring::digest::SHA256,
@@ -1472,7 +1480,7 @@ impl AuthServer {
             ));
         }
         let verifier = param(form, "code_verifier").unwrap_or_default();
-        if !is_pkce_string(verifier) || s256(verifier) != record.code_challenge {
+        if !is_pkce_string(verifier) || pkce_s256(verifier) != record.code_challenge {
             return Err(OAuthError::invalid_grant(
                 "the PKCE code_verifier does not match",
             ));
@@ -1488,7 +1496,10 @@ impl AuthServer {
             &record.context,
             &record.grant,
             record.nonce.as_deref(),
-            true,
+            Some(Refresh {
+                scopes: &record.scopes,
+                expires_at: None,
+            }),
         )
         .await
     }
@@ -1502,7 +1513,7 @@ impl AuthServer {
         context: &LaunchContext,
         grant: &str,
         nonce: Option<&str>,
-        with_refresh: bool,
+        refresh: Option<Refresh<'_>>,
     ) -> Result<Value, OAuthError> {
         let now = self.now();
         let lifetime = self.config.access_token_lifetime;
@@ -1575,29 +1586,33 @@ impl AuthServer {
                 .sign(&id_claims)
                 .map_err(|_| OAuthError::server_error())?);
         }
-        let offline = scopes.has(&Scope::OfflineAccess);
-        if with_refresh && (offline || scopes.has(&Scope::OnlineAccess)) {
-            let lifetime = if offline {
+        let refresh = refresh
+            .filter(|r| r.scopes.has(&Scope::OfflineAccess) || r.scopes.has(&Scope::OnlineAccess));
+        if let Some(refresh) = refresh {
+            let lifetime = if refresh.scopes.has(&Scope::OfflineAccess) {
                 self.config.offline_refresh_lifetime
             } else {
                 self.config.online_refresh_lifetime
             };
+            let expires_at = refresh
+                .expires_at
+                .unwrap_or_else(|| (now + lifetime).unix_timestamp());
             let refresh_token = random_token(32);
             let record = RefreshRecord {
                 client_id: client.client_id.clone(),
-                scopes: scopes.clone(),
+                scopes: refresh.scopes.clone(),
                 username: user.username.clone(),
                 context: context.clone(),
                 grant: grant.to_string(),
                 used: false,
-                expires_at: (now + lifetime).unix_timestamp(),
+                expires_at,
             };
             self.records()
                 .put(
                     kind::REFRESH,
                     &token_hash(&refresh_token),
                     &json!(record),
-                    Some(now + lifetime),
+                    OffsetDateTime::from_unix_timestamp(expires_at).ok(),
                 )
                 .await
                 .map_err(storage_failed)?;
@@ -1672,7 +1687,8 @@ impl AuthServer {
             .user(&record.username)
             .await
             .ok_or_else(|| OAuthError::invalid_grant("the user no longer exists"))?;
-        // The grant keeps its original lifetime: rotation does not extend it.
+        // RFC 6749 §6: the new refresh token keeps the old one's scopes, and the
+        // grant keeps its original lifetime: rotation does not extend it.
         let mut response = self
             .issue(
                 client,
@@ -1681,7 +1697,10 @@ impl AuthServer {
                 &record.context,
                 &record.grant,
                 None,
-                true,
+                Some(Refresh {
+                    scopes: &record.scopes,
+                    expires_at: Some(record.expires_at),
+                }),
             )
             .await?;
         response.as_object_mut().map(|m| m.remove("id_token"));

@@ -66,17 +66,17 @@ enum Command {
 struct DatabaseArgs {
     /// Where the server keeps its data: the SQLite database, TLS files, `haven.toml`.
     /// [env: HAVEN_DATA_DIR] [default: ./haven-data]
-    #[arg(long)]
+    #[arg(long, global = true)]
     data_dir: Option<PathBuf>,
     /// A configuration file to read instead of `<data-dir>/haven.toml`. [env: HAVEN_CONFIG]
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
     /// `sqlite:PATH` or `postgres://USER@HOST/DB`. [env: HAVEN_DATABASE_URL]
     /// [default: sqlite:<data-dir>/haven.db]
-    #[arg(long)]
+    #[arg(long, global = true)]
     database_url: Option<String>,
     /// Log line format. [env: HAVEN_LOG_FORMAT] [default: human]
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, global = true)]
     log_format: Option<LogFormat>,
 }
 

@@ -1,0 +1,1387 @@
+//! SMART on FHIR through the HTTP API: discovery, the pages of a launch, the
+//! token endpoint's answers, and scopes enforced on every FHIR interaction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use axum::body::Body;
+use axum::Router;
+use haven_api::{router, ApiConfig, AppState};
+use haven_auth::keys::{generate_signing_key, KeySet};
+use haven_auth::registry::{ClientAuth, Role};
+use haven_auth::server::{pkce_s256, ClientSpec};
+use haven_auth::{AuthConfig, AuthServer};
+use haven_model::clock::{Clock, ManualClock};
+use haven_store::Store;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+use time::macros::datetime;
+use tower::ServiceExt;
+
+const BASE: &str = "https://haven.test/fhir";
+const REDIRECT: &str = "https://app.test/callback";
+const VERIFIER: &str = "a-verifier-of-more-than-forty-three-characters-0123456789";
+const PASSWORD: &str = "correct horse battery";
+
+fn signing_key() -> &'static str {
+    static KEY: OnceLock<String> = OnceLock::new();
+    KEY.get_or_init(|| generate_signing_key().unwrap())
+}
+
+fn key_set(clock: &ManualClock) -> KeySet {
+    KeySet::new(signing_key(), &[], clock.now(), time::Duration::hours(1)).unwrap()
+}
+
+struct Smart {
+    router: Router,
+    store: Arc<dyn Store>,
+    clock: Arc<ManualClock>,
+    server: Arc<AuthServer>,
+    /// A public app allowed patient, user and launch scopes.
+    app: String,
+    _dir: TempDir,
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    text: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|_| panic!("not JSON: {}", self.text))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn location(&self) -> &str {
+        self.header("location").expect("a Location header")
+    }
+
+    /// The value of the session cookie this reply sets.
+    fn session(&self) -> String {
+        let cookie = self.header("set-cookie").expect("a session cookie");
+        cookie
+            .split(';')
+            .next()
+            .and_then(|c| c.strip_prefix("haven_session="))
+            .expect("the session cookie")
+            .to_string()
+    }
+}
+
+fn query_of(url: &str) -> HashMap<String, String> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn form(pairs: &[(&str, &str)]) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        out.append_pair(k, v);
+    }
+    out.finish()
+}
+
+async fn spawn() -> Smart {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(datetime!(2026-05-01 09:00 UTC)));
+    let store = haven_store::connect(
+        &format!("sqlite:{}", dir.path().join("haven.db").display()),
+        clock.clone() as Arc<dyn Clock>,
+    )
+    .await
+    .unwrap();
+    let server = Arc::new(AuthServer::new(
+        AuthConfig::new(BASE),
+        store.clone(),
+        clock.clone(),
+        key_set(&clock),
+    ));
+    let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE))
+        .with_smart(server.clone());
+    let (app, _) = server
+        .add_client(ClientSpec {
+            name: "Growth Chart".into(),
+            redirect_uris: vec![REDIRECT.into()],
+            scopes: "launch launch/patient openid fhirUser profile offline_access patient/*.cruds user/*.cruds".into(),
+            auth: Some(ClientAuth::None),
+            launch_uri: Some("https://app.test/launch".into()),
+            ..ClientSpec::default()
+        })
+        .await
+        .unwrap();
+    let smart = Smart {
+        router: router(state),
+        store,
+        clock,
+        server,
+        app: app.client_id,
+        _dir: dir,
+    };
+    smart.seed().await;
+    smart
+}
+
+fn observation(id: &str, patient: &str, category: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "id": id,
+        "status": "final",
+        "category": [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+            "code": category
+        }]}],
+        "code": {"text": "a measurement"},
+        "subject": {"reference": format!("Patient/{patient}")}
+    })
+}
+
+impl Smart {
+    /// Patients a and b, each with a laboratory and a vital-signs Observation and
+    /// a Condition; users amy (patient a) and drjones (practitioner).
+    async fn seed(&self) {
+        let mut tx = self.store.begin().await.unwrap();
+        for (id, family) in [("a", "Shaw"), ("b", "Field")] {
+            tx.create(
+                "Patient",
+                id,
+                json!({"resourceType": "Patient", "id": id, "name": [{"family": family, "given": ["Pat"]}]}),
+            )
+            .await
+            .unwrap();
+            tx.create(
+                "Observation",
+                &format!("lab-{id}"),
+                observation(&format!("lab-{id}"), id, "laboratory"),
+            )
+            .await
+            .unwrap();
+            tx.create(
+                "Observation",
+                &format!("vit-{id}"),
+                observation(&format!("vit-{id}"), id, "vital-signs"),
+            )
+            .await
+            .unwrap();
+            tx.create(
+                "Condition",
+                &format!("con-{id}"),
+                json!({"resourceType": "Condition", "id": format!("con-{id}"), "subject": {"reference": format!("Patient/{id}")}}),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        self.server
+            .add_user(
+                "amy",
+                PASSWORD,
+                Role::Patient,
+                Some("Patient/a".into()),
+                Some("Amy Shaw".into()),
+            )
+            .await
+            .unwrap();
+        self.server
+            .add_user(
+                "drjones",
+                PASSWORD,
+                Role::Practitioner,
+                Some("Practitioner/dj".into()),
+                None,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        Reply {
+            status,
+            headers,
+            text: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut request = Request::builder().method(Method::GET).uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        self.send(request.body(Body::empty()).unwrap()).await
+    }
+
+    async fn get_with_cookie(&self, path: &str, session: &str) -> Reply {
+        self.send(
+            Request::builder()
+                .uri(path)
+                .header("cookie", format!("haven_session={session}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+    }
+
+    async fn post_form(&self, path: &str, body: String, session: Option<&str>) -> Reply {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("content-type", "application/x-www-form-urlencoded");
+        if let Some(session) = session {
+            request = request.header("cookie", format!("haven_session={session}"));
+        }
+        self.send(request.body(Body::from(body)).unwrap()).await
+    }
+
+    async fn send_json(&self, method: Method, path: &str, token: &str, body: &Value) -> Reply {
+        self.send(
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/fhir+json")
+                .body(Body::from(body.to_string()))
+                .unwrap(),
+        )
+        .await
+    }
+
+    fn authorize_url(&self, scope: &str, extra: &[(&str, &str)]) -> String {
+        let challenge = pkce_s256(VERIFIER);
+        let mut pairs = vec![
+            ("response_type", "code"),
+            ("client_id", self.app.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", scope),
+            ("state", "st-1"),
+            ("aud", BASE),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ];
+        pairs.extend_from_slice(extra);
+        format!("/auth/authorize?{}", form(&pairs))
+    }
+
+    /// A code for `username` through the authorization server's steps (the
+    /// pages are covered by their own tests).
+    async fn code_for(&self, username: &str, scope: &str, patient: Option<&str>) -> String {
+        let params = query_of(&self.authorize_url(scope, &[]));
+        let pending = self.server.begin_authorization(&params).await.unwrap();
+        let user = self.server.user(username).await.unwrap();
+        let mut pending = self
+            .server
+            .attach_user(pending, &user, "cookie")
+            .await
+            .unwrap();
+        if let Some(patient) = patient {
+            pending = self.server.choose_patient(pending, patient).await.unwrap();
+        }
+        let url = self
+            .server
+            .approve(&pending, &pending.scopes)
+            .await
+            .unwrap();
+        query_of(&url)["code"].clone()
+    }
+
+    async fn exchange(&self, code: &str) -> Reply {
+        self.post_form(
+            "/auth/token",
+            form(&[
+                ("grant_type", "authorization_code"),
+                ("code", code),
+                ("redirect_uri", REDIRECT),
+                ("client_id", &self.app),
+                ("code_verifier", VERIFIER),
+            ]),
+            None,
+        )
+        .await
+    }
+
+    async fn token(&self, username: &str, scope: &str, patient: Option<&str>) -> String {
+        let code = self.code_for(username, scope, patient).await;
+        let reply = self.exchange(&code).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+        reply.json()["access_token"].as_str().unwrap().to_string()
+    }
+
+    fn ids(bundle: &Value) -> Vec<String> {
+        let mut ids: Vec<String> = bundle["entry"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .map(|x| x["resource"]["id"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+}
+
+#[tokio::test]
+async fn the_smart_configuration_is_json_whatever_the_client_accepts() {
+    let smart = spawn().await;
+    let reply = smart
+        .send(
+            Request::builder()
+                .uri("/fhir/.well-known/smart-configuration")
+                .header("accept", "application/fhir+xml")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let config = reply.json();
+    assert_eq!(
+        config["authorization_endpoint"],
+        "https://haven.test/auth/authorize"
+    );
+    assert_eq!(config["token_endpoint"], "https://haven.test/auth/token");
+    assert_eq!(config["code_challenge_methods_supported"], json!(["S256"]));
+    for grant in ["authorization_code", "client_credentials", "refresh_token"] {
+        assert!(config["grant_types_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(grant)));
+    }
+    for capability in [
+        "launch-standalone",
+        "launch-ehr",
+        "client-public",
+        "client-confidential-symmetric",
+        "client-confidential-asymmetric",
+        "sso-openid-connect",
+        "context-standalone-patient",
+        "context-ehr-patient",
+        "permission-offline",
+        "permission-patient",
+        "permission-user",
+        "permission-v1",
+        "permission-v2",
+        "authorize-post",
+    ] {
+        assert!(
+            config["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(capability)),
+            "{capability} is missing"
+        );
+    }
+    assert!(!config["scopes_supported"].as_array().unwrap().is_empty());
+
+    let openid = smart
+        .get("/fhir/.well-known/openid-configuration", None)
+        .await
+        .json();
+    assert_eq!(openid["issuer"], BASE);
+    assert_eq!(
+        openid["id_token_signing_alg_values_supported"],
+        json!(["RS256"])
+    );
+    let jwks = smart.get("/auth/jwks", None).await.json();
+    let key = &jwks["keys"][0];
+    assert_eq!(key["kty"], "RSA");
+    assert!(
+        key.get("d").is_none(),
+        "no private key material is published"
+    );
+}
+
+#[tokio::test]
+async fn the_capability_statement_names_the_oauth_endpoints_and_needs_no_token() {
+    let smart = spawn().await;
+    let reply = smart.get("/fhir/metadata", None).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let security = &reply.json()["rest"][0]["security"];
+    assert_eq!(security["service"][0]["coding"][0]["code"], "SMART-on-FHIR");
+    let uris = &security["extension"][0];
+    assert_eq!(
+        uris["url"],
+        "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+    );
+    let token = uris["extension"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["url"] == "token")
+        .unwrap();
+    assert_eq!(token["valueUri"], "https://haven.test/auth/token");
+}
+
+#[tokio::test]
+async fn a_request_without_a_token_is_401_with_a_bearer_challenge() {
+    let smart = spawn().await;
+    for path in ["/fhir/Patient/a", "/fhir/Observation", "/fhir/_history"] {
+        let reply = smart.get(path, None).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(reply
+            .header("www-authenticate")
+            .unwrap()
+            .starts_with("Bearer"));
+        assert_eq!(reply.json()["issue"][0]["code"], "login");
+    }
+}
+
+#[tokio::test]
+async fn tampered_expired_revoked_and_foreign_tokens_are_refused_alike() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/*.rs", None).await;
+    assert_eq!(
+        smart.get("/fhir/Patient/a", Some(&token)).await.status,
+        StatusCode::OK
+    );
+
+    // One character of the payload changed: the signature no longer matches.
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let flipped = if parts[1].ends_with('A') { 'B' } else { 'A' };
+    parts[1].pop();
+    parts[1].push(flipped);
+    let tampered = parts.join(".");
+
+    // Signed with this server's own key, but for another server's FHIR base.
+    let other = AuthServer::new(
+        AuthConfig::new("https://other.test/fhir"),
+        smart.store.clone(),
+        smart.clock.clone(),
+        key_set(&smart.clock),
+    );
+    let params = query_of(&smart.authorize_url("patient/*.rs", &[]).replace(
+        &form(&[("aud", BASE)]),
+        &form(&[("aud", "https://other.test/fhir")]),
+    ));
+    let pending = other.begin_authorization(&params).await.unwrap();
+    let amy = other.user("amy").await.unwrap();
+    let pending = other.attach_user(pending, &amy, "c").await.unwrap();
+    let code = query_of(&other.approve(&pending, &pending.scopes).await.unwrap())["code"].clone();
+    let foreign = other
+        .token(
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", code.as_str()),
+                ("redirect_uri", REDIRECT),
+                ("client_id", smart.app.as_str()),
+                ("code_verifier", VERIFIER),
+            ]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+            None,
+        )
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let revoked = smart.token("amy", "patient/*.rs", None).await;
+    let reply = smart
+        .post_form(
+            "/auth/revoke",
+            form(&[("token", &revoked), ("client_id", &smart.app)]),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+
+    let mut refusals = Vec::new();
+    for (what, bad) in [
+        ("tampered", tampered.as_str()),
+        ("foreign", foreign.as_str()),
+        ("revoked", revoked.as_str()),
+        ("garbage", "not-a-token"),
+    ] {
+        let reply = smart.get("/fhir/Patient/a", Some(bad)).await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(
+            reply.header("www-authenticate"),
+            Some("Bearer realm=\"haven\", error=\"invalid_token\""),
+            "{what}"
+        );
+        refusals.push(reply.json()["issue"][0]["diagnostics"].clone());
+    }
+    // The body does not say which check failed.
+    assert!(refusals.iter().all(|r| r == &refusals[0]), "{refusals:?}");
+
+    smart.clock.advance(time::Duration::seconds(3601));
+    let reply = smart.get("/fhir/Patient/a", Some(&token)).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "expired");
+    assert_eq!(reply.json()["issue"][0]["diagnostics"], refusals[0]);
+}
+
+#[tokio::test]
+async fn a_patient_signs_in_consents_and_gets_a_token_for_their_own_record() {
+    let smart = spawn().await;
+    let scope =
+        "launch/patient openid fhirUser offline_access patient/Observation.rs patient/Patient.rs";
+    let reply = smart
+        .get(&smart.authorize_url(scope, &[("nonce", "n-1")]), None)
+        .await;
+    assert_eq!(reply.status, StatusCode::SEE_OTHER);
+    let login = reply.location().to_string();
+    assert!(login.starts_with("/auth/login?request="));
+    let request = query_of(&login)["request"].clone();
+
+    let page = smart.get(&login, None).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.text.contains("Growth Chart"));
+    assert!(page.text.contains("name=\"password\""));
+
+    let wrong = smart
+        .post_form(
+            "/auth/login",
+            form(&[
+                ("request", &request),
+                ("username", "amy"),
+                ("password", "wrong"),
+            ]),
+            None,
+        )
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+    assert!(wrong.text.contains("The username or password is wrong."));
+
+    let signed_in = smart
+        .post_form(
+            "/auth/login",
+            form(&[
+                ("request", &request),
+                ("username", "amy"),
+                ("password", PASSWORD),
+            ]),
+            None,
+        )
+        .await;
+    assert_eq!(signed_in.status, StatusCode::SEE_OTHER);
+    let cookie = signed_in.header("set-cookie").unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax") && cookie.contains("Secure")
+    );
+    let session = signed_in.session();
+    let consent = signed_in.location().to_string();
+    assert!(consent.starts_with("/auth/consent?request="), "{consent}");
+
+    // Another browser cannot answer this request.
+    let stranger = smart.get_with_cookie(&consent, "someone-else").await;
+    assert_eq!(stranger.status, StatusCode::FORBIDDEN);
+
+    let page = smart.get_with_cookie(&consent, &session).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(
+        page.text
+            .contains("Read and search your Observation records"),
+        "{}",
+        page.text
+    );
+    assert!(page.text.contains("Shaw"), "the patient is named");
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+
+    // The user unchecks the Patient scope.
+    let approved = smart
+        .post_form(
+            "/auth/consent",
+            form(&[
+                ("request", &request),
+                ("scope", "launch/patient"),
+                ("scope", "openid"),
+                ("scope", "fhirUser"),
+                ("scope", "offline_access"),
+                ("scope", "patient/Observation.rs"),
+                ("decision", "approve"),
+            ]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(approved.status, StatusCode::SEE_OTHER);
+    let back = approved.location().to_string();
+    assert!(back.starts_with(REDIRECT), "{back}");
+    let callback = query_of(&back);
+    assert_eq!(callback["state"], "st-1");
+
+    let reply = smart.exchange(&callback["code"]).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    assert_eq!(reply.header("pragma"), Some("no-cache"));
+    let token = reply.json();
+    assert_eq!(token["token_type"], "Bearer");
+    assert_eq!(token["patient"], "a");
+    assert!(token["expires_in"].as_i64().unwrap() <= 3600);
+    assert!(token["refresh_token"].is_string());
+    let granted = token["scope"].as_str().unwrap();
+    assert!(granted.contains("patient/Observation.rs"));
+    assert!(
+        !granted.contains("patient/Patient.rs"),
+        "the unchecked scope is not granted"
+    );
+    let id_token = token["id_token"].as_str().unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            id_token.split('.').nth(1).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["fhirUser"], format!("{BASE}/Patient/a"));
+    assert_eq!(claims["nonce"], "n-1");
+    assert_eq!(claims["aud"], smart.app);
+
+    let access = token["access_token"].as_str().unwrap();
+    assert_eq!(
+        smart
+            .get("/fhir/Observation/lab-a", Some(access))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // The Patient scope was unchecked.
+    assert_eq!(
+        smart.get("/fhir/Patient/a", Some(access)).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn the_user_can_deny_and_the_app_learns_it_with_its_state() {
+    let smart = spawn().await;
+    let reply = smart
+        .get(&smart.authorize_url("patient/*.rs", &[]), None)
+        .await;
+    let request = query_of(reply.location())["request"].clone();
+    let signed_in = smart
+        .post_form(
+            "/auth/login",
+            form(&[
+                ("request", &request),
+                ("username", "amy"),
+                ("password", PASSWORD),
+            ]),
+            None,
+        )
+        .await;
+    let denied = smart
+        .post_form(
+            "/auth/consent",
+            form(&[("request", &request), ("decision", "deny")]),
+            Some(&signed_in.session()),
+        )
+        .await;
+    let back = query_of(denied.location());
+    assert_eq!(back["error"], "access_denied");
+    assert_eq!(back["state"], "st-1");
+}
+
+#[tokio::test]
+async fn a_practitioner_picks_the_patient_on_the_picker_page() {
+    let smart = spawn().await;
+    let reply = smart
+        .get(
+            &smart.authorize_url("launch/patient patient/*.rs", &[]),
+            None,
+        )
+        .await;
+    let request = query_of(reply.location())["request"].clone();
+    let signed_in = smart
+        .post_form(
+            "/auth/login",
+            form(&[
+                ("request", &request),
+                ("username", "drjones"),
+                ("password", PASSWORD),
+            ]),
+            None,
+        )
+        .await;
+    let session = signed_in.session();
+    let picker = signed_in.location().to_string();
+    assert!(picker.starts_with("/auth/patient?request="), "{picker}");
+    let page = smart.get_with_cookie(&picker, &session).await;
+    assert!(page.text.contains("Pat Shaw") && page.text.contains("Pat Field"));
+    let narrowed = smart
+        .get_with_cookie(&format!("{picker}&q=Field"), &session)
+        .await;
+    assert!(narrowed.text.contains("Pat Field") && !narrowed.text.contains("Pat Shaw"));
+
+    // Consent cannot be given before a patient is chosen.
+    let early = smart
+        .post_form(
+            "/auth/consent",
+            form(&[
+                ("request", &request),
+                ("scope", "patient/*.rs"),
+                ("decision", "approve"),
+            ]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(early.status, StatusCode::BAD_REQUEST);
+
+    let missing = smart
+        .post_form(
+            "/auth/patient",
+            form(&[("request", &request), ("patient", "nobody")]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    let chosen = smart
+        .post_form(
+            "/auth/patient",
+            form(&[("request", &request), ("patient", "b")]),
+            Some(&session),
+        )
+        .await;
+    assert!(chosen.location().starts_with("/auth/consent"));
+    let approved = smart
+        .post_form(
+            "/auth/consent",
+            form(&[
+                ("request", &request),
+                ("scope", "launch/patient"),
+                ("scope", "patient/*.rs"),
+                ("decision", "approve"),
+            ]),
+            Some(&session),
+        )
+        .await;
+    let code = query_of(approved.location())["code"].clone();
+    let token = smart.exchange(&code).await.json();
+    assert_eq!(token["patient"], "b");
+}
+
+#[tokio::test]
+async fn the_ehr_launcher_sends_a_practitioner_to_the_app_with_a_launch_the_server_resolves() {
+    let smart = spawn().await;
+    assert_eq!(
+        smart.get("/auth/launcher", None).await.location(),
+        "/auth/login"
+    );
+    let signed_in = smart
+        .post_form(
+            "/auth/login",
+            form(&[("username", "drjones"), ("password", PASSWORD)]),
+            None,
+        )
+        .await;
+    assert_eq!(signed_in.location(), "/auth/launcher");
+    let session = signed_in.session();
+    let page = smart.get_with_cookie("/auth/launcher", &session).await;
+    assert!(page.text.contains("Growth Chart") && page.text.contains("Pat Shaw"));
+
+    let launched = smart
+        .post_form(
+            "/auth/launcher",
+            form(&[("patient", "a"), ("client_id", &smart.app)]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(launched.status, StatusCode::SEE_OTHER);
+    let at_app = launched.location().to_string();
+    assert!(at_app.starts_with("https://app.test/launch?"), "{at_app}");
+    let params = query_of(&at_app);
+    assert_eq!(params["iss"], BASE);
+
+    // The app's authorization request carries the launch; the practitioner is
+    // already signed in and goes straight to consent.
+    let url = smart.authorize_url(
+        "launch openid fhirUser patient/*.rs",
+        &[("launch", &params["launch"])],
+    );
+    let reply = smart.get_with_cookie(&url, &session).await;
+    let consent = reply.location().to_string();
+    assert!(consent.starts_with("/auth/consent?request="), "{consent}");
+    let request = query_of(&consent)["request"].clone();
+    let approved = smart
+        .post_form(
+            "/auth/consent",
+            form(&[
+                ("request", &request),
+                ("scope", "launch"),
+                ("scope", "patient/*.rs"),
+                ("decision", "approve"),
+            ]),
+            Some(&session),
+        )
+        .await;
+    let token = smart
+        .exchange(&query_of(approved.location())["code"])
+        .await
+        .json();
+    assert_eq!(token["patient"], "a");
+
+    // A patient cannot use the launcher.
+    let patient = smart
+        .post_form(
+            "/auth/login",
+            form(&[("username", "amy"), ("password", PASSWORD)]),
+            None,
+        )
+        .await;
+    let refused = smart
+        .get_with_cookie("/auth/launcher", &patient.session())
+        .await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn an_authorization_request_from_an_unknown_client_or_redirect_gets_a_page_not_a_redirect() {
+    let smart = spawn().await;
+    let unknown = smart
+        .get(
+            &smart
+                .authorize_url("patient/*.rs", &[])
+                .replace(&smart.app, "nobody"),
+            None,
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST);
+    assert!(unknown.header("location").is_none());
+    assert!(unknown.text.contains("not registered"));
+    for redirect in [
+        "https://app.test/callback/",
+        "https://APP.test/callback",
+        "https://app.test/callback?x=1",
+        "https://evil.test/callback",
+    ] {
+        let url = smart.authorize_url("patient/*.rs", &[]).replace(
+            &form(&[("redirect_uri", REDIRECT)]),
+            &form(&[("redirect_uri", redirect)]),
+        );
+        let reply = smart.get(&url, None).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{redirect}");
+        assert!(reply.header("location").is_none(), "{redirect}");
+    }
+}
+
+#[tokio::test]
+async fn authorization_requests_without_s256_pkce_or_for_another_server_are_sent_back_with_an_error(
+) {
+    let smart = spawn().await;
+    let challenge = pkce_s256(VERIFIER);
+    let cases = [
+        (
+            "no challenge",
+            form(&[("code_challenge", &challenge)]),
+            String::new(),
+        ),
+        (
+            "blank challenge",
+            form(&[("code_challenge", &challenge)]),
+            form(&[("code_challenge", " ")]),
+        ),
+        (
+            "plain",
+            form(&[("code_challenge_method", "S256")]),
+            form(&[("code_challenge_method", "plain")]),
+        ),
+        (
+            "other audience",
+            form(&[("aud", BASE)]),
+            form(&[("aud", "https://other.test/fhir")]),
+        ),
+    ];
+    for (what, from, to) in cases {
+        let url = smart.authorize_url("patient/*.rs", &[]).replace(&from, &to);
+        let reply = smart.get(&url, None).await;
+        assert_eq!(reply.status, StatusCode::SEE_OTHER, "{what}");
+        let back = query_of(reply.location());
+        assert!(reply.location().starts_with(REDIRECT), "{what}");
+        assert_eq!(back["error"], "invalid_request", "{what}");
+        assert_eq!(back["state"], "st-1", "{what}");
+    }
+}
+
+#[tokio::test]
+async fn the_token_endpoint_answers_errors_as_oauth_json_and_never_caches() {
+    let smart = spawn().await;
+    let cases = [
+        (
+            form(&[("grant_type", "password"), ("client_id", &smart.app)]),
+            StatusCode::BAD_REQUEST,
+            "unsupported_grant_type",
+        ),
+        (
+            form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", "nobody"),
+                ("code", "x"),
+            ]),
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+        ),
+        (
+            form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", &smart.app),
+                ("code", "forged"),
+            ]),
+            StatusCode::BAD_REQUEST,
+            "invalid_grant",
+        ),
+        (
+            form(&[
+                ("grant_type", "client_credentials"),
+                ("client_assertion_type", "urn:other"),
+                ("client_assertion", "x.y.z"),
+            ]),
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+        ),
+        (
+            "grant_type=authorization_code&grant_type=refresh_token".to_string(),
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        ),
+    ];
+    for (body, status, error) in cases {
+        let reply = smart.post_form("/auth/token", body.clone(), None).await;
+        assert_eq!(reply.status, status, "{body}: {}", reply.text);
+        assert_eq!(reply.json()["error"], error, "{body}");
+        assert_eq!(reply.header("cache-control"), Some("no-store"));
+    }
+    let json = smart
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/auth/token")
+                .header("content-type", "application/json")
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(json.status, StatusCode::BAD_REQUEST);
+    assert_eq!(json.json()["error"], "invalid_request");
+}
+
+#[tokio::test]
+async fn a_replayed_code_is_refused_and_revokes_the_tokens_it_gave() {
+    let smart = spawn().await;
+    let code = smart
+        .code_for("amy", "patient/*.rs offline_access", None)
+        .await;
+    let first = smart.exchange(&code).await.json();
+    let access = first["access_token"].as_str().unwrap();
+    assert_eq!(
+        smart.get("/fhir/Patient/a", Some(access)).await.status,
+        StatusCode::OK
+    );
+    let replay = smart.exchange(&code).await;
+    assert_eq!(replay.status, StatusCode::BAD_REQUEST);
+    assert_eq!(replay.json()["error"], "invalid_grant");
+    assert_eq!(
+        smart.get("/fhir/Patient/a", Some(access)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn a_patient_token_sees_only_its_own_patient() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/*.rs", None).await;
+    let t = Some(token.as_str());
+    assert_eq!(smart.get("/fhir/Patient/a", t).await.status, StatusCode::OK);
+    for path in [
+        "/fhir/Patient/b",
+        "/fhir/Observation/lab-b",
+        "/fhir/Observation?patient=b",
+        "/fhir/Observation?subject=Patient/b",
+        "/fhir/Patient?_id=b",
+        "/fhir/Observation/lab-b/_history/1",
+        "/fhir/Observation/lab-b/_history",
+    ] {
+        let reply = smart.get(path, t).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{path}: {}",
+            reply.text
+        );
+        assert_eq!(reply.json()["resourceType"], "OperationOutcome");
+        assert_eq!(reply.json()["issue"][0]["code"], "forbidden");
+    }
+    // Searches, totals and history count only the patient's own data.
+    let all = smart
+        .get("/fhir/Observation?_total=accurate", t)
+        .await
+        .json();
+    assert_eq!(Smart::ids(&all), ["lab-a", "vit-a"]);
+    assert_eq!(all["total"], 2);
+    let history = smart.get("/fhir/Observation/_history", t).await.json();
+    assert_eq!(Smart::ids(&history), ["lab-a", "vit-a"]);
+    let system = smart.get("/fhir/_history", t).await.json();
+    assert_eq!(Smart::ids(&system), ["a", "con-a", "lab-a", "vit-a"]);
+    let own = smart.get("/fhir/Observation?patient=a", t).await;
+    assert_eq!(own.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_patient_users_user_scopes_are_confined_to_their_own_record() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "user/*.rs", None).await;
+    let t = Some(token.as_str());
+    assert_eq!(smart.get("/fhir/Patient/a", t).await.status, StatusCode::OK);
+    assert_eq!(
+        smart.get("/fhir/Patient/b", t).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[tokio::test]
+async fn an_observation_scope_does_not_reach_conditions() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/Observation.rs", None).await;
+    let t = Some(token.as_str());
+    assert_eq!(
+        smart.get("/fhir/Observation/lab-a", t).await.status,
+        StatusCode::OK
+    );
+    for path in [
+        "/fhir/Condition/con-a",
+        "/fhir/Condition?patient=a",
+        "/fhir/Condition/_history",
+    ] {
+        let reply = smart.get(path, t).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(reply.json()["issue"][0]["code"], "forbidden");
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_scope_can_neither_put_nor_delete() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/*.rs", None).await;
+    let changed = observation("lab-a", "a", "laboratory");
+    let put = smart
+        .send_json(Method::PUT, "/fhir/Observation/lab-a", &token, &changed)
+        .await;
+    assert_eq!(put.status, StatusCode::FORBIDDEN);
+    let delete = smart
+        .send(
+            Request::builder()
+                .method(Method::DELETE)
+                .uri("/fhir/Observation/lab-a")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(delete.status, StatusCode::FORBIDDEN);
+    let current = smart
+        .store
+        .read("Observation", "lab-a")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(current.version, 1, "nothing was written");
+}
+
+#[tokio::test]
+async fn a_write_scope_cannot_write_into_another_patients_record() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/Observation.cruds", None).await;
+    let own = smart
+        .send_json(
+            Method::POST,
+            "/fhir/Observation",
+            &token,
+            &observation("x", "a", "laboratory"),
+        )
+        .await;
+    assert_eq!(own.status, StatusCode::CREATED, "{}", own.text);
+    let theirs = smart
+        .send_json(
+            Method::POST,
+            "/fhir/Observation",
+            &token,
+            &observation("x", "b", "laboratory"),
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::FORBIDDEN);
+    // Moving an own Observation to another patient is refused too.
+    let moved = smart
+        .send_json(
+            Method::PUT,
+            "/fhir/Observation/lab-a",
+            &token,
+            &observation("lab-a", "b", "laboratory"),
+        )
+        .await;
+    assert_eq!(moved.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_laboratory_scope_reads_laboratory_results_only() {
+    let smart = spawn().await;
+    let token = smart
+        .token("amy", "patient/Observation.rs?category=laboratory", None)
+        .await;
+    let t = Some(token.as_str());
+    assert_eq!(
+        smart.get("/fhir/Observation/lab-a", t).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        smart.get("/fhir/Observation/vit-a", t).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let found = smart
+        .get("/fhir/Observation?_total=accurate", t)
+        .await
+        .json();
+    assert_eq!(Smart::ids(&found), ["lab-a"]);
+    assert_eq!(found["total"], 1);
+}
+
+#[tokio::test]
+async fn a_transaction_with_one_entry_outside_the_scopes_commits_nothing() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/Observation.cruds", None).await;
+    for outside in [
+        json!({"resourceType": "Condition", "subject": {"reference": "Patient/a"}}),
+        observation("z", "b", "laboratory"),
+    ] {
+        let bundle = json!({
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {"resource": observation("y", "a", "laboratory"), "request": {"method": "POST", "url": "Observation"}},
+                {"resource": outside.clone(), "request": {"method": "POST", "url": outside["resourceType"].as_str().unwrap()}}
+            ]
+        });
+        let reply = smart
+            .send_json(Method::POST, "/fhir", &token, &bundle)
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
+        let counts = smart.store.count_by_type().await.unwrap();
+        let observations = counts.iter().find(|(t, _)| t == "Observation").unwrap().1;
+        assert_eq!(observations, 4, "nothing was committed");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_answers_each_entry_by_its_own_scope() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/Observation.rs", None).await;
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": "Observation/lab-a"}},
+            {"request": {"method": "GET", "url": "Condition/con-a"}},
+            {"request": {"method": "GET", "url": "Observation/lab-b"}}
+        ]
+    });
+    let reply = smart
+        .send_json(Method::POST, "/fhir", &token, &bundle)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let statuses: Vec<_> = reply.json()["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["response"]["status"].as_str().unwrap().to_string())
+        .collect();
+    assert!(statuses[0].starts_with("200"), "{statuses:?}");
+    assert!(statuses[1].starts_with("403"), "{statuses:?}");
+    assert!(statuses[2].starts_with("403"), "{statuses:?}");
+}
+
+#[tokio::test]
+async fn refresh_tokens_rotate_and_a_reused_one_revokes_the_family() {
+    let smart = spawn().await;
+    let first = smart
+        .exchange(
+            &smart
+                .code_for("amy", "patient/*.rs offline_access", None)
+                .await,
+        )
+        .await
+        .json();
+    let refresh = |token: &str, scope: Option<&str>| {
+        let mut pairs = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", token),
+            ("client_id", smart.app.as_str()),
+        ];
+        if let Some(scope) = scope {
+            pairs.push(("scope", scope));
+        }
+        form(&pairs)
+    };
+    let old = first["refresh_token"].as_str().unwrap();
+    let wider = smart
+        .post_form("/auth/token", refresh(old, Some("patient/*.cruds")), None)
+        .await;
+    assert_eq!(wider.status, StatusCode::BAD_REQUEST);
+    assert_eq!(wider.json()["error"], "invalid_scope");
+
+    let second = smart
+        .post_form(
+            "/auth/token",
+            refresh(old, Some("patient/Observation.rs")),
+            None,
+        )
+        .await;
+    assert_eq!(second.status, StatusCode::OK, "{}", second.text);
+    let second = second.json();
+    assert_eq!(second["scope"], "patient/Observation.rs");
+    let newer = second["refresh_token"].as_str().unwrap();
+    assert_ne!(newer, old);
+    let access = second["access_token"].as_str().unwrap();
+    assert_eq!(
+        smart
+            .get("/fhir/Observation/lab-a", Some(access))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let reused = smart
+        .post_form("/auth/token", refresh(old, None), None)
+        .await;
+    assert_eq!(reused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(reused.json()["error"], "invalid_grant");
+    // The whole family is gone: the newest refresh token and its access token.
+    let after = smart
+        .post_form("/auth/token", refresh(newer, None), None)
+        .await;
+    assert_eq!(after.json()["error"], "invalid_grant");
+    assert_eq!(
+        smart
+            .get("/fhir/Observation/lab-a", Some(access))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_the_sign_in_for_a_while() {
+    let smart = spawn().await;
+    for _ in 0..5 {
+        let reply = smart
+            .post_form(
+                "/auth/login",
+                form(&[("username", "amy"), ("password", "guess")]),
+                None,
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    }
+    let locked = smart
+        .post_form(
+            "/auth/login",
+            form(&[("username", "amy"), ("password", PASSWORD)]),
+            None,
+        )
+        .await;
+    assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(locked.header("retry-after").is_some());
+    smart.clock.advance(time::Duration::minutes(1));
+    let later = smart
+        .post_form(
+            "/auth/login",
+            form(&[("username", "amy"), ("password", PASSWORD)]),
+            None,
+        )
+        .await;
+    assert_eq!(later.status, StatusCode::SEE_OTHER);
+}
+
+#[tokio::test]
+async fn dynamic_registration_needs_an_initial_access_token_used_once() {
+    let smart = spawn().await;
+    let metadata = json!({
+        "client_name": "Registered App",
+        "redirect_uris": ["https://registered.test/cb"],
+        "token_endpoint_auth_method": "client_secret_basic",
+        "scope": "patient/*.rs openid"
+    });
+    let post = |token: Option<String>| {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri("/auth/register")
+            .header("content-type", "application/json");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        request.body(Body::from(metadata.to_string())).unwrap()
+    };
+    let anonymous = smart.send(post(None)).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(anonymous.json()["error"], "invalid_token");
+    let initial = smart
+        .server
+        .issue_registration_token(time::Duration::hours(1))
+        .await
+        .unwrap();
+    let created = smart.send(post(Some(initial.clone()))).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let client = created.json();
+    assert!(client["client_id"].is_string());
+    assert!(client["client_secret"].is_string());
+    assert_eq!(client["token_endpoint_auth_method"], "client_secret_basic");
+    let again = smart.send(post(Some(initial))).await;
+    assert_eq!(again.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn introspection_tells_an_authenticated_client_what_a_token_allows() {
+    let smart = spawn().await;
+    let (resource_server, secret) = smart
+        .server
+        .add_client(ClientSpec {
+            name: "Resource server".into(),
+            redirect_uris: vec!["https://rs.test/cb".into()],
+            scopes: "openid".into(),
+            auth: Some(ClientAuth::ClientSecretBasic),
+            ..ClientSpec::default()
+        })
+        .await
+        .unwrap();
+    let secret = secret.unwrap();
+    let token = smart
+        .token("amy", "patient/*.rs fhirUser openid", None)
+        .await;
+    let basic = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{}:{secret}", resource_server.client_id),
+    );
+    let introspect = |token: &str, auth: Option<&str>| {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri("/auth/introspect")
+            .header("content-type", "application/x-www-form-urlencoded");
+        if let Some(auth) = auth {
+            request = request.header("authorization", format!("Basic {auth}"));
+        }
+        request.body(Body::from(form(&[("token", token)]))).unwrap()
+    };
+    let active = smart.send(introspect(&token, Some(&basic))).await.json();
+    assert_eq!(active["active"], true);
+    assert_eq!(active["patient"], "a");
+    assert_eq!(active["client_id"], smart.app);
+    assert_eq!(active["sub"], "amy");
+    assert_eq!(active["fhirUser"], format!("{BASE}/Patient/a"));
+    assert!(active["exp"].is_i64());
+    assert!(active["scope"].as_str().unwrap().contains("patient/*.rs"));
+    let inactive = smart.send(introspect("garbage", Some(&basic))).await.json();
+    assert_eq!(inactive, json!({"active": false}));
+    let anonymous = smart.send(introspect(&token, None)).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(anonymous.json()["error"], "invalid_client");
+}
