@@ -196,7 +196,7 @@ impl Haven {
         std::fs::write(&jwks_file, key.jwks().to_string())?;
         let data_dir = self.data_dir.display().to_string();
         let jwks = jwks_file.display().to_string();
-        let output = run_haven(&[
+        let mut args = vec![
             "clients",
             "add",
             "--data-dir",
@@ -212,7 +212,12 @@ impl Haven {
             "Haven tests",
             "--contact",
             "tests@haven.invalid",
-        ])?;
+        ];
+        // The command must write where the server reads.
+        if let Some(url) = &self.database_url {
+            args.extend(["--database-url", url.as_str()]);
+        }
+        let output = run_haven(&args)?;
         if !output.status.success() {
             bail!(
                 "haven clients add failed: {}",
@@ -244,7 +249,10 @@ impl Haven {
             scope,
             self.client(),
         );
-        Ok(client.access_token().await?)
+        client
+            .access_token()
+            .await
+            .with_context(|| format!("getting a token; the server's log:\n{}", self.log()))
     }
 }
 

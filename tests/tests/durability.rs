@@ -92,6 +92,8 @@ async fn acknowledged_creates_survive_a_kill(database_url: Option<String>) {
     .await
     .unwrap();
     let client = restarted.client();
+    // The restart binds another port, so its FHIR base (the tokens' audience) changed.
+    let token = restarted.system_token("system/*.rs").await.unwrap();
     let mut lost = Vec::new();
     for id in &ids {
         let response = client

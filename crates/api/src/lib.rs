@@ -132,6 +132,41 @@ impl AppState {
     }
 }
 
+/// Browser apps on other origins call the FHIR API and the token endpoint with
+/// bearer tokens, never cookies, so any origin may; preflights are answered here.
+fn cors() -> tower_http::cors::CorsLayer {
+    use http::{header, HeaderName, Method};
+    tower_http::cors::CorsLayer::new()
+        .allow_origin(tower_http::cors::Any)
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            header::IF_MODIFIED_SINCE,
+            HeaderName::from_static("if-none-exist"),
+            HeaderName::from_static("prefer"),
+            HeaderName::from_static(pipeline::REQUEST_ID),
+        ])
+        .expose_headers([
+            header::LOCATION,
+            header::CONTENT_LOCATION,
+            header::ETAG,
+            header::LAST_MODIFIED,
+            HeaderName::from_static(pipeline::REQUEST_ID),
+        ])
+        .max_age(std::time::Duration::from_secs(3600))
+}
+
 /// The whole application: `/fhir/...` and nothing else yet. Every request,
 /// including unknown paths, is answered by the pipeline, so even a 404 is an
 /// OperationOutcome with a request id.
@@ -145,8 +180,11 @@ pub fn router(state: AppState) -> axum::Router {
     let fhir = axum::Router::new()
         .fallback(pipeline::handle)
         .with_state(state);
-    auth_routes
-        .map_or(fhir.clone(), |routes| routes.merge(fhir))
+    let app = match auth_routes {
+        Some(routes) => routes.merge(fhir),
+        None => fhir,
+    };
+    app.layer(cors())
         // A bug must still get a FHIR answer, never a dropped connection; the
         // transaction it was in rolls back when its task unwinds.
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(

@@ -1385,3 +1385,29 @@ async fn introspection_tells_an_authenticated_client_what_a_token_allows() {
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     assert_eq!(anonymous.json()["error"], "invalid_client");
 }
+
+#[tokio::test]
+async fn browser_apps_on_other_origins_may_call_the_api_with_a_bearer_token() {
+    let smart = spawn().await;
+    let preflight = smart
+        .send(
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri("/fhir/Observation")
+                .header("origin", "https://app.test")
+                .header("access-control-request-method", "GET")
+                .header("access-control-request-headers", "authorization")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert!(preflight.status.is_success());
+    assert_eq!(preflight.header("access-control-allow-origin"), Some("*"));
+    assert!(preflight
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
+    assert!(preflight
+        .header("access-control-allow-credentials")
+        .is_none());
+}

@@ -209,6 +209,8 @@ struct Refresh<'a> {
     scopes: &'a ScopeSet,
     /// Unix seconds; `None` starts a full lifetime.
     expires_at: Option<i64>,
+    /// The sign-in session an `online_access` token is bound to.
+    session: Option<String>,
 }
 
 /// Claims of Haven's access tokens.
@@ -283,6 +285,9 @@ struct CodeRecord {
     used: bool,
     /// Unix seconds; the code works for one code lifetime from here.
     issued_at: i64,
+    /// The hash of the sign-in session that approved it.
+    #[serde(default)]
+    session: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,6 +300,9 @@ struct RefreshRecord {
     used: bool,
     /// Unix seconds.
     expires_at: i64,
+    /// For `online_access`: the sign-in session it lives no longer than.
+    #[serde(default)]
+    session: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -521,7 +529,7 @@ impl AuthServer {
         if auth == ClientAuth::PrivateKeyJwt {
             match (&spec.jwks, &spec.jwks_uri) {
                 (Some(jwks), None) => {
-                    if !jwks["keys"].as_array().is_some_and(|k| !k.is_empty()) {
+                    if jwks["keys"].as_array().is_none_or(|k| k.is_empty()) {
                         return Err(invalid("the JWKS has no keys"));
                     }
                 }
@@ -1127,6 +1135,7 @@ impl AuthServer {
             grant,
             used: false,
             issued_at: self.now().unix_timestamp(),
+            session: pending.session.clone(),
         };
         let value = serde_json::to_value(&record).map_err(|_| OAuthError::server_error())?;
         // The record outlives the code a little, so a late replay is still recognised.
@@ -1499,6 +1508,7 @@ impl AuthServer {
             Some(Refresh {
                 scopes: &record.scopes,
                 expires_at: None,
+                session: record.session.clone(),
             }),
         )
         .await
@@ -1606,6 +1616,7 @@ impl AuthServer {
                 grant: grant.to_string(),
                 used: false,
                 expires_at,
+                session: refresh.session,
             };
             self.records()
                 .put(
@@ -1656,6 +1667,21 @@ impl AuthServer {
         if self.grant_revoked(&record.grant).await.unwrap_or(true) {
             return Err(OAuthError::invalid_grant("the grant was revoked"));
         }
+        // SMART `online_access`: refreshing works only while the user stays signed in.
+        if !record.scopes.has(&Scope::OfflineAccess) {
+            let signed_in = match &record.session {
+                Some(session) => self
+                    .records()
+                    .get(kind::SESSION, session)
+                    .await
+                    .map_err(storage_failed)?
+                    .is_some(),
+                None => false,
+            };
+            if !signed_in {
+                return Err(OAuthError::invalid_grant("the user's sign-in has ended"));
+            }
+        }
         let scopes = match param(form, "scope") {
             Some(text) => {
                 let asked = ScopeSet::parse(text);
@@ -1700,6 +1726,7 @@ impl AuthServer {
                 Some(Refresh {
                     scopes: &record.scopes,
                     expires_at: Some(record.expires_at),
+                    session: record.session.clone(),
                 }),
             )
             .await?;

@@ -907,3 +907,46 @@ async fn a_practitioner_asking_for_launch_patient_must_choose_a_patient_before_a
         .expect("tokens");
     assert_eq!(response["patient"], PATIENT);
 }
+
+#[tokio::test]
+async fn an_online_access_refresh_token_works_only_while_the_user_stays_signed_in() {
+    let h = harness().await;
+    let app = public_app(&h).await;
+    h.server
+        .add_user(
+            "dana",
+            "a long enough password",
+            Role::Practitioner,
+            Some("Practitioner/d1".into()),
+            None,
+        )
+        .await
+        .unwrap();
+    let (cookie, user) = h
+        .server
+        .login("dana", "a long enough password", "127.0.0.1")
+        .await
+        .unwrap();
+    let params = authorize_params(&app, "launch/patient patient/*.rs online_access");
+    let pending = h.server.begin_authorization(&params).await.unwrap();
+    let pending = h.server.attach_user(pending, &user, &cookie).await.unwrap();
+    let pending = h.server.choose_patient(pending, PATIENT).await.unwrap();
+    let url = h
+        .server
+        .approve(&pending, &pending.scopes.clone())
+        .await
+        .unwrap();
+    let code = query(&url)["code"].clone();
+    let tokens = h.server.token(&exchange(&app, &code), None).await.unwrap();
+    let first = tokens["refresh_token"].as_str().unwrap().to_string();
+
+    let rotated = h.server.token(&refresh(&app, &first), None).await.unwrap();
+    let second = rotated["refresh_token"].as_str().unwrap().to_string();
+
+    h.server.logout(&cookie).await;
+    refused(
+        h.server.token(&refresh(&app, &second), None).await,
+        400,
+        "invalid_grant",
+    );
+}
