@@ -27,7 +27,7 @@ pub enum ContentRule {
 }
 
 impl ContentRule {
-    fn admits(&self, resource: &Value) -> bool {
+    pub fn admits(&self, resource: &Value) -> bool {
         match self {
             ContentRule::Unrestricted => true,
             ContentRule::Only(filter) => filter.admits(resource),
@@ -51,9 +51,8 @@ impl ContentGuard for Unguarded {
 }
 
 fn refused(resource_type: &str, id: &str, what: &str) -> StoreError {
-    StoreError::Refused(format!(
-        "the access token does not allow {what} {resource_type}/{id}"
-    ))
+    tracing::debug!(resource_type, id, what, "refused by the request's guard");
+    StoreError::Refused(crate::smart::REFUSED.into())
 }
 
 /// Adds the guard's filter to a query's own (both must admit).
@@ -67,19 +66,20 @@ fn combine(own: Option<ContentFilter>, rule: ContentRule) -> Option<ContentFilte
     }
 }
 
-/// Reading a version: its content must be readable; deletions carry none.
+/// Reading a version: its content must be readable. A deletion carries no
+/// content to judge, so a restricted caller is told nothing about it.
 fn check_read(
     guard: &dyn ContentGuard,
     version: Option<ResourceVersion>,
 ) -> Result<Option<ResourceVersion>> {
-    if let Some(v) = &version {
-        if let Some(resource) = &v.resource {
-            if !guard.rule(Permission::Read).admits(resource) {
-                return Err(refused(&v.resource_type, &v.id, "reading"));
-            }
+    let rule = guard.rule(Permission::Read);
+    match version.as_ref().map(|v| (v, &v.resource)) {
+        Some((v, Some(resource))) if !rule.admits(resource) => {
+            Err(refused(&v.resource_type, &v.id, "reading"))
         }
+        Some((_, None)) if matches!(rule, ContentRule::Only(_)) => Ok(None),
+        _ => Ok(version),
     }
-    Ok(version)
 }
 
 #[derive(Debug)]

@@ -29,6 +29,14 @@ use time::Duration;
 use crate::pages::{self, AppChoice, PatientChoice, ScopeChoice};
 
 const SESSION_COOKIE: &str = "haven_session";
+/// The double-submit token of the sign-in form (login CSRF).
+const CSRF_COOKIE: &str = "haven_csrf";
+
+/// The cookie holding the secret that binds a pending request to its browser.
+fn request_cookie(pending_id: &str) -> String {
+    let short: String = pending_id.chars().take(12).collect();
+    format!("haven_req_{short}")
+}
 
 /// What the auth routes need.
 #[derive(Clone)]
@@ -51,6 +59,7 @@ pub(crate) fn routes(state: AuthState) -> Router {
         .route("/auth/jwks", get(jwks))
         .route("/auth/authorize", get(authorize).post(authorize))
         .route("/auth/login", get(login_form).post(login))
+        .route("/auth/logout", axum::routing::post(logout))
         .route("/auth/patient", get(patient_picker).post(choose_patient))
         .route("/auth/consent", get(consent_form).post(consent))
         .route("/auth/launcher", get(launcher).post(launch))
@@ -153,6 +162,10 @@ const LOGIN_RATE: Rate = Rate {
     requests: 30,
     window: Duration::minutes(1),
 };
+const AUTHORIZE_RATE: Rate = Rate {
+    requests: 60,
+    window: Duration::minutes(1),
+};
 const REGISTER_RATE: Rate = Rate {
     requests: 10,
     window: Duration::minutes(1),
@@ -243,6 +256,14 @@ fn discovery(body: Value) -> Response {
 
 async fn authorize(State(state): State<AuthState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    if let Err(wait) =
+        state
+            .server
+            .rate
+            .check("authorize", &remote(&parts.extensions), AUTHORIZE_RATE)
+    {
+        return too_many(wait, false);
+    }
     let raw = if parts.method == Method::POST {
         match axum::body::to_bytes(body, 64 * 1024).await {
             Ok(bytes) => pairs(&bytes),
@@ -260,7 +281,18 @@ async fn authorize(State(state): State<AuthState>, request: Request) -> Response
         Err(AuthorizeError::Page(message)) => return error_page(StatusCode::BAD_REQUEST, &message),
         Err(AuthorizeError::Redirect(location)) => return redirect(&location),
     };
+    let (pending, browser) = match state.server.bind_browser(pending).await {
+        Ok(bound) => bound,
+        Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &e.description),
+    };
+    let binding = cookie_header(
+        &state,
+        &request_cookie(&pending.id),
+        &browser,
+        state.server.config().pending_lifetime.whole_seconds(),
+    );
     // Signed in already (the EHR launcher, or an earlier app): skip the sign-in page.
+    let mut response = None;
     if let Some(session) = cookie(&parts.headers, SESSION_COOKIE) {
         if let Some(user) = state.server.session_user(&session).await {
             if pending
@@ -268,11 +300,14 @@ async fn authorize(State(state): State<AuthState>, request: Request) -> Response
                 .as_deref()
                 .is_none_or(|u| u == user.username)
             {
-                return continue_with(&state, pending, &user, &session).await;
+                response = Some(continue_with(&state, pending.clone(), &user, &session).await);
             }
         }
     }
-    redirect(&format!("/auth/login?request={}", pending.id))
+    let mut response =
+        response.unwrap_or_else(|| redirect(&format!("/auth/login?request={}", pending.id)));
+    response.headers_mut().append(header::SET_COOKIE, binding);
+    response
 }
 
 /// After sign-in: bind the request to the user and go to the next page.
@@ -312,23 +347,46 @@ async fn login_form(
         },
         None => None,
     };
-    html(
-        StatusCode::OK,
-        pages::login_page(request, app.as_deref(), None),
-    )
+    login_page(&state, StatusCode::OK, request, app.as_deref(), None)
 }
 
-fn session_cookie(state: &AuthState, value: &str) -> HeaderValue {
+/// The sign-in page with a fresh double-submit token in a cookie and the form.
+fn login_page(
+    state: &AuthState,
+    status: StatusCode,
+    request: Option<&str>,
+    app: Option<&str>,
+    error: Option<&str>,
+) -> Response {
+    let csrf = haven_auth::registry::random_token(24);
+    let mut response = html(status, pages::login_page(request, app, error, &csrf));
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        cookie_header(state, CSRF_COOKIE, &csrf, 3600),
+    );
+    response
+}
+
+/// A cookie for the auth pages only, out of reach of scripts.
+fn cookie_header(state: &AuthState, name: &str, value: &str, max_age: i64) -> HeaderValue {
     let secure = if state.server.config().fhir_base.starts_with("https://") {
         "; Secure"
     } else {
         ""
     };
-    let max_age = state.server.config().session_lifetime.whole_seconds();
     HeaderValue::from_str(&format!(
-        "{SESSION_COOKIE}={value}; Path=/auth; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+        "{name}={value}; Path=/auth; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
     ))
     .unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn session_cookie(state: &AuthState, value: &str) -> HeaderValue {
+    cookie_header(
+        state,
+        SESSION_COOKIE,
+        value,
+        state.server.config().session_lifetime.whole_seconds(),
+    )
 }
 
 async fn login(State(state): State<AuthState>, request: Request) -> Response {
@@ -341,6 +399,17 @@ async fn login(State(state): State<AuthState>, request: Request) -> Response {
         return error_page(StatusCode::BAD_REQUEST, "The form could not be read.");
     };
     let form: HashMap<String, String> = pairs(&bytes).into_iter().collect();
+    // Login CSRF: the form's token must equal the cookie set with the form.
+    let csrf_ok = matches!(
+        (form.get("csrf"), cookie(&parts.headers, CSRF_COOKIE)),
+        (Some(field), Some(jar)) if !field.is_empty() && *field == jar
+    );
+    if !csrf_ok {
+        return error_page(
+            StatusCode::FORBIDDEN,
+            "This sign-in form has expired. Reload the page and try again.",
+        );
+    }
     let username = form.get("username").map(String::as_str).unwrap_or_default();
     let password = form.get("password").map(String::as_str).unwrap_or_default();
     let request_id = form.get("request").map(String::as_str);
@@ -356,6 +425,16 @@ async fn login(State(state): State<AuthState>, request: Request) -> Response {
         },
         None => None,
     };
+    // Only the browser that made the request may sign in to it.
+    if let Some(p) = &pending {
+        let secret = cookie(&parts.headers, &request_cookie(&p.id));
+        if !state.server.from_browser(p, secret.as_deref()) {
+            return error_page(
+                StatusCode::FORBIDDEN,
+                "This request was started in another browser. Start again from the app.",
+            );
+        }
+    }
     let app = pending.as_ref().map(|p| p.client_name.clone());
     match state.server.login(username, password, &address).await {
         Ok((session, user)) => {
@@ -368,13 +447,12 @@ async fn login(State(state): State<AuthState>, request: Request) -> Response {
                 .append(header::SET_COOKIE, session_cookie(&state, &session));
             response
         }
-        Err(LoginError::Invalid) => html(
+        Err(LoginError::Invalid) => login_page(
+            &state,
             StatusCode::UNAUTHORIZED,
-            pages::login_page(
-                request_id,
-                app.as_deref(),
-                Some("The username or password is wrong."),
-            ),
+            request_id,
+            app.as_deref(),
+            Some("The username or password is wrong."),
         ),
         Err(LoginError::Throttled(wait)) => too_many(wait, false),
         Err(LoginError::Unavailable) => error_page(
@@ -401,7 +479,10 @@ async fn owned_pending(
         None => return Err(expired()),
     };
     let session = cookie(headers, SESSION_COOKIE).unwrap_or_default();
-    if !state.server.owns(&pending, &session) {
+    let browser = cookie(headers, &request_cookie(&pending.id));
+    if !state.server.owns(&pending, &session)
+        || !state.server.from_browser(&pending, browser.as_deref())
+    {
         return Err(error_page(
             StatusCode::FORBIDDEN,
             "This request belongs to another sign-in.",
@@ -414,6 +495,19 @@ async fn owned_pending(
         )
     })?;
     Ok((pending, user))
+}
+
+/// Ends the browser's sign-in; `online_access` refresh tokens end with it.
+async fn logout(State(state): State<AuthState>, headers: HeaderMap) -> Response {
+    if let Some(session) = cookie(&headers, SESSION_COOKIE) {
+        state.server.logout(&session).await;
+    }
+    let mut response = redirect("/auth/login");
+    response.headers_mut().append(
+        header::SET_COOKIE,
+        cookie_header(&state, SESSION_COOKIE, "", 0),
+    );
+    response
 }
 
 /// Patients for the picker and the launcher, optionally by name.

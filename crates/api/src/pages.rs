@@ -49,7 +49,12 @@ pub(crate) fn error_page(message: &str) -> String {
     )
 }
 
-pub(crate) fn login_page(request: Option<&str>, app: Option<&str>, error: Option<&str>) -> String {
+pub(crate) fn login_page(
+    request: Option<&str>,
+    app: Option<&str>,
+    error: Option<&str>,
+    csrf: &str,
+) -> String {
     let mut body = String::from("<h1>Sign in to Haven</h1>");
     if let Some(app) = app {
         let _ = write!(
@@ -65,7 +70,12 @@ pub(crate) fn login_page(request: Option<&str>, app: Option<&str>, error: Option
             escape(error)
         );
     }
-    body.push_str("<form method=\"post\" action=\"/auth/login\">");
+    let _ = write!(
+        body,
+        "<form method=\"post\" action=\"/auth/login\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        escape(csrf)
+    );
     if let Some(request) = request {
         let _ = write!(
             body,

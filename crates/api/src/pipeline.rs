@@ -233,6 +233,16 @@ pub(crate) struct Gate<'a> {
 }
 
 impl Gate<'_> {
+    /// Whether the caller may read this content (for reads made inside a
+    /// write transaction, whose store allows what may be changed).
+    pub fn may_read(&self, resource: &serde_json::Value) -> bool {
+        self.stages
+            .authorizer
+            .guard(self.principal)
+            .rule(haven_auth::scope::Permission::Read)
+            .admits(resource)
+    }
+
     pub async fn admit(&self, what: &Interaction) -> Result<AccessDecision, ApiError> {
         self.stages
             .authorizer

@@ -63,8 +63,12 @@ impl Authenticator for SmartAuthenticator {
 #[derive(Debug, Clone, Default)]
 pub struct SmartAuthorizer;
 
-fn forbidden(message: impl Into<String>) -> ApiError {
-    ApiError::Forbidden(message.into())
+/// The one refusal text: it does not say which check failed.
+pub(crate) const REFUSED: &str = "the access token does not allow this request";
+
+fn forbidden(reason: impl Into<String>) -> ApiError {
+    tracing::debug!(reason = %reason.into(), "refused by the token's scopes");
+    ApiError::Forbidden(REFUSED.into())
 }
 
 fn permission_word(permission: Permission) -> &'static str {
@@ -306,11 +310,18 @@ fn admits(
         .grants_for(resource_type, permission)
         .iter()
         .any(|grant| {
-            let in_compartment = match grant.context {
-                Context::Patient => {
+            let in_compartment = match (grant.context, permission) {
+                // Reading: anything in the patient's compartment.
+                (Context::Patient, Permission::Read | Permission::Search) => {
                     patient.is_some_and(|p| search_value::in_patient_compartment(resource, p))
                 }
-                Context::User | Context::System => true,
+                // Writing: every patient the resource names must be the one in
+                // context, or a write could put data into another patient's chart.
+                (Context::Patient, _) => patient.is_some_and(|p| {
+                    let patients = search_value::patient_compartments(resource);
+                    !patients.is_empty() && patients.iter().all(|named| named == p)
+                }),
+                (Context::User | Context::System, _) => true,
             };
             // A restriction that cannot be evaluated refuses (fail closed).
             in_compartment

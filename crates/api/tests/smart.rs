@@ -41,6 +41,8 @@ struct Smart {
     server: Arc<AuthServer>,
     /// A public app allowed patient, user and launch scopes.
     app: String,
+    /// The cookies of the one browser the test plays.
+    jar: std::sync::Mutex<Vec<(String, String)>>,
     _dir: TempDir,
 }
 
@@ -125,6 +127,7 @@ async fn spawn() -> Smart {
         clock,
         server,
         app: app.client_id,
+        jar: std::sync::Mutex::new(Vec::new()),
         _dir: dir,
     };
     smart.seed().await;
@@ -203,10 +206,59 @@ impl Smart {
             .unwrap();
     }
 
-    async fn send(&self, request: Request<Body>) -> Reply {
+    /// Sends a request as the browser would: with its cookies (cookies the
+    /// request names itself win), keeping the cookies the answer sets.
+    async fn send(&self, mut request: Request<Body>) -> Reply {
+        {
+            let jar = self.jar.lock().unwrap();
+            let explicit: Vec<(String, String)> = request
+                .headers()
+                .get("cookie")
+                .and_then(|v| v.to_str().ok())
+                .map(|v| {
+                    v.split(';')
+                        .filter_map(|c| c.trim().split_once('='))
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let mut cookies = explicit.clone();
+            for (name, value) in jar.iter() {
+                if !explicit.iter().any(|(k, _)| k == name) {
+                    cookies.push((name.clone(), value.clone()));
+                }
+            }
+            if !cookies.is_empty() {
+                let header = cookies
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                request
+                    .headers_mut()
+                    .insert("cookie", header.parse().unwrap());
+            }
+        }
         let response = self.router.clone().oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
+        {
+            let mut jar = self.jar.lock().unwrap();
+            for set in headers
+                .get_all("set-cookie")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+            {
+                let Some((name, value)) = set.split(';').next().and_then(|c| c.split_once('='))
+                else {
+                    continue;
+                };
+                jar.retain(|(k, _)| k != name);
+                if !set.contains("Max-Age=0") {
+                    jar.push((name.to_string(), value.to_string()));
+                }
+            }
+        }
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         Reply {
             status,
@@ -243,6 +295,35 @@ impl Smart {
             request = request.header("cookie", format!("haven_session={session}"));
         }
         self.send(request.body(Body::from(body)).unwrap()).await
+    }
+
+    /// Signs in through the form, as a browser does: load it, then post it
+    /// with its hidden fields.
+    async fn login(&self, fields: &[(&str, &str)]) -> Reply {
+        let request = fields
+            .iter()
+            .find(|(k, _)| *k == "request")
+            .map(|(_, v)| *v);
+        let path = match request {
+            Some(id) => format!("/auth/login?request={id}"),
+            None => "/auth/login".to_string(),
+        };
+        let page = self.get(&path, None).await;
+        let csrf = page
+            .text
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .expect("the sign-in form has a CSRF field")
+            .to_string();
+        let mut pairs = fields.to_vec();
+        pairs.push(("csrf", &csrf));
+        self.post_form("/auth/login", form(&pairs), None).await
+    }
+
+    /// Forgets every cookie: another browser.
+    fn new_browser(&self) {
+        self.jar.lock().unwrap().clear();
     }
 
     async fn send_json(&self, method: Method, path: &str, token: &str, body: &Value) -> Reply {
@@ -542,29 +623,21 @@ async fn a_patient_signs_in_consents_and_gets_a_token_for_their_own_record() {
     assert!(page.text.contains("name=\"password\""));
 
     let wrong = smart
-        .post_form(
-            "/auth/login",
-            form(&[
-                ("request", &request),
-                ("username", "amy"),
-                ("password", "wrong"),
-            ]),
-            None,
-        )
+        .login(&[
+            ("request", &request),
+            ("username", "amy"),
+            ("password", "wrong"),
+        ])
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
     assert!(wrong.text.contains("The username or password is wrong."));
 
     let signed_in = smart
-        .post_form(
-            "/auth/login",
-            form(&[
-                ("request", &request),
-                ("username", "amy"),
-                ("password", PASSWORD),
-            ]),
-            None,
-        )
+        .login(&[
+            ("request", &request),
+            ("username", "amy"),
+            ("password", PASSWORD),
+        ])
         .await;
     assert_eq!(signed_in.status, StatusCode::SEE_OTHER);
     let cookie = signed_in.header("set-cookie").unwrap().to_string();
@@ -663,15 +736,11 @@ async fn the_user_can_deny_and_the_app_learns_it_with_its_state() {
         .await;
     let request = query_of(reply.location())["request"].clone();
     let signed_in = smart
-        .post_form(
-            "/auth/login",
-            form(&[
-                ("request", &request),
-                ("username", "amy"),
-                ("password", PASSWORD),
-            ]),
-            None,
-        )
+        .login(&[
+            ("request", &request),
+            ("username", "amy"),
+            ("password", PASSWORD),
+        ])
         .await;
     let denied = smart
         .post_form(
@@ -696,15 +765,11 @@ async fn a_practitioner_picks_the_patient_on_the_picker_page() {
         .await;
     let request = query_of(reply.location())["request"].clone();
     let signed_in = smart
-        .post_form(
-            "/auth/login",
-            form(&[
-                ("request", &request),
-                ("username", "drjones"),
-                ("password", PASSWORD),
-            ]),
-            None,
-        )
+        .login(&[
+            ("request", &request),
+            ("username", "drjones"),
+            ("password", PASSWORD),
+        ])
         .await;
     let session = signed_in.session();
     let picker = signed_in.location().to_string();
@@ -771,11 +836,7 @@ async fn the_ehr_launcher_sends_a_practitioner_to_the_app_with_a_launch_the_serv
         "/auth/login"
     );
     let signed_in = smart
-        .post_form(
-            "/auth/login",
-            form(&[("username", "drjones"), ("password", PASSWORD)]),
-            None,
-        )
+        .login(&[("username", "drjones"), ("password", PASSWORD)])
         .await;
     assert_eq!(signed_in.location(), "/auth/launcher");
     let session = signed_in.session();
@@ -825,11 +886,7 @@ async fn the_ehr_launcher_sends_a_practitioner_to_the_app_with_a_launch_the_serv
 
     // A patient cannot use the launcher.
     let patient = smart
-        .post_form(
-            "/auth/login",
-            form(&[("username", "amy"), ("password", PASSWORD)]),
-            None,
-        )
+        .login(&[("username", "amy"), ("password", PASSWORD)])
         .await;
     let refused = smart
         .get_with_cookie("/auth/launcher", &patient.session())
@@ -1274,30 +1331,18 @@ async fn repeated_wrong_passwords_lock_the_sign_in_for_a_while() {
     let smart = spawn().await;
     for _ in 0..5 {
         let reply = smart
-            .post_form(
-                "/auth/login",
-                form(&[("username", "amy"), ("password", "guess")]),
-                None,
-            )
+            .login(&[("username", "amy"), ("password", "guess")])
             .await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
     let locked = smart
-        .post_form(
-            "/auth/login",
-            form(&[("username", "amy"), ("password", PASSWORD)]),
-            None,
-        )
+        .login(&[("username", "amy"), ("password", PASSWORD)])
         .await;
     assert_eq!(locked.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(locked.header("retry-after").is_some());
     smart.clock.advance(time::Duration::minutes(1));
     let later = smart
-        .post_form(
-            "/auth/login",
-            form(&[("username", "amy"), ("password", PASSWORD)]),
-            None,
-        )
+        .login(&[("username", "amy"), ("password", PASSWORD)])
         .await;
     assert_eq!(later.status, StatusCode::SEE_OTHER);
 }
@@ -1349,11 +1394,23 @@ async fn introspection_tells_an_authenticated_client_what_a_token_allows() {
             redirect_uris: vec!["https://rs.test/cb".into()],
             scopes: "openid".into(),
             auth: Some(ClientAuth::ClientSecretBasic),
+            resource_server: true,
             ..ClientSpec::default()
         })
         .await
         .unwrap();
     let secret = secret.unwrap();
+    let (other_app, other_secret) = smart
+        .server
+        .add_client(ClientSpec {
+            name: "Another app".into(),
+            redirect_uris: vec!["https://other.test/cb".into()],
+            scopes: "openid".into(),
+            auth: Some(ClientAuth::ClientSecretBasic),
+            ..ClientSpec::default()
+        })
+        .await
+        .unwrap();
     let token = smart
         .token("amy", "patient/*.rs fhirUser openid", None)
         .await;
@@ -1381,6 +1438,13 @@ async fn introspection_tells_an_authenticated_client_what_a_token_allows() {
     assert!(active["scope"].as_str().unwrap().contains("patient/*.rs"));
     let inactive = smart.send(introspect("garbage", Some(&basic))).await.json();
     assert_eq!(inactive, json!({"active": false}));
+    // Another app learns nothing about tokens that are not its own.
+    let other = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        format!("{}:{}", other_app.client_id, other_secret.unwrap()),
+    );
+    let foreign = smart.send(introspect(&token, Some(&other))).await.json();
+    assert_eq!(foreign, json!({"active": false}));
     let anonymous = smart.send(introspect(&token, None)).await;
     assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
     assert_eq!(anonymous.json()["error"], "invalid_client");
@@ -1410,4 +1474,135 @@ async fn browser_apps_on_other_origins_may_call_the_api_with_a_bearer_token() {
     assert!(preflight
         .header("access-control-allow-credentials")
         .is_none());
+}
+
+#[tokio::test]
+async fn a_sign_in_posted_without_the_forms_token_is_refused() {
+    let smart = spawn().await;
+    let forged = smart
+        .post_form(
+            "/auth/login",
+            form(&[("username", "amy"), ("password", PASSWORD)]),
+            None,
+        )
+        .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert!(forged.header("set-cookie").is_none(), "no session is made");
+}
+
+#[tokio::test]
+async fn another_browser_that_learns_the_request_id_cannot_sign_in_to_it() {
+    let smart = spawn().await;
+    let reply = smart
+        .get(&smart.authorize_url("patient/*.rs", &[]), None)
+        .await;
+    let request = query_of(reply.location())["request"].clone();
+    smart.new_browser();
+    let stolen = smart
+        .login(&[
+            ("request", &request),
+            ("username", "amy"),
+            ("password", PASSWORD),
+        ])
+        .await;
+    assert_eq!(stolen.status, StatusCode::FORBIDDEN);
+    assert!(stolen.text.contains("another browser"));
+}
+
+#[tokio::test]
+async fn signing_out_ends_the_session() {
+    let smart = spawn().await;
+    let signed_in = smart
+        .login(&[("username", "drjones"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(signed_in.location(), "/auth/launcher");
+    assert_eq!(
+        smart.get("/auth/launcher", None).await.status,
+        StatusCode::OK
+    );
+    let out = smart.post_form("/auth/logout", String::new(), None).await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    assert_eq!(
+        smart.get("/auth/launcher", None).await.location(),
+        "/auth/login"
+    );
+}
+
+#[tokio::test]
+async fn a_patient_write_that_names_another_patient_anywhere_is_refused() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/Observation.cruds", None).await;
+    let mut sneaky = observation("s", "b", "laboratory");
+    sneaky["performer"] = json!([{"reference": "Patient/a"}]);
+    let reply = smart
+        .send_json(Method::POST, "/fhir/Observation", &token, &sneaky)
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
+    // Reading such a resource is fine: it is in the patient's compartment.
+    let mut tx = smart.store.begin().await.unwrap();
+    tx.create("Observation", "shared", {
+        let mut o = sneaky.clone();
+        o["id"] = json!("shared");
+        o
+    })
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        smart
+            .get("/fhir/Observation/shared", Some(&token))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let delete = smart
+        .send(
+            Request::builder()
+                .method(Method::DELETE)
+                .uri("/fhir/Observation/shared")
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(delete.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_transaction_read_needs_read_access_even_where_writes_are_allowed() {
+    let smart = spawn().await;
+    let token = smart
+        .token(
+            "amy",
+            "patient/Observation.rs?category=laboratory patient/Observation.u",
+            None,
+        )
+        .await;
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [{"request": {"method": "GET", "url": "Observation/vit-a"}}]
+    });
+    let reply = smart
+        .send_json(Method::POST, "/fhir", &token, &bundle)
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text);
+}
+
+#[tokio::test]
+async fn refusals_do_not_say_which_check_failed() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/Observation.rs", None).await;
+    let t = Some(token.as_str());
+    let mut seen = Vec::new();
+    for path in [
+        "/fhir/Condition/con-a",
+        "/fhir/Observation/lab-b",
+        "/fhir/Observation?patient=b",
+    ] {
+        let reply = smart.get(path, t).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{path}");
+        seen.push(reply.json()["issue"][0]["diagnostics"].clone());
+    }
+    assert!(seen.iter().all(|d| d == &seen[0]), "{seen:?}");
 }

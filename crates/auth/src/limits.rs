@@ -50,9 +50,12 @@ impl RateLimiter {
     }
 }
 
-/// Failures allowed before sign-in for a username (or from an address) is
-/// locked; each failure after that doubles the lock, up to fifteen minutes.
+/// Failures allowed before sign-in for a username from one address is locked;
+/// each failure after that doubles the lock, up to fifteen minutes. The lock is
+/// per address so that nobody can lock a user out from elsewhere; an address
+/// guessing across many usernames is locked after more failures.
 const FREE_FAILURES: u32 = 5;
+const FREE_FAILURES_PER_ADDRESS: u32 = 20;
 const FIRST_LOCK: Duration = Duration::seconds(30);
 const LONGEST_LOCK: Duration = Duration::minutes(15);
 
@@ -76,8 +79,12 @@ impl LoginThrottle {
         }
     }
 
-    fn keys(username: &str, remote: &str) -> [String; 2] {
-        [format!("user\u{0}{username}"), format!("addr\u{0}{remote}")]
+    /// The counters a failure counts against, with their free failures.
+    fn keys(username: &str, remote: &str) -> [(String, u32); 2] {
+        [
+            (format!("user\u{0}{username}\u{0}{remote}"), FREE_FAILURES),
+            (format!("addr\u{0}{remote}"), FREE_FAILURES_PER_ADDRESS),
+        ]
     }
 
     /// Seconds to wait if sign-in is locked for this username or address.
@@ -86,7 +93,7 @@ impl LoginThrottle {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         Self::keys(username, remote)
             .iter()
-            .filter_map(|k| failures.get(k)?.locked_until)
+            .filter_map(|(k, _)| failures.get(k)?.locked_until)
             .filter(|until| *until > now)
             .map(|until| u64::try_from((until - now).whole_seconds().max(1)).unwrap_or(1))
             .max()
@@ -98,7 +105,7 @@ impl LoginThrottle {
         if failures.len() > 100_000 {
             failures.retain(|_, f| f.last + LONGEST_LOCK > now);
         }
-        for key in Self::keys(username, remote) {
+        for (key, free) in Self::keys(username, remote) {
             let entry = failures.entry(key).or_insert(Failures {
                 count: 0,
                 locked_until: None,
@@ -110,8 +117,8 @@ impl LoginThrottle {
             }
             entry.count += 1;
             entry.last = now;
-            if entry.count >= FREE_FAILURES {
-                let doublings = (entry.count - FREE_FAILURES).min(10);
+            if entry.count >= free {
+                let doublings = (entry.count - free).min(10);
                 let lock = (FIRST_LOCK * 2i32.pow(doublings)).min(LONGEST_LOCK);
                 entry.locked_until = Some(now + lock);
             }
@@ -120,7 +127,7 @@ impl LoginThrottle {
 
     pub fn succeeded(&self, username: &str, remote: &str) {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        failures.remove(&Self::keys(username, remote)[0]);
+        failures.remove(&Self::keys(username, remote)[0].0);
     }
 }
 
@@ -153,14 +160,27 @@ mod tests {
         for _ in 0..4 {
             throttle.failed("amy", "a");
         }
+        assert_eq!(throttle.blocked("amy", "a"), None);
+        throttle.failed("amy", "a");
+        assert_eq!(throttle.blocked("amy", "a"), Some(30));
+        // Failures from one address do not lock the user out elsewhere.
         assert_eq!(throttle.blocked("amy", "b"), None);
         throttle.failed("amy", "a");
-        assert_eq!(throttle.blocked("amy", "b"), Some(30));
-        throttle.failed("amy", "a");
-        assert_eq!(throttle.blocked("amy", "b"), Some(60));
+        assert_eq!(throttle.blocked("amy", "a"), Some(60));
         clock.advance(Duration::seconds(61));
-        assert_eq!(throttle.blocked("amy", "b"), None);
+        assert_eq!(throttle.blocked("amy", "a"), None);
         throttle.succeeded("amy", "a");
-        assert_eq!(throttle.blocked("amy", "c"), None);
+        assert_eq!(throttle.blocked("amy", "a"), None);
+    }
+
+    #[test]
+    fn an_address_guessing_across_usernames_is_locked() {
+        let clock = Arc::new(ManualClock::new(datetime!(2026-01-01 0:00 UTC)));
+        let throttle = LoginThrottle::new(clock);
+        for n in 0..20 {
+            throttle.failed(&format!("user{n}"), "a");
+        }
+        assert!(throttle.blocked("someone-new", "a").is_some());
+        assert_eq!(throttle.blocked("someone-new", "b"), None);
     }
 }

@@ -90,6 +90,9 @@ pub struct ClientRecord {
     pub jwks_uri: Option<String>,
     /// A Backend Services client: `client_credentials` only, `system/` scopes.
     pub backend: bool,
+    /// A resource server: may introspect tokens issued to other clients.
+    #[serde(default)]
+    pub resource_server: bool,
     /// The EHR launcher sends users here with `iss` and `launch`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub launch_uri: Option<String>,

@@ -170,6 +170,10 @@ pub struct Pending {
     /// Whether it came from an EHR launch (the user signed in at the launcher).
     #[serde(default)]
     pub ehr_launch: bool,
+    /// The hash of a secret the browser that made the request holds in a
+    /// cookie: only that browser can sign in to it and answer it.
+    #[serde(default)]
+    pub browser: Option<String>,
 }
 
 impl Pending {
@@ -327,6 +331,8 @@ pub struct ClientSpec {
     pub jwks: Option<Value>,
     pub jwks_uri: Option<String>,
     pub backend: bool,
+    /// May introspect tokens of other clients (an API gateway, say).
+    pub resource_server: bool,
     pub launch_uri: Option<String>,
     pub organization: Option<String>,
     pub contacts: Vec<String>,
@@ -360,6 +366,27 @@ impl std::fmt::Debug for AuthServer {
         f.debug_struct("AuthServer")
             .field("config", &self.config)
             .finish_non_exhaustive()
+    }
+}
+
+/// The largest JWKS document fetched from a client's JWKS URL.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// A JWKS URL keys may be fetched from: https, or plain http to this machine
+/// only, and never with credentials in it.
+pub fn is_safe_jwks_uri(uri: &str) -> bool {
+    let Ok(url) = url::Url::parse(uri) else {
+        return false;
+    };
+    if !url.username().is_empty() || url.password().is_some() {
+        return false;
+    }
+    match (url.scheme(), url.host()) {
+        ("https", Some(_)) => true,
+        ("http", Some(url::Host::Domain(host))) => host == "localhost",
+        ("http", Some(url::Host::Ipv4(ip))) => ip.is_loopback(),
+        ("http", Some(url::Host::Ipv6(ip))) => ip.is_loopback(),
+        _ => false,
     }
 }
 
@@ -398,8 +425,10 @@ impl AuthServer {
             store,
             clock,
             keys,
+            // Keys are fetched from exactly the registered URL: no redirects.
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
                 .unwrap_or_default(),
             jwks_cache: Mutex::new(HashMap::new()),
@@ -534,11 +563,10 @@ impl AuthServer {
                     }
                 }
                 (None, Some(uri)) => {
-                    if !(uri.starts_with("https://")
-                        || uri.starts_with("http://127.0.0.1")
-                        || uri.starts_with("http://localhost"))
-                    {
-                        return Err(invalid("the JWKS URL must use https"));
+                    if !is_safe_jwks_uri(uri) {
+                        return Err(invalid(
+                            "the JWKS URL must be https (plain http only on loopback), without credentials",
+                        ));
                     }
                 }
                 _ => {
@@ -626,6 +654,7 @@ impl AuthServer {
             jwks: spec.jwks,
             jwks_uri: spec.jwks_uri,
             backend: spec.backend,
+            resource_server: spec.resource_server,
             launch_uri: spec.launch_uri,
             organization: spec.organization,
             contacts: spec.contacts,
@@ -646,7 +675,10 @@ impl AuthServer {
             .put(
                 kind::REGISTRATION_TOKEN,
                 &token_hash(&token),
-                &json!({"issued": self.now().unix_timestamp()}),
+                &json!({
+                    "issued": self.now().unix_timestamp(),
+                    "expires": (self.now() + lifetime).unix_timestamp(),
+                }),
                 Some(self.now() + lifetime),
             )
             .await
@@ -669,18 +701,20 @@ impl AuthServer {
         };
         let records = self.records();
         let key = token_hash(token);
-        if records
-            .get(kind::REGISTRATION_TOKEN, &key)
-            .await
-            .map_err(storage_failed)?
-            .is_none()
-        {
-            return Err(OAuthError::new(
+        let invalid_token = || {
+            OAuthError::new(
                 401,
                 "invalid_token",
                 "the initial access token is not valid",
-            ));
-        }
+            )
+        };
+        let Some(stored) = records
+            .get(kind::REGISTRATION_TOKEN, &key)
+            .await
+            .map_err(storage_failed)?
+        else {
+            return Err(invalid_token());
+        };
         let invalid = |d: &str| OAuthError::new(400, "invalid_client_metadata", d);
         let Some(meta) = metadata.as_object() else {
             return Err(invalid("the body must be a JSON object"));
@@ -722,13 +756,33 @@ impl AuthServer {
             jwks: meta.get("jwks").cloned(),
             jwks_uri: text("jwks_uri"),
             backend,
+            // Only an administrator makes a resource server.
+            resource_server: false,
             launch_uri: text("initiate_login_uri").or_else(|| text("launch_uri")),
             organization: text("organization_name"),
             contacts: strings("contacts")?,
         };
-        let (record, secret) = self.add_client(spec).await?;
-        // The token is single-use: one registration per token.
-        let _ = records.delete(kind::REGISTRATION_TOKEN, &key).await;
+        // Deleting claims the token: of two registrations racing, one wins.
+        if !records
+            .delete(kind::REGISTRATION_TOKEN, &key)
+            .await
+            .map_err(storage_failed)?
+        {
+            return Err(invalid_token());
+        }
+        let (record, secret) = match self.add_client(spec).await {
+            Ok(added) => added,
+            Err(refusal) => {
+                // A refused registration gives the token back for a corrected one.
+                let expires = stored["expires"]
+                    .as_i64()
+                    .and_then(|e| OffsetDateTime::from_unix_timestamp(e).ok());
+                let _ = records
+                    .put(kind::REGISTRATION_TOKEN, &key, &stored, expires)
+                    .await;
+                return Err(refusal);
+            }
+        };
         let mut response = json!({
             "client_id": record.client_id,
             "client_id_issued_at": record.registered_at,
@@ -977,6 +1031,7 @@ impl AuthServer {
             username: None,
             session: None,
             ehr_launch: false,
+            browser: None,
         };
         if let Some(launch) = param(params, "launch") {
             let record = self
@@ -1058,6 +1113,27 @@ impl AuthServer {
         }
         self.save_pending(&pending).await?;
         Ok(pending)
+    }
+
+    /// Binds a pending request to the browser that made it; returns the secret
+    /// that browser keeps in a cookie.
+    pub async fn bind_browser(
+        &self,
+        mut pending: Pending,
+    ) -> Result<(Pending, String), OAuthError> {
+        let secret = random_token(24);
+        pending.browser = Some(token_hash(&secret));
+        self.save_pending(&pending).await?;
+        Ok((pending, secret))
+    }
+
+    /// Whether a browser's secret (from its cookie) is the one the request was
+    /// bound to; a request never bound accepts any browser.
+    pub fn from_browser(&self, pending: &Pending, browser_secret: Option<&str>) -> bool {
+        match &pending.browser {
+            Some(hash) => browser_secret.is_some_and(|s| &token_hash(s) == hash),
+            None => true,
+        }
     }
 
     /// Whether this browser (by its session cookie) owns the pending request.
@@ -1456,6 +1532,10 @@ impl AuthServer {
         };
         let record: CodeRecord =
             serde_json::from_value(value.clone()).map_err(|_| OAuthError::server_error())?;
+        // Another client holding the code can neither use it up nor revoke its grant.
+        if record.client_id != client.client_id {
+            return Err(OAuthError::invalid_grant("the code is invalid or expired"));
+        }
         if record.used {
             // RFC 6749 §4.1.2: a code used twice revokes what it produced.
             self.revoke_grant(&record.grant).await;
@@ -1477,11 +1557,6 @@ impl AuthServer {
             < self.now().unix_timestamp()
         {
             return Err(OAuthError::invalid_grant("the code is invalid or expired"));
-        }
-        if record.client_id != client.client_id {
-            return Err(OAuthError::invalid_grant(
-                "the code was issued to another client",
-            ));
         }
         if param(form, "redirect_uri") != Some(record.redirect_uri.as_str()) {
             return Err(OAuthError::invalid_grant(
@@ -1655,7 +1730,7 @@ impl AuthServer {
             serde_json::from_value(value.clone()).map_err(|_| OAuthError::server_error())?;
         if record.client_id != client.client_id {
             return Err(OAuthError::invalid_grant(
-                "the refresh token was issued to another client",
+                "the refresh token is invalid or expired",
             ));
         }
         if record.used {
@@ -1861,7 +1936,20 @@ impl AuthServer {
             return Err(OAuthError::invalid_client());
         }
         let token = param(form, "token").unwrap_or_default();
-        if let Ok(access) = self.verify_access_token(token).await {
+        // A client learns only about its own tokens, unless it is a resource server.
+        let may_see = |owner: &str| client.resource_server || owner == client.client_id;
+        if let Ok(access) = self
+            .verify_access_token(token)
+            .await
+            .map_err(|_| ())
+            .and_then(|a| {
+                if may_see(&a.client_id) {
+                    Ok(a)
+                } else {
+                    Err(())
+                }
+            })
+        {
             let mut body = json!({
                 "active": true,
                 "token_type": "Bearer",
@@ -1882,7 +1970,10 @@ impl AuthServer {
         }
         if let Ok(Some(value)) = self.records().get(kind::REFRESH, &token_hash(token)).await {
             if let Ok(record) = serde_json::from_value::<RefreshRecord>(value) {
-                if !record.used && !self.grant_revoked(&record.grant).await.unwrap_or(true) {
+                if !record.used
+                    && may_see(&record.client_id)
+                    && !self.grant_revoked(&record.grant).await.unwrap_or(true)
+                {
                     let mut body = json!({
                         "active": true,
                         "token_type": "refresh_token",

@@ -541,3 +541,26 @@ async fn an_expired_initial_access_token_is_an_invalid_token() {
 
     refused(result, 401, "invalid_token");
 }
+
+#[test]
+fn jwks_urls_must_be_https_or_loopback_http_without_credentials() {
+    use haven_auth::server::is_safe_jwks_uri;
+    for good in [
+        "https://keys.example.org/jwks.json",
+        "http://localhost:8080/jwks",
+        "http://127.0.0.1/jwks",
+        "http://[::1]:9000/jwks",
+    ] {
+        assert!(is_safe_jwks_uri(good), "{good}");
+    }
+    for bad in [
+        "http://keys.example.org/jwks.json",
+        "http://localhost@evil.example/jwks",
+        "http://127.0.0.1.evil.example/jwks",
+        "https://user:pass@keys.example.org/jwks",
+        "ftp://keys.example.org/jwks",
+        "not a url",
+    ] {
+        assert!(!is_safe_jwks_uri(bad), "{bad}");
+    }
+}

@@ -431,6 +431,11 @@ async fn a_code_issued_to_one_client_is_an_invalid_grant_for_another() {
         400,
         "invalid_grant",
     );
+    // The other client's attempt neither used the code up nor revoked anything.
+    h.server
+        .token(&exchange(&app, &code), None)
+        .await
+        .expect("the rightful client still exchanges its code");
 }
 
 // ----- Refresh tokens --------------------------------------------------------------

@@ -58,6 +58,9 @@ pub struct ClientAddArgs {
     /// A SMART Backend Services client (client_credentials, system/ scopes).
     #[arg(long)]
     pub backend: bool,
+    /// A resource server: may introspect tokens issued to other clients.
+    #[arg(long)]
+    pub resource_server: bool,
     /// Where the EHR launcher opens the app (with `iss` and `launch`).
     #[arg(long)]
     pub launch_url: Option<String>,
@@ -156,6 +159,7 @@ pub async fn clients(config: &Config, command: ClientsCommand) -> Result<Value> 
                 jwks,
                 jwks_uri: args.jwks_url,
                 backend: args.backend,
+                resource_server: args.resource_server,
                 launch_uri: args.launch_url,
                 organization: args.organization,
                 contacts: args.contacts,

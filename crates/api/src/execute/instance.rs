@@ -492,6 +492,14 @@ pub(crate) async fn read_in(
         .read(resource_type, id)
         .await?
         .ok_or_else(|| not_found(resource_type, id))?;
+    // The transaction's store admits what may be changed; answering needs Read.
+    if current
+        .resource
+        .as_ref()
+        .is_some_and(|r| !exec.gate.may_read(r))
+    {
+        return Err(ApiError::Forbidden(crate::smart::REFUSED.into()));
+    }
     read_answer(exec, current, if_none_match, if_modified_since)
 }
 
