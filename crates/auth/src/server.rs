@@ -1467,10 +1467,21 @@ impl AuthServer {
         }
         // Unknown kid or stale cache: fetch once (keys may have been rotated).
         let fetched: Value = match self.http.get(uri).send().await {
-            Ok(response) if response.status().is_success() => response
-                .json()
-                .await
-                .map_err(|_| OAuthError::invalid_client())?,
+            Ok(response)
+                if response.status().is_success()
+                    && response
+                        .content_length()
+                        .is_none_or(|n| n <= MAX_JWKS_BYTES as u64) =>
+            {
+                let bytes = response
+                    .bytes()
+                    .await
+                    .map_err(|_| OAuthError::invalid_client())?;
+                if bytes.len() > MAX_JWKS_BYTES {
+                    return Err(OAuthError::invalid_client());
+                }
+                serde_json::from_slice(&bytes).map_err(|_| OAuthError::invalid_client())?
+            }
             _ => return Err(OAuthError::invalid_client()),
         };
         let key = find(&fetched);
