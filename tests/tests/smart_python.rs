@@ -294,7 +294,20 @@ async fn fhirclient_completes_a_standalone_launch_through_the_sign_in_and_consen
             .all(|d| d.as_str().is_some_and(|d| !d.is_empty())),
         "{seen}"
     );
-    assert_eq!(seen["cookies"], json!(["haven_session"]));
+    // The browser holds its sign-in session, the sign-in form's CSRF token and
+    // the secret binding the authorization request to it.
+    let cookies: Vec<&str> = seen["cookies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(cookies.contains(&"haven_session"), "{seen}");
+    assert!(cookies.contains(&"haven_csrf"), "{seen}");
+    assert!(
+        cookies.iter().any(|c| c.starts_with("haven_req_")),
+        "{seen}"
+    );
     assert_eq!(seen["callback_has_code"], true);
 
     assert_eq!(scope_set(&seen["granted_scope"]), wanted.into());

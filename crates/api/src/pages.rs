@@ -21,7 +21,7 @@ pub(crate) fn escape(text: &str) -> String {
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:36rem;margin:3rem auto;padding:0 1rem;color:#1d2733}\
-h1{font-size:1.4rem}label{display:block;margin:.6rem 0 .2rem}\
+h1{font-size:1.4rem}form>label{display:block;margin:.6rem 0 .2rem}\
 input[type=text],input[type=password],input[type=search]{width:100%;padding:.5rem;font-size:1rem;box-sizing:border-box}\
 button{padding:.55rem 1.2rem;font-size:1rem;margin:.8rem .5rem 0 0;cursor:pointer}\
 .error{background:#fde8e8;border:1px solid #e0a3a3;padding:.6rem;border-radius:4px}\

@@ -479,7 +479,8 @@ impl Scope {
     pub fn describe(&self) -> String {
         match self {
             Scope::Resource(scope) => scope.describe(),
-            Scope::OpenId | Scope::FhirUser => "Know who you are".to_owned(),
+            Scope::OpenId => "Confirm that it is you who signed in".to_owned(),
+            Scope::FhirUser => "Know which person's record is yours".to_owned(),
             Scope::Profile => "See your name and profile".to_owned(),
             Scope::Launch => "Receive the context from the launching system".to_owned(),
             Scope::LaunchPatient => "Know which patient record is open".to_owned(),
@@ -1435,8 +1436,8 @@ mod tests {
     #[test]
     fn describe_other_scopes_in_plain_words() {
         for (text, words) in [
-            ("openid", "Know who you are"),
-            ("fhirUser", "Know who you are"),
+            ("openid", "Confirm that it is you who signed in"),
+            ("fhirUser", "Know which person's record is yours"),
             ("profile", "See your name and profile"),
             ("launch", "Receive the context from the launching system"),
             ("launch/patient", "Know which patient record is open"),
@@ -1451,8 +1452,11 @@ mod tests {
     #[test]
     fn describe_a_set_without_repeats() {
         assert_eq!(
-            set("openid fhirUser profile").describe(),
-            vec!["Know who you are", "See your name and profile"]
+            set("profile openid profile").describe(),
+            vec![
+                "See your name and profile",
+                "Confirm that it is you who signed in"
+            ]
         );
     }
 }
