@@ -796,40 +796,48 @@ async fn oauth_form(
     Ok((form, basic_credentials(&parts.headers)))
 }
 
-async fn token(State(state): State<AuthState>, request: Request) -> Response {
-    let (form, basic) = match oauth_form(&state, "token", request).await {
+/// The client-authenticated endpoints, which share their plumbing.
+#[derive(Clone, Copy)]
+enum ClientCall {
+    Token,
+    Introspect,
+    Revoke,
+}
+
+async fn client_call(state: &AuthState, request: Request, call: ClientCall) -> Response {
+    let endpoint = match call {
+        ClientCall::Token => "token",
+        ClientCall::Introspect => "introspect",
+        ClientCall::Revoke => "revoke",
+    };
+    let (form, basic) = match oauth_form(state, endpoint, request).await {
         Ok(found) => found,
         Err(response) => return response,
     };
     let basic_attempted = basic.is_some();
-    match state.server.token(&form, basic).await {
-        Ok(body) => json_response(StatusCode::OK, body),
+    let result = match call {
+        ClientCall::Token => state.server.token(&form, basic).await.map(Some),
+        ClientCall::Introspect => state.server.introspect(&form, basic).await.map(Some),
+        // RFC 7009 §2.2: a revocation answers 200 with no body.
+        ClientCall::Revoke => state.server.revoke(&form, basic).await.map(|()| None),
+    };
+    match result {
+        Ok(Some(body)) => json_response(StatusCode::OK, body),
+        Ok(None) => no_store(StatusCode::OK.into_response()),
         Err(e) => oauth_response(&e, basic_attempted),
     }
+}
+
+async fn token(State(state): State<AuthState>, request: Request) -> Response {
+    client_call(&state, request, ClientCall::Token).await
 }
 
 async fn introspect(State(state): State<AuthState>, request: Request) -> Response {
-    let (form, basic) = match oauth_form(&state, "introspect", request).await {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
-    let basic_attempted = basic.is_some();
-    match state.server.introspect(&form, basic).await {
-        Ok(body) => json_response(StatusCode::OK, body),
-        Err(e) => oauth_response(&e, basic_attempted),
-    }
+    client_call(&state, request, ClientCall::Introspect).await
 }
 
 async fn revoke(State(state): State<AuthState>, request: Request) -> Response {
-    let (form, basic) = match oauth_form(&state, "revoke", request).await {
-        Ok(found) => found,
-        Err(response) => return response,
-    };
-    let basic_attempted = basic.is_some();
-    match state.server.revoke(&form, basic).await {
-        Ok(()) => no_store(StatusCode::OK.into_response()),
-        Err(e) => oauth_response(&e, basic_attempted),
-    }
+    client_call(&state, request, ClientCall::Revoke).await
 }
 
 async fn register(State(state): State<AuthState>, request: Request) -> Response {

@@ -30,6 +30,10 @@ fn sqlite(statement: &str) -> String {
     statement.replace('$', "?")
 }
 
+fn postgres(statement: &str) -> String {
+    statement.to_string()
+}
+
 fn text(value: &Value) -> String {
     value.to_string()
 }
@@ -49,189 +53,111 @@ pub(crate) struct SqliteAuthRecords {
     pub clock: Arc<dyn Clock>,
 }
 
+/// One pool serves both roles on PostgreSQL.
 pub(crate) struct PostgresAuthRecords {
-    pub pool: PgPool,
+    pub writer: PgPool,
+    pub readers: PgPool,
     pub clock: Arc<dyn Clock>,
 }
 
-#[async_trait]
-impl AuthRecords for SqliteAuthRecords {
-    async fn insert(
-        &self,
-        kind: &str,
-        key: &str,
-        value: &Value,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<bool> {
-        let done = sqlx::query(&sqlite(INSERT))
-            .bind(kind)
-            .bind(key)
-            .bind(text(value))
-            .bind(seconds(expires_at))
-            .bind(self.clock.now().unix_timestamp())
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
+/// The one implementation, for a records type with `writer` and `readers`
+/// pools and the function that adapts the statements to its database.
+macro_rules! auth_records {
+    ($records:ty, $dialect:path) => {
+        #[async_trait]
+        impl AuthRecords for $records {
+            async fn insert(
+                &self,
+                kind: &str,
+                key: &str,
+                value: &Value,
+                expires_at: Option<OffsetDateTime>,
+            ) -> Result<bool> {
+                let done = sqlx::query(&$dialect(INSERT))
+                    .bind(kind)
+                    .bind(key)
+                    .bind(text(value))
+                    .bind(seconds(expires_at))
+                    .bind(self.clock.now().unix_timestamp())
+                    .execute(&self.writer)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
 
-    async fn put(
-        &self,
-        kind: &str,
-        key: &str,
-        value: &Value,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<()> {
-        sqlx::query(&sqlite(PUT))
-            .bind(kind)
-            .bind(key)
-            .bind(text(value))
-            .bind(seconds(expires_at))
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
+            async fn put(
+                &self,
+                kind: &str,
+                key: &str,
+                value: &Value,
+                expires_at: Option<OffsetDateTime>,
+            ) -> Result<()> {
+                sqlx::query(&$dialect(PUT))
+                    .bind(kind)
+                    .bind(key)
+                    .bind(text(value))
+                    .bind(seconds(expires_at))
+                    .execute(&self.writer)
+                    .await?;
+                Ok(())
+            }
 
-    async fn get(&self, kind: &str, key: &str) -> Result<Option<Value>> {
-        let row = sqlx::query(&sqlite(GET))
-            .bind(kind)
-            .bind(key)
-            .bind(self.clock.now().unix_timestamp())
-            .fetch_optional(&self.readers)
-            .await?;
-        row.map(|row| parse(&row.try_get::<String, _>(0)?))
-            .transpose()
-    }
+            async fn get(&self, kind: &str, key: &str) -> Result<Option<Value>> {
+                let row = sqlx::query(&$dialect(GET))
+                    .bind(kind)
+                    .bind(key)
+                    .bind(self.clock.now().unix_timestamp())
+                    .fetch_optional(&self.readers)
+                    .await?;
+                row.map(|row| parse(&row.try_get::<String, _>(0)?))
+                    .transpose()
+            }
 
-    async fn replace(
-        &self,
-        kind: &str,
-        key: &str,
-        expected: &Value,
-        value: &Value,
-    ) -> Result<bool> {
-        let done = sqlx::query(&sqlite(REPLACE))
-            .bind(kind)
-            .bind(key)
-            .bind(text(expected))
-            .bind(text(value))
-            .bind(self.clock.now().unix_timestamp())
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
+            async fn replace(
+                &self,
+                kind: &str,
+                key: &str,
+                expected: &Value,
+                value: &Value,
+            ) -> Result<bool> {
+                let done = sqlx::query(&$dialect(REPLACE))
+                    .bind(kind)
+                    .bind(key)
+                    .bind(text(expected))
+                    .bind(text(value))
+                    .bind(self.clock.now().unix_timestamp())
+                    .execute(&self.writer)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
 
-    async fn delete(&self, kind: &str, key: &str) -> Result<bool> {
-        let done = sqlx::query(&sqlite(DELETE))
-            .bind(kind)
-            .bind(key)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
+            async fn delete(&self, kind: &str, key: &str) -> Result<bool> {
+                let done = sqlx::query(&$dialect(DELETE))
+                    .bind(kind)
+                    .bind(key)
+                    .execute(&self.writer)
+                    .await?;
+                Ok(done.rows_affected() == 1)
+            }
 
-    async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>> {
-        let now = self.clock.now().unix_timestamp();
-        // Listing is rare (administration), so it is where expired rows go.
-        sqlx::query(&sqlite(PURGE))
-            .bind(now)
-            .execute(&self.writer)
-            .await?;
-        let rows = sqlx::query(&sqlite(LIST))
-            .bind(kind)
-            .bind(now)
-            .fetch_all(&self.readers)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, parse(&row.try_get::<String, _>(1)?)?)))
-            .collect()
-    }
+            async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>> {
+                let now = self.clock.now().unix_timestamp();
+                // Listing is rare (administration), so it is where expired rows go.
+                sqlx::query(&$dialect(PURGE))
+                    .bind(now)
+                    .execute(&self.writer)
+                    .await?;
+                let rows = sqlx::query(&$dialect(LIST))
+                    .bind(kind)
+                    .bind(now)
+                    .fetch_all(&self.readers)
+                    .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get(0)?, parse(&row.try_get::<String, _>(1)?)?)))
+                    .collect()
+            }
+        }
+    };
 }
 
-#[async_trait]
-impl AuthRecords for PostgresAuthRecords {
-    async fn insert(
-        &self,
-        kind: &str,
-        key: &str,
-        value: &Value,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<bool> {
-        let done = sqlx::query(INSERT)
-            .bind(kind)
-            .bind(key)
-            .bind(text(value))
-            .bind(seconds(expires_at))
-            .bind(self.clock.now().unix_timestamp())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn put(
-        &self,
-        kind: &str,
-        key: &str,
-        value: &Value,
-        expires_at: Option<OffsetDateTime>,
-    ) -> Result<()> {
-        sqlx::query(PUT)
-            .bind(kind)
-            .bind(key)
-            .bind(text(value))
-            .bind(seconds(expires_at))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn get(&self, kind: &str, key: &str) -> Result<Option<Value>> {
-        let row = sqlx::query(GET)
-            .bind(kind)
-            .bind(key)
-            .bind(self.clock.now().unix_timestamp())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| parse(&row.try_get::<String, _>(0)?))
-            .transpose()
-    }
-
-    async fn replace(
-        &self,
-        kind: &str,
-        key: &str,
-        expected: &Value,
-        value: &Value,
-    ) -> Result<bool> {
-        let done = sqlx::query(REPLACE)
-            .bind(kind)
-            .bind(key)
-            .bind(text(expected))
-            .bind(text(value))
-            .bind(self.clock.now().unix_timestamp())
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn delete(&self, kind: &str, key: &str) -> Result<bool> {
-        let done = sqlx::query(DELETE)
-            .bind(kind)
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>> {
-        let now = self.clock.now().unix_timestamp();
-        sqlx::query(PURGE).bind(now).execute(&self.pool).await?;
-        let rows = sqlx::query(LIST)
-            .bind(kind)
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, parse(&row.try_get::<String, _>(1)?)?)))
-            .collect()
-    }
-}
+auth_records!(SqliteAuthRecords, sqlite);
+auth_records!(PostgresAuthRecords, postgres);

@@ -81,7 +81,8 @@ impl PostgresStore {
     pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Self> {
         let pool = open(database_url, MAX_CONNECTIONS).await?;
         let auth = PostgresAuthRecords {
-            pool: pool.clone(),
+            writer: pool.clone(),
+            readers: pool.clone(),
             clock: clock.clone(),
         };
         Ok(Self { pool, clock, auth })
