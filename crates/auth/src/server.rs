@@ -353,7 +353,8 @@ pub struct AuthServer {
     config: AuthConfig,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    keys: KeySet,
+    /// Swapped whole when the keys on disk change (`haven keys rotate`).
+    keys: std::sync::RwLock<Arc<KeySet>>,
     http: reqwest::Client,
     jwks_cache: Mutex<HashMap<String, (OffsetDateTime, Value)>>,
     /// Per-endpoint request rate limits, keyed by endpoint and caller address.
@@ -424,7 +425,7 @@ impl AuthServer {
             config,
             store,
             clock,
-            keys,
+            keys: std::sync::RwLock::new(Arc::new(keys)),
             // Keys are fetched from exactly the registered URL: no redirects.
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
@@ -437,6 +438,22 @@ impl AuthServer {
 
     pub fn config(&self) -> &AuthConfig {
         &self.config
+    }
+
+    /// The keys tokens are signed and checked with now.
+    fn key_set(&self) -> Arc<KeySet> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts signing with `keys` (after a rotation); tokens signed by keys it
+    /// still lists as retired keep working.
+    pub fn replace_keys(&self, keys: KeySet) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+    }
+
+    /// The id of the key new tokens are signed with.
+    pub fn signing_kid(&self) -> String {
+        self.key_set().kid().to_string()
     }
 
     fn records(&self) -> &dyn AuthRecords {
@@ -508,7 +525,7 @@ impl AuthServer {
     }
 
     pub fn jwks(&self) -> Value {
-        self.keys.jwks()
+        self.key_set().jwks()
     }
 
     // ----- Registration and administration ------------------------------------
@@ -1637,7 +1654,7 @@ impl AuthServer {
             fhir_user: user.fhir_user.clone(),
             grant: Some(grant.to_string()),
         };
-        let access_token = self.keys.sign(&claims).map_err(|e| {
+        let access_token = self.key_set().sign(&claims).map_err(|e| {
             tracing::error!(error = %e, "signing an access token failed");
             OAuthError::server_error()
         })?;
@@ -1678,7 +1695,7 @@ impl AuthServer {
                 }
             }
             response["id_token"] = json!(self
-                .keys
+                .key_set()
                 .sign(&id_claims)
                 .map_err(|_| OAuthError::server_error())?);
         }
@@ -1867,7 +1884,7 @@ impl AuthServer {
             grant: None,
         };
         let access_token = self
-            .keys
+            .key_set()
             .sign(&claims)
             .map_err(|_| OAuthError::server_error())?;
         Ok(json!({
@@ -1921,7 +1938,8 @@ impl AuthServer {
             return Err(TokenRejection::Invalid);
         }
         let kid = header.kid.as_deref().ok_or(TokenRejection::Invalid)?;
-        let key = self.keys.decoding_key(kid).ok_or(TokenRejection::Invalid)?;
+        let keys = self.key_set();
+        let key = keys.decoding_key(kid).ok_or(TokenRejection::Invalid)?;
         let mut validation = Validation::new(SIGNING_ALGORITHM);
         validation.validate_exp = false;
         validation.validate_nbf = false;

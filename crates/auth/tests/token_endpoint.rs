@@ -955,3 +955,31 @@ async fn an_online_access_refresh_token_works_only_while_the_user_stays_signed_i
         "invalid_grant",
     );
 }
+
+#[tokio::test]
+async fn after_a_key_rotation_new_tokens_use_the_new_key_and_old_ones_still_work() {
+    use haven_auth::keys::{generate_signing_key, public_jwk, KeySet, RetiredKey};
+    let h = harness().await;
+    let app = public_app(&h).await;
+    let user = practitioner(&h).await;
+    let before = tokens(&h, &app, &user).await;
+    let old_kid = h.server.signing_kid();
+
+    let retired = RetiredKey {
+        jwk: public_jwk(support::signing_key_pem()).unwrap(),
+        retired_at: h.now(),
+    };
+    let new_pem = generate_signing_key().unwrap();
+    let keys = KeySet::new(&new_pem, &[retired], h.now(), time::Duration::hours(1)).unwrap();
+    h.server.replace_keys(keys);
+
+    assert_ne!(h.server.signing_kid(), old_kid);
+    assert_eq!(h.server.jwks()["keys"].as_array().unwrap().len(), 2);
+    h.server
+        .verify_access_token(text(&before, "access_token"))
+        .await
+        .expect("a token signed before the rotation still works");
+    let after = tokens(&h, &app, &user).await;
+    let header = jsonwebtoken::decode_header(text(&after, "access_token")).unwrap();
+    assert_eq!(header.kid.as_deref(), Some(h.server.signing_kid().as_str()));
+}

@@ -112,13 +112,18 @@ pub async fn run(config: Config) -> Result<()> {
             config.data_dir.join("keys").display()
         );
     }
-    let auth = haven_auth::AuthServer::new(
+    let auth = Arc::new(haven_auth::AuthServer::new(
         haven_auth::AuthConfig::new(&base_url),
         store.clone(),
         clock.clone(),
         keys,
-    );
-    let state = haven_api::AppState::new(store, clock, api_config).with_smart(Arc::new(auth));
+    ));
+    tokio::spawn(reload_signing_keys(
+        auth.clone(),
+        config.data_dir.clone(),
+        clock.clone(),
+    ));
+    let state = haven_api::AppState::new(store, clock, api_config).with_smart(auth);
     let app = haven_api::router(state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -137,6 +142,35 @@ pub async fn run(config: Config) -> Result<()> {
     accept_loop(listener, acceptor, app, settings, shutdown_rx).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the signing keys are read again from the data directory.
+const KEY_RELOAD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Picks up `haven keys rotate` without a restart, and lets retired keys drop
+/// out of the JWKS once their tokens have expired.
+async fn reload_signing_keys(
+    auth: Arc<haven_auth::AuthServer>,
+    data_dir: std::path::PathBuf,
+    clock: Arc<dyn Clock>,
+) {
+    let mut ticks = tokio::time::interval(KEY_RELOAD_INTERVAL);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        let dir = data_dir.clone();
+        let now = clock.now();
+        match tokio::task::spawn_blocking(move || signing_keys::ensure(&dir, now)).await {
+            Ok(Ok((keys, _))) => {
+                if keys.kid() != auth.signing_kid() {
+                    tracing::info!(kid = keys.kid(), "signing with a rotated key");
+                }
+                auth.replace_keys(keys);
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "the signing keys could not be read again"),
+            Err(e) => tracing::error!(error = %e, "reading the signing keys failed"),
+        }
+    }
 }
 
 /// Hides the password of a database URL before it reaches a log or an error.
