@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use haven_e2e::{haven_binary, spawn_haven, HavenOptions};
+use haven_e2e::{haven_binary, spawn_haven, Haven, HavenOptions};
 use serde_json::{json, Value};
 
 fn transaction(patient: Value) -> String {
@@ -17,6 +17,21 @@ fn transaction(patient: Value) -> String {
         }]
     })
     .to_string()
+}
+
+/// The server's answer to a count of every Patient, read with a system token.
+async fn patient_count(haven: &Haven) -> Value {
+    let token = haven.system_token("system/*.rs").await.unwrap();
+    haven
+        .client()
+        .get(haven.url("Patient?_count=0&_total=accurate"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -45,17 +60,7 @@ async fn a_failed_bundle_is_reported_and_the_others_still_load() {
     assert!(stdout.contains("1 failed"), "{stdout}");
     assert!(stdout.contains("bad.json: HTTP 4"), "{stdout}");
 
-    let token = haven.system_token("system/*.rs").await.unwrap();
-    let found: Value = haven
-        .client()
-        .get(haven.url("Patient?_count=0&_total=accurate"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let found = patient_count(&haven).await;
     assert_eq!(found["total"], 1, "{found}");
 }
 
@@ -75,17 +80,7 @@ async fn a_load_without_credentials_is_refused_and_writes_nothing() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(!output.status.success(), "{stdout}");
     assert!(stdout.contains("p.json: HTTP 401"), "{stdout}");
-    let token = haven.system_token("system/*.rs").await.unwrap();
-    let found: Value = haven
-        .client()
-        .get(haven.url("Patient?_count=0&_total=accurate"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let found = patient_count(&haven).await;
     assert_eq!(found["total"], 0, "{found}");
 }
 

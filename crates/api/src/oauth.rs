@@ -133,11 +133,28 @@ fn oauth_response(error: &OAuthError, basic_attempted: bool) -> Response {
     response
 }
 
+/// Counts a request against its endpoint's rate for the caller's address; the
+/// 429 to answer when it is over (JSON for the OAuth endpoints, a page otherwise).
+fn over_rate(
+    state: &AuthState,
+    endpoint: &str,
+    parts: &axum::http::request::Parts,
+    rate: Rate,
+    as_json: bool,
+) -> Option<Response> {
+    state
+        .server
+        .rate
+        .check(endpoint, &remote(&parts.extensions), rate)
+        .err()
+        .map(|wait| too_many(wait, as_json))
+}
+
 fn too_many(wait: u64, as_json: bool) -> Response {
     let mut response = if as_json {
         json_response(
             StatusCode::TOO_MANY_REQUESTS,
-            json!({"error": "slow_down", "error_description": "too many requests; retry later"}),
+            json!({"error": "temporarily_unavailable", "error_description": "too many requests; retry later"}),
         )
     } else {
         (
@@ -256,13 +273,8 @@ fn discovery(body: Value) -> Response {
 
 async fn authorize(State(state): State<AuthState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    if let Err(wait) =
-        state
-            .server
-            .rate
-            .check("authorize", &remote(&parts.extensions), AUTHORIZE_RATE)
-    {
-        return too_many(wait, false);
+    if let Some(refusal) = over_rate(&state, "authorize", &parts, AUTHORIZE_RATE, false) {
+        return refusal;
     }
     let raw = if parts.method == Method::POST {
         match axum::body::to_bytes(body, 64 * 1024).await {
@@ -392,8 +404,8 @@ fn session_cookie(state: &AuthState, value: &str) -> HeaderValue {
 async fn login(State(state): State<AuthState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let address = remote(&parts.extensions);
-    if let Err(wait) = state.server.rate.check("login", &address, LOGIN_RATE) {
-        return too_many(wait, false);
+    if let Some(refusal) = over_rate(&state, "login", &parts, LOGIN_RATE, false) {
+        return refusal;
     }
     let Ok(bytes) = axum::body::to_bytes(body, 16 * 1024).await else {
         return error_page(StatusCode::BAD_REQUEST, "The form could not be read.");
@@ -764,12 +776,8 @@ async fn oauth_form(
     request: Request,
 ) -> Result<(HashMap<String, String>, Option<(String, String)>), Response> {
     let (parts, body) = request.into_parts();
-    if let Err(wait) = state
-        .server
-        .rate
-        .check(endpoint, &remote(&parts.extensions), TOKEN_RATE)
-    {
-        return Err(too_many(wait, true));
+    if let Some(refusal) = over_rate(state, endpoint, &parts, TOKEN_RATE, true) {
+        return Err(refusal);
     }
     let form_type = parts
         .headers
@@ -842,13 +850,8 @@ async fn revoke(State(state): State<AuthState>, request: Request) -> Response {
 
 async fn register(State(state): State<AuthState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    if let Err(wait) =
-        state
-            .server
-            .rate
-            .check("register", &remote(&parts.extensions), REGISTER_RATE)
-    {
-        return too_many(wait, true);
+    if let Some(refusal) = over_rate(&state, "register", &parts, REGISTER_RATE, true) {
+        return refusal;
     }
     let token = parts
         .headers

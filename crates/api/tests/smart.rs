@@ -1606,3 +1606,17 @@ async fn refusals_do_not_say_which_check_failed() {
     }
     assert!(seen.iter().all(|d| d == &seen[0]), "{seen:?}");
 }
+
+#[tokio::test]
+async fn a_caller_flooding_the_token_endpoint_is_told_to_wait() {
+    let smart = spawn().await;
+    let body = form(&[("grant_type", "password"), ("client_id", &smart.app)]);
+    for _ in 0..120 {
+        let reply = smart.post_form("/auth/token", body.clone(), None).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    }
+    let flooded = smart.post_form("/auth/token", body, None).await;
+    assert_eq!(flooded.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(flooded.json()["error"], "temporarily_unavailable");
+    assert!(flooded.header("retry-after").is_some());
+}

@@ -83,6 +83,15 @@ fn assertion(h: &Harness, key: &ClientKey, client_id: &str) -> String {
         .expect("a client assertion")
 }
 
+/// The token endpoint refuses the assertion as RFC 7523 says: 401 invalid_client.
+async fn refused_as_invalid_client(h: &Harness, assertion: &str) {
+    let result = h
+        .server
+        .token(&credentials(assertion, "system/*.rs"), None)
+        .await;
+    refused(result, 401, "invalid_client");
+}
+
 fn credentials(assertion: &str, scope: &str) -> HashMap<String, String> {
     form(&[
         ("grant_type", "client_credentials"),
@@ -199,12 +208,7 @@ async fn an_unsigned_alg_none_assertion_is_an_invalid_client() {
         URL_SAFE_NO_PAD.encode(claims(&h, &client_id).to_string()),
     );
 
-    let result = h
-        .server
-        .token(&credentials(&unsigned, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &unsigned).await;
 }
 
 #[tokio::test]
@@ -232,12 +236,7 @@ async fn an_hs256_assertion_keyed_with_the_clients_public_key_is_an_invalid_clie
         )
         .expect("an HS256 JWT");
 
-        let result = h
-            .server
-            .token(&credentials(&forged, "system/*.rs"), None)
-            .await;
-
-        refused(result, 401, "invalid_client");
+        refused_as_invalid_client(&h, &forged).await;
     }
 }
 
@@ -252,12 +251,7 @@ async fn an_expired_assertion_is_an_invalid_client() {
     stale["exp"] = json!(now - 120);
     let signed = sign(key, &key.kid(), &stale);
 
-    let result = h
-        .server
-        .token(&credentials(&signed, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &signed).await;
 }
 
 #[tokio::test]
@@ -269,12 +263,7 @@ async fn an_assertion_expiring_an_hour_ahead_is_an_invalid_client() {
     long_lived["exp"] = json!(h.now().unix_timestamp() + 3600);
     let signed = sign(key, &key.kid(), &long_lived);
 
-    let result = h
-        .server
-        .token(&credentials(&signed, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &signed).await;
 }
 
 #[tokio::test]
@@ -286,12 +275,7 @@ async fn an_assertion_for_another_audience_is_an_invalid_client() {
     elsewhere["aud"] = json!("https://other.example/auth/token");
     let signed = sign(key, &key.kid(), &elsewhere);
 
-    let result = h
-        .server
-        .token(&credentials(&signed, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &signed).await;
 }
 
 #[tokio::test]
@@ -303,12 +287,7 @@ async fn an_assertion_whose_subject_is_not_its_issuer_is_an_invalid_client() {
     mismatched["sub"] = json!("someone-else");
     let signed = sign(key, &key.kid(), &mismatched);
 
-    let result = h
-        .server
-        .token(&credentials(&signed, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &signed).await;
 }
 
 #[tokio::test]
@@ -341,12 +320,7 @@ async fn an_assertion_naming_an_unknown_kid_is_an_invalid_client() {
     let client_id = backend_client(&h, key).await;
     let signed = sign(key, "no-such-key", &claims(&h, &client_id));
 
-    let result = h
-        .server
-        .token(&credentials(&signed, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &signed).await;
 }
 
 #[tokio::test]
@@ -356,12 +330,7 @@ async fn an_assertion_signed_by_another_key_under_the_registered_kid_is_an_inval
     let client_id = backend_client(&h, key).await;
     let forged = sign(impostor_rsa_key(), &key.kid(), &claims(&h, &client_id));
 
-    let result = h
-        .server
-        .token(&credentials(&forged, "system/*.rs"), None)
-        .await;
-
-    refused(result, 401, "invalid_client");
+    refused_as_invalid_client(&h, &forged).await;
 }
 
 #[tokio::test]
