@@ -1,7 +1,7 @@
 //! The request pipeline: the one way into Haven's FHIR API.
 //!
-//! Every request, whatever its path, is handled by [`handle`], which runs these
-//! stages in this order:
+//! Every FHIR request, whatever its path, is handled by [`handle`], which runs
+//! these stages in this order:
 //!
 //! 1. **Admit**: request id (`X-Request-Id`), limits (header size 431, body size
 //!    413, JSON depth and duplicate keys 400, time 503), content negotiation
@@ -14,9 +14,11 @@
 //! 7. **Record** ([`Recorder`]): runs for every request, including refused and
 //!    timed-out ones, and fails the request if it fails (fail closed).
 //!
-//! Stages 2, 3, 4, 6 and 7 are trait objects in [`SecurityStages`]; until the
-//! SMART, consent and audit requirements fill them in they are [`AllowAll`].
-//! Batch and transaction entries are parsed into interactions too and pass
+//! Stages 2, 3, 4, 6 and 7 are trait objects in [`SecurityStages`]: the SMART
+//! stages (`crate::smart`) authenticate and authorize; consent, labels and audit
+//! are still [`AllowAll`]. With no stages given, everything is refused
+//! ([`DenyAll`]). After authentication the execute stage sees the store only
+//! through the authorizer's guard (`crate::guard`). Batch and transaction entries are parsed into interactions too and pass
 //! stages 3 and 4 one by one ([`Gate`]), so a Bundle cannot smuggle in what a
 //! direct request could not do.
 
@@ -87,7 +89,7 @@ pub struct RequestRecord<'a> {
     pub status: StatusCode,
 }
 
-/// Stage 2. The SMART requirement fills it: verify the bearer token (pinned
+/// Stage 2: verify the bearer token (pinned
 /// algorithms, expiry, audience, revocation); 401 otherwise.
 #[async_trait]
 pub trait Authenticator: Send + Sync + Debug {
