@@ -1,0 +1,720 @@
+//! FHIR R4 AuditEvents for requests and for authentication events.
+//!
+//! The shapes follow the IHE Basic Audit Log Patterns (BALP,
+//! <https://profiles.ihe.net/ITI/BALP/>) within the R4 AuditEvent definition
+//! (<https://hl7.org/fhir/R4/auditevent.html>):
+//!
+//! - a user agent (BALP "user"): `who.identifier.value` is the username and
+//!   `who.reference` the `fhirUser`; it is the requestor when present;
+//! - a client agent (BALP "client"): type DICOM 110153 Source Role ID, role
+//!   DICOM 110150 Application, `who.identifier.value` the OAuth `client_id`, and
+//!   the peer's network address; it is the requestor when there is no user;
+//! - a server agent (BALP "server"): type DICOM 110152 Destination Role ID,
+//!   `who.identifier.value` the server's identity, never the requestor;
+//! - `source.observer` names the server instance, typed Application Server;
+//! - entities for the data touched, the patient, and the request id (BALP
+//!   `XrequestId`), so one request's records can be found together.
+
+use std::net::IpAddr;
+
+use haven_model::clock::format_instant;
+use ring::digest::{digest, SHA256};
+use serde_json::{json, Map, Value};
+use time::OffsetDateTime;
+
+const DICOM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+const AUDIT_EVENT_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
+const RESTFUL_INTERACTION: &str = "http://hl7.org/fhir/restful-interaction";
+const SECURITY_SOURCE_TYPE: &str = "http://terminology.hl7.org/CodeSystem/security-source-type";
+const ENTITY_TYPE: &str = "http://terminology.hl7.org/CodeSystem/audit-entity-type";
+const OBJECT_ROLE: &str = "http://terminology.hl7.org/CodeSystem/object-role";
+const BALP_ENTITY_TYPE: &str = "https://profiles.ihe.net/ITI/BALP/CodeSystem/BasicAuditEntityType";
+const USER_TYPE: &str = "http://terminology.hl7.org/CodeSystem/extra-security-role-type";
+
+/// Haven's own subtype codes for authentication events; DICOM's codes alone do
+/// not tell a token refresh from a revocation.
+pub const AUTH_EVENT_SYSTEM: &str = "urn:haven:audit:auth-event";
+
+/// `AuditEvent.action` (R4 value set audit-event-action).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Create,
+    Read,
+    Update,
+    Delete,
+    Execute,
+}
+
+impl Action {
+    pub fn code(self) -> &'static str {
+        match self {
+            Action::Create => "C",
+            Action::Read => "R",
+            Action::Update => "U",
+            Action::Delete => "D",
+            Action::Execute => "E",
+        }
+    }
+}
+
+/// `AuditEvent.outcome` (R4 value set audit-event-outcome).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// 0: success.
+    Success,
+    /// 4: minor failure; the request was malformed or named something missing.
+    BadInput,
+    /// 8: serious failure; authentication or authorization refused the request.
+    Denied,
+    /// 12: major failure; the server failed.
+    ServerError,
+}
+
+impl Outcome {
+    pub fn code(self) -> &'static str {
+        match self {
+            Outcome::Success => "0",
+            Outcome::BadInput => "4",
+            Outcome::Denied => "8",
+            Outcome::ServerError => "12",
+        }
+    }
+}
+
+/// The person behind a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Who {
+    pub username: String,
+    /// The `fhirUser` reference, e.g. `Practitioner/123`, when the user has one.
+    pub fhir_user: Option<String>,
+}
+
+/// Data a request touched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entity {
+    /// A resource read or written, by versioned reference,
+    /// e.g. `Patient/1/_history/2`.
+    Resource(String),
+    /// A search, by its query as received, e.g. `Patient?name=smith`; stored in
+    /// base64 as `entity.query` requires.
+    Query(String),
+}
+
+/// What the pipeline knows about a FHIR request once it has been answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditFacts {
+    /// The FHIR restful interaction code: read, vread, update, patch, delete,
+    /// history-instance, history-type, history-system, create, search-type,
+    /// search-system, capabilities, transaction, batch or operation.
+    pub interaction: String,
+    pub action: Action,
+    pub outcome: Outcome,
+    pub outcome_description: Option<String>,
+    pub recorded: OffsetDateTime,
+    pub user: Option<Who>,
+    pub client_id: Option<String>,
+    /// The server's identity, e.g. its FHIR base URL.
+    pub server: String,
+    /// The name of the server instance that recorded the event.
+    pub source_observer: String,
+    /// The peer's IP address or host name, without a port.
+    pub network_address: Option<String>,
+    pub request_id: String,
+    pub entities: Vec<Entity>,
+    /// The id of the patient the data is about.
+    pub patient: Option<String>,
+}
+
+/// Builds the AuditEvent of one FHIR request (BALP RESTful patterns): type
+/// `rest`, the interaction as subtype.
+pub fn audit_event(facts: &AuditFacts) -> Value {
+    let mut event = header(
+        coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation"),
+        vec![json!({"system": RESTFUL_INTERACTION, "code": facts.interaction})],
+        facts.action,
+        facts.outcome,
+        facts.outcome_description.as_deref(),
+        facts.recorded,
+    );
+    let party = Party {
+        user: facts.user.as_ref(),
+        client_id: facts.client_id.as_deref(),
+        server: &facts.server,
+        network_address: facts.network_address.as_deref(),
+    };
+    event.insert("agent".into(), Value::Array(party.agents()));
+    event.insert("source".into(), source(&facts.source_observer));
+
+    let mut entities: Vec<Value> = facts.entities.iter().map(entity).collect();
+    if let Some(patient) = &facts.patient {
+        entities.push(json!({
+            "what": {"reference": format!("Patient/{patient}")},
+            "type": coding(ENTITY_TYPE, "1", "Person"),
+            "role": coding(OBJECT_ROLE, "1", "Patient"),
+        }));
+    }
+    entities.push(request_entity(&facts.request_id));
+    event.insert("entity".into(), Value::Array(entities));
+    Value::Object(event)
+}
+
+/// An authentication or authorization event; success or failure is the
+/// outcome in [`AuthFacts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthEventKind {
+    /// A user signing in.
+    Login,
+    /// The authorize endpoint's decision: approved or denied, with the scopes.
+    Authorize,
+    /// The token endpoint issuing or refusing a token.
+    Token,
+    /// A refresh token exchanged for a new access token.
+    Refresh,
+    Introspection,
+    Revocation,
+    ClientRegistration,
+    KeyRotation,
+}
+
+impl AuthEventKind {
+    /// `(type, DICOM subtype, action, Haven subtype code)`.
+    fn codes(self) -> (Value, Value, Action, &'static str) {
+        let authentication = coding(DICOM, "110114", "User Authentication");
+        let login = coding(DICOM, "110122", "Login");
+        let security_alert = coding(DICOM, "110113", "Security Alert");
+        let configuration = coding(DICOM, "110129", "Security Configuration");
+        match self {
+            AuthEventKind::Login => (authentication, login, Action::Execute, "login"),
+            AuthEventKind::Authorize => (authentication, login, Action::Execute, "authorize"),
+            AuthEventKind::Token => (authentication, login, Action::Execute, "token"),
+            AuthEventKind::Refresh => (authentication, login, Action::Execute, "refresh"),
+            AuthEventKind::Introspection => (authentication, login, Action::Read, "introspection"),
+            AuthEventKind::Revocation => (authentication, login, Action::Delete, "revocation"),
+            AuthEventKind::ClientRegistration => (
+                security_alert,
+                configuration,
+                Action::Create,
+                "client-registration",
+            ),
+            AuthEventKind::KeyRotation => (
+                security_alert,
+                configuration,
+                Action::Update,
+                "key-rotation",
+            ),
+        }
+    }
+}
+
+/// What the authorization server knows about an authentication event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuthFacts {
+    pub outcome: Outcome,
+    /// Why it failed, e.g. the RFC 6749 error code `invalid_grant`.
+    pub outcome_description: Option<String>,
+    pub recorded: OffsetDateTime,
+    pub user: Option<Who>,
+    pub client_id: Option<String>,
+    pub server: String,
+    pub source_observer: String,
+    pub network_address: Option<String>,
+    pub request_id: String,
+    /// The scopes requested or granted, space-separated as in OAuth.
+    pub scopes: Option<String>,
+    /// A [`token_fingerprint`] of the token concerned; never the token itself.
+    pub token_fingerprint: Option<String>,
+}
+
+/// Builds the AuditEvent of an authentication or authorization event. Logins
+/// and token work are DICOM 110114 User Authentication; client registration and
+/// key rotation are DICOM 110113 Security Alert (Security Configuration).
+pub fn auth_event(kind: AuthEventKind, facts: &AuthFacts) -> Value {
+    let (event_type, dicom_subtype, action, haven_code) = kind.codes();
+    let mut event = header(
+        event_type,
+        vec![
+            dicom_subtype,
+            json!({"system": AUTH_EVENT_SYSTEM, "code": haven_code}),
+        ],
+        action,
+        facts.outcome,
+        facts.outcome_description.as_deref(),
+        facts.recorded,
+    );
+    let party = Party {
+        user: facts.user.as_ref(),
+        client_id: facts.client_id.as_deref(),
+        server: &facts.server,
+        network_address: facts.network_address.as_deref(),
+    };
+    event.insert("agent".into(), Value::Array(party.agents()));
+    event.insert("source".into(), source(&facts.source_observer));
+
+    let mut entities = Vec::new();
+    if let Some(scopes) = &facts.scopes {
+        entities.push(json!({
+            "type": coding(ENTITY_TYPE, "2", "System Object"),
+            "description": "OAuth scopes",
+            "detail": [{"type": "scope", "valueString": scopes}],
+        }));
+    }
+    if let Some(fingerprint) = &facts.token_fingerprint {
+        entities.push(json!({
+            "type": coding(ENTITY_TYPE, "2", "System Object"),
+            "description": "OAuth token",
+            "detail": [{"type": "token-sha256", "valueString": fingerprint}],
+        }));
+    }
+    entities.push(request_entity(&facts.request_id));
+    event.insert("entity".into(), Value::Array(entities));
+    Value::Object(event)
+}
+
+/// The lowercase hex SHA-256 of a token: enough to match audit records about
+/// the same token without storing anything that could be replayed.
+pub fn token_fingerprint(token: &str) -> String {
+    digest(&SHA256, token.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn header(
+    event_type: Value,
+    subtype: Vec<Value>,
+    action: Action,
+    outcome: Outcome,
+    outcome_description: Option<&str>,
+    recorded: OffsetDateTime,
+) -> Map<String, Value> {
+    let mut event = Map::new();
+    event.insert("resourceType".into(), json!("AuditEvent"));
+    event.insert("type".into(), event_type);
+    event.insert("subtype".into(), Value::Array(subtype));
+    event.insert("action".into(), json!(action.code()));
+    event.insert("recorded".into(), json!(format_instant(recorded)));
+    event.insert("outcome".into(), json!(outcome.code()));
+    if let Some(description) = outcome_description {
+        event.insert("outcomeDesc".into(), json!(description));
+    }
+    event
+}
+
+/// Who took part in a request.
+struct Party<'a> {
+    user: Option<&'a Who>,
+    client_id: Option<&'a str>,
+    server: &'a str,
+    network_address: Option<&'a str>,
+}
+
+impl Party<'_> {
+    fn agents(&self) -> Vec<Value> {
+        let mut agents = Vec::new();
+        if let Some(user) = self.user {
+            let mut who = json!({"identifier": {"value": user.username}});
+            if let Some(fhir_user) = &user.fhir_user {
+                who["reference"] = json!(fhir_user);
+            }
+            agents.push(json!({
+                "type": {"coding": [coding(USER_TYPE, "humanuser", "human user")]},
+                "who": who,
+                "requestor": true,
+            }));
+        }
+        // An unauthenticated request still has a peer worth recording.
+        if self.client_id.is_some() || self.network_address.is_some() {
+            let mut client = json!({
+                "type": {"coding": [coding(DICOM, "110153", "Source Role ID")]},
+                "role": [{"coding": [coding(DICOM, "110150", "Application")]}],
+                "requestor": self.user.is_none(),
+            });
+            if let Some(client_id) = self.client_id {
+                client["who"] = json!({"identifier": {"value": client_id}});
+            }
+            if let Some(address) = self.network_address {
+                client["network"] = network(address);
+            }
+            agents.push(client);
+        }
+        agents.push(json!({
+            "type": {"coding": [coding(DICOM, "110152", "Destination Role ID")]},
+            "who": {"identifier": {"value": self.server}},
+            "requestor": false,
+        }));
+        agents
+    }
+}
+
+/// `agent.network` with its R4 type: 2 for an IP address, 1 for a machine name.
+fn network(address: &str) -> Value {
+    let kind = if address.parse::<IpAddr>().is_ok() {
+        "2"
+    } else {
+        "1"
+    };
+    json!({"address": address, "type": kind})
+}
+
+fn source(observer: &str) -> Value {
+    json!({
+        "observer": {"display": observer},
+        "type": [coding(SECURITY_SOURCE_TYPE, "4", "Application Server")],
+    })
+}
+
+fn entity(entity: &Entity) -> Value {
+    match entity {
+        Entity::Resource(reference) => json!({
+            "what": {"reference": reference},
+            "type": coding(ENTITY_TYPE, "2", "System Object"),
+            "role": coding(OBJECT_ROLE, "4", "Domain Resource"),
+        }),
+        Entity::Query(query) => json!({
+            "type": coding(ENTITY_TYPE, "2", "System Object"),
+            "role": coding(OBJECT_ROLE, "24", "Query"),
+            "query": base64(query.as_bytes()),
+        }),
+    }
+}
+
+fn request_entity(request_id: &str) -> Value {
+    json!({
+        "what": {"identifier": {"value": request_id}},
+        "type": coding(BALP_ENTITY_TYPE, "XrequestId", "X-Request-Id"),
+    })
+}
+
+fn coding(system: &str, code: &str, display: &str) -> Value {
+    json!({"system": system, "code": code, "display": display})
+}
+
+/// Standard base64 with padding (RFC 4648 §4), as FHIR base64Binary expects.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_model::validate::validate_resource;
+    use time::macros::datetime;
+
+    fn facts() -> AuditFacts {
+        AuditFacts {
+            interaction: "read".into(),
+            action: Action::Read,
+            outcome: Outcome::Success,
+            outcome_description: None,
+            recorded: datetime!(2026-03-01 10:00:00.5 UTC),
+            user: Some(Who {
+                username: "alice".into(),
+                fhir_user: Some("Practitioner/p1".into()),
+            }),
+            client_id: Some("growth-chart".into()),
+            server: "https://haven.test/fhir".into(),
+            source_observer: "haven-1".into(),
+            network_address: Some("192.0.2.7".into()),
+            request_id: "req-1".into(),
+            entities: vec![Entity::Resource("Patient/1/_history/3".into())],
+            patient: Some("1".into()),
+        }
+    }
+
+    fn auth_facts() -> AuthFacts {
+        AuthFacts {
+            outcome: Outcome::Success,
+            outcome_description: None,
+            recorded: datetime!(2026-03-01 10:00:00 UTC),
+            user: Some(Who {
+                username: "alice".into(),
+                fhir_user: None,
+            }),
+            client_id: Some("growth-chart".into()),
+            server: "https://haven.test/fhir".into(),
+            source_observer: "haven-1".into(),
+            network_address: Some("client.example.org".into()),
+            request_id: "req-2".into(),
+            scopes: Some("launch/patient patient/*.rs".into()),
+            token_fingerprint: Some(token_fingerprint("secret-token")),
+        }
+    }
+
+    fn assert_valid(resource: &Value) {
+        let errors: Vec<_> = validate_resource(resource)
+            .into_iter()
+            .filter(|issue| issue.is_error())
+            .collect();
+        assert!(errors.is_empty(), "{errors:?} in {resource:#}");
+    }
+
+    #[test]
+    fn a_read_event_has_the_balp_rest_shape() {
+        let event = audit_event(&facts());
+        assert_eq!(event["type"]["code"], "rest");
+        assert_eq!(event["subtype"][0]["system"], RESTFUL_INTERACTION);
+        assert_eq!(event["subtype"][0]["code"], "read");
+        assert_eq!(event["action"], "R");
+        assert_eq!(event["outcome"], "0");
+        assert_eq!(event["recorded"], "2026-03-01T10:00:00.500000Z");
+        assert_eq!(event["source"]["observer"]["display"], "haven-1");
+        assert_eq!(event["source"]["type"][0]["code"], "4");
+        assert!(event.get("outcomeDesc").is_none());
+    }
+
+    #[test]
+    fn the_user_requests_and_the_client_and_server_do_not() {
+        let event = audit_event(&facts());
+        let agents = event["agent"].as_array().unwrap();
+        assert_eq!(agents.len(), 3);
+        assert_eq!(agents[0]["who"]["identifier"]["value"], "alice");
+        assert_eq!(agents[0]["who"]["reference"], "Practitioner/p1");
+        assert_eq!(agents[0]["requestor"], true);
+        assert_eq!(agents[1]["who"]["identifier"]["value"], "growth-chart");
+        assert_eq!(agents[1]["role"][0]["coding"][0]["code"], "110150");
+        assert_eq!(
+            agents[1]["network"],
+            json!({"address": "192.0.2.7", "type": "2"})
+        );
+        assert_eq!(agents[1]["requestor"], false);
+        assert_eq!(
+            agents[2]["who"]["identifier"]["value"],
+            "https://haven.test/fhir"
+        );
+        assert_eq!(agents[2]["requestor"], false);
+    }
+
+    #[test]
+    fn without_a_user_the_client_is_the_requestor() {
+        let mut f = facts();
+        f.user = None;
+        let event = audit_event(&f);
+        assert_eq!(
+            event["agent"][0]["who"]["identifier"]["value"],
+            "growth-chart"
+        );
+        assert_eq!(event["agent"][0]["requestor"], true);
+    }
+
+    #[test]
+    fn an_anonymous_refusal_records_the_peer_address_and_the_reason() {
+        let mut f = facts();
+        f.user = None;
+        f.client_id = None;
+        f.outcome = Outcome::Denied;
+        f.outcome_description = Some("missing bearer token".into());
+        f.entities.clear();
+        f.patient = None;
+        let event = audit_event(&f);
+        assert_eq!(event["outcome"], "8");
+        assert_eq!(event["outcomeDesc"], "missing bearer token");
+        assert_eq!(event["agent"][0]["network"]["address"], "192.0.2.7");
+        assert!(event["agent"][0].get("who").is_none());
+        assert_eq!(event["agent"].as_array().unwrap().len(), 2);
+        assert_valid(&event);
+    }
+
+    #[test]
+    fn entities_carry_the_resource_the_query_the_patient_and_the_request_id() {
+        let mut f = facts();
+        f.interaction = "search-type".into();
+        f.entities = vec![
+            Entity::Query("Observation?patient=1&code=8867-4".into()),
+            Entity::Resource("Observation/9/_history/1".into()),
+        ];
+        let event = audit_event(&f);
+        let entities = event["entity"].as_array().unwrap();
+        assert_eq!(entities[0]["role"]["code"], "24");
+        assert_eq!(
+            entities[0]["query"],
+            "T2JzZXJ2YXRpb24/cGF0aWVudD0xJmNvZGU9ODg2Ny00"
+        );
+        assert_eq!(entities[1]["what"]["reference"], "Observation/9/_history/1");
+        assert_eq!(entities[1]["role"]["code"], "4");
+        assert_eq!(entities[2]["what"]["reference"], "Patient/1");
+        assert_eq!(entities[2]["role"]["code"], "1");
+        assert_eq!(entities[3]["what"]["identifier"]["value"], "req-1");
+        assert_eq!(entities[3]["type"]["code"], "XrequestId");
+    }
+
+    #[test]
+    fn outcomes_and_actions_use_the_r4_codes() {
+        let outcomes = [
+            (Outcome::Success, "0"),
+            (Outcome::BadInput, "4"),
+            (Outcome::Denied, "8"),
+            (Outcome::ServerError, "12"),
+        ];
+        for (outcome, code) in outcomes {
+            assert_eq!(outcome.code(), code);
+        }
+        let actions = [
+            (Action::Create, "C"),
+            (Action::Read, "R"),
+            (Action::Update, "U"),
+            (Action::Delete, "D"),
+            (Action::Execute, "E"),
+        ];
+        for (action, code) in actions {
+            assert_eq!(action.code(), code);
+        }
+    }
+
+    #[test]
+    fn the_validator_used_here_does_reject_a_malformed_event() {
+        // Guards the validity tests below against passing vacuously.
+        let mut event = audit_event(&facts());
+        event["outcome"] = json!(0);
+        event["agent"][0]["requestor"] = json!("yes");
+        let errors = validate_resource(&event)
+            .into_iter()
+            .filter(|issue| issue.is_error())
+            .count();
+        assert!(errors >= 2, "expected errors, got {errors}");
+    }
+
+    #[test]
+    fn every_request_event_is_a_valid_r4_audit_event() {
+        let interactions = [
+            ("read", Action::Read),
+            ("vread", Action::Read),
+            ("update", Action::Update),
+            ("patch", Action::Update),
+            ("delete", Action::Delete),
+            ("history-instance", Action::Read),
+            ("history-type", Action::Read),
+            ("history-system", Action::Read),
+            ("create", Action::Create),
+            ("search-type", Action::Execute),
+            ("search-system", Action::Execute),
+            ("capabilities", Action::Read),
+            ("transaction", Action::Execute),
+            ("batch", Action::Execute),
+            ("operation", Action::Execute),
+        ];
+        let outcomes = [
+            Outcome::Success,
+            Outcome::BadInput,
+            Outcome::Denied,
+            Outcome::ServerError,
+        ];
+        for (interaction, action) in interactions {
+            for outcome in outcomes {
+                let mut f = facts();
+                f.interaction = interaction.into();
+                f.action = action;
+                f.outcome = outcome;
+                f.outcome_description = Some("described".into());
+                f.entities.push(Entity::Query("_count=10".into()));
+                assert_valid(&audit_event(&f));
+            }
+        }
+    }
+
+    #[test]
+    fn every_auth_event_is_a_valid_r4_audit_event() {
+        let kinds = [
+            AuthEventKind::Login,
+            AuthEventKind::Authorize,
+            AuthEventKind::Token,
+            AuthEventKind::Refresh,
+            AuthEventKind::Introspection,
+            AuthEventKind::Revocation,
+            AuthEventKind::ClientRegistration,
+            AuthEventKind::KeyRotation,
+        ];
+        for kind in kinds {
+            assert_valid(&auth_event(kind, &auth_facts()));
+            let mut refused = auth_facts();
+            refused.outcome = Outcome::Denied;
+            refused.outcome_description = Some("invalid_grant".into());
+            refused.user = None;
+            refused.scopes = None;
+            refused.token_fingerprint = None;
+            assert_valid(&auth_event(kind, &refused));
+        }
+    }
+
+    #[test]
+    fn a_failed_login_is_a_user_authentication_event_with_the_reason() {
+        let mut f = auth_facts();
+        f.outcome = Outcome::Denied;
+        f.outcome_description = Some("wrong password".into());
+        let event = auth_event(AuthEventKind::Login, &f);
+        assert_eq!(event["type"]["code"], "110114");
+        assert_eq!(event["subtype"][0]["code"], "110122");
+        assert_eq!(event["subtype"][1]["code"], "login");
+        assert_eq!(event["outcome"], "8");
+        assert_eq!(event["outcomeDesc"], "wrong password");
+        assert_eq!(event["agent"][0]["who"]["identifier"]["value"], "alice");
+        assert_eq!(event["agent"][1]["network"]["type"], "1");
+    }
+
+    #[test]
+    fn key_rotation_is_a_security_configuration_alert() {
+        let event = auth_event(AuthEventKind::KeyRotation, &auth_facts());
+        assert_eq!(event["type"]["code"], "110113");
+        assert_eq!(event["subtype"][0]["code"], "110129");
+        assert_eq!(event["subtype"][1]["code"], "key-rotation");
+        assert_eq!(event["action"], "U");
+    }
+
+    #[test]
+    fn an_auth_event_stores_scopes_and_a_token_fingerprint_but_never_the_token() {
+        let event = auth_event(AuthEventKind::Token, &auth_facts());
+        let text = event.to_string();
+        assert!(!text.contains("secret-token"));
+        let entities = event["entity"].as_array().unwrap();
+        assert_eq!(
+            entities[0]["detail"][0]["valueString"],
+            "launch/patient patient/*.rs"
+        );
+        assert_eq!(
+            entities[1]["detail"][0]["valueString"],
+            token_fingerprint("secret-token")
+        );
+        assert_eq!(entities[2]["what"]["identifier"]["value"], "req-2");
+    }
+
+    #[test]
+    fn token_fingerprints_are_sha256_in_lowercase_hex() {
+        // `printf abc | sha256sum`.
+        assert_eq!(
+            token_fingerprint("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn base64_pads_as_rfc_4648_shows() {
+        // RFC 4648 §10 test vectors.
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (input, expected) in vectors {
+            assert_eq!(base64(input.as_bytes()), expected);
+        }
+    }
+}
