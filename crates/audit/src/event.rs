@@ -17,6 +17,9 @@
 
 use std::net::IpAddr;
 
+// FHIR base64Binary is standard base64 with padding (RFC 4648 §4).
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
 use haven_model::clock::format_instant;
 use ring::digest::{digest, SHA256};
 use serde_json::{json, Map, Value};
@@ -33,7 +36,7 @@ const USER_TYPE: &str = "http://terminology.hl7.org/CodeSystem/extra-security-ro
 
 /// Haven's own subtype codes for authentication events; DICOM's codes alone do
 /// not tell a token refresh from a revocation.
-pub const AUTH_EVENT_SYSTEM: &str = "urn:haven:audit:auth-event";
+pub const AUTH_EVENT_SYSTEM: &str = "urn:haven:audit-event-subtype";
 
 /// `AuditEvent.action` (R4 value set audit-event-action).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,7 +377,7 @@ fn entity(entity: &Entity) -> Value {
         Entity::Query(query) => json!({
             "type": coding(ENTITY_TYPE, "2", "System Object"),
             "role": coding(OBJECT_ROLE, "24", "Query"),
-            "query": base64(query.as_bytes()),
+            "query": STANDARD.encode(query.as_bytes()),
         }),
     }
 }
@@ -388,26 +391,6 @@ fn request_entity(request_id: &str) -> Value {
 
 fn coding(system: &str, code: &str, display: &str) -> Value {
     json!({"system": system, "code": code, "display": display})
-}
-
-/// Standard base64 with padding (RFC 4648 §4), as FHIR base64Binary expects.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 0x3f) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -699,22 +682,5 @@ mod tests {
             token_fingerprint("abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
-    }
-
-    #[test]
-    fn base64_pads_as_rfc_4648_shows() {
-        // RFC 4648 §10 test vectors.
-        let vectors = [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ];
-        for (input, expected) in vectors {
-            assert_eq!(base64(input.as_bytes()), expected);
-        }
     }
 }
