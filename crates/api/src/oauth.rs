@@ -574,22 +574,39 @@ fn display_name(resource: &Value) -> String {
     }
 }
 
+/// The pending request for the patient picker: owned by this browser, and
+/// only practitioners pick patients.
+async fn picking_pending(
+    state: &AuthState,
+    headers: &HeaderMap,
+    id: Option<&str>,
+) -> Result<Pending, Response> {
+    let (pending, user) = owned_pending(state, headers, id).await?;
+    if user.role == Role::Patient {
+        return Err(error_page(
+            StatusCode::FORBIDDEN,
+            "Patients cannot choose another record.",
+        ));
+    }
+    Ok(pending)
+}
+
+/// Whether `id` names a Patient that exists and is not deleted.
+async fn patient_exists(store: &dyn Store, id: &str) -> bool {
+    haven_model::id::is_valid_id(id)
+        && matches!(store.read("Patient", id).await, Ok(Some(v)) if !v.is_deleted())
+}
+
 async fn patient_picker(
     State(state): State<AuthState>,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let (pending, user) =
-        match owned_pending(&state, &headers, query.get("request").map(String::as_str)).await {
-            Ok(found) => found,
+    let pending =
+        match picking_pending(&state, &headers, query.get("request").map(String::as_str)).await {
+            Ok(pending) => pending,
             Err(response) => return response,
         };
-    if user.role == Role::Patient {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Patients cannot choose another record.",
-        );
-    }
     let q = query.get("q").map(String::as_str).unwrap_or_default();
     let list = patients(&*state.store, q).await;
     html(
@@ -604,26 +621,16 @@ async fn choose_patient(
     body: Bytes,
 ) -> Response {
     let form: HashMap<String, String> = pairs(&body).into_iter().collect();
-    let (pending, user) =
-        match owned_pending(&state, &headers, form.get("request").map(String::as_str)).await {
-            Ok(found) => found,
+    let pending =
+        match picking_pending(&state, &headers, form.get("request").map(String::as_str)).await {
+            Ok(pending) => pending,
             Err(response) => return response,
         };
-    if user.role == Role::Patient {
-        return error_page(
-            StatusCode::FORBIDDEN,
-            "Patients cannot choose another record.",
-        );
-    }
-    let Some(patient) = form
-        .get("patient")
-        .filter(|p| haven_model::id::is_valid_id(p))
-    else {
+    let Some(patient) = form.get("patient") else {
         return error_page(StatusCode::BAD_REQUEST, "Choose a patient.");
     };
-    match state.store.read("Patient", patient).await {
-        Ok(Some(v)) if !v.is_deleted() => {}
-        _ => return error_page(StatusCode::BAD_REQUEST, "That patient does not exist."),
+    if !patient_exists(&*state.store, patient).await {
+        return error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
     }
     match state.server.choose_patient(pending, patient).await {
         Ok(pending) => redirect(&format!("/auth/consent?request={}", pending.id)),
@@ -752,9 +759,7 @@ async fn launch(State(state): State<AuthState>, headers: HeaderMap, body: Bytes)
     let (Some(patient), Some(client_id)) = (form.get("patient"), form.get("client_id")) else {
         return error_page(StatusCode::BAD_REQUEST, "Choose a patient and an app.");
     };
-    if !haven_model::id::is_valid_id(patient)
-        || !matches!(state.store.read("Patient", patient).await, Ok(Some(ref v)) if !v.is_deleted())
-    {
+    if !patient_exists(&*state.store, patient).await {
         return error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
     }
     let context = LaunchContext {
