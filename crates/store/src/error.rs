@@ -1,6 +1,7 @@
 //! Storage errors, with the variants callers act on.
 
-#[derive(Debug, thiserror::Error)]
+/// Clone, so that one failed group append can answer each of its callers.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The id is taken.
     #[error("{resource_type}/{id} already exists")]

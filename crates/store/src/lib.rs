@@ -18,6 +18,7 @@ use haven_model::clock::Clock;
 use serde_json::Value;
 use time::OffsetDateTime;
 
+mod audit_log;
 mod auth_records;
 mod document;
 pub mod error;
@@ -26,6 +27,7 @@ mod query;
 pub mod sqlite;
 mod version;
 
+pub use audit_log::AuditWriter;
 pub use error::StoreError;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -224,6 +226,82 @@ pub trait Store: Send + Sync + Debug {
 
     /// The authorization server's records; see [`AuthRecords`].
     fn auth_records(&self) -> &dyn AuthRecords;
+
+    /// The append-only audit trail; see [`AuditLog`].
+    fn audit_log(&self) -> &dyn AuditLog;
+}
+
+/// One stored AuditEvent with its place in the hash chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    /// 1, 2, 3, ... in the order records were appended.
+    pub position: u64,
+    /// The AuditEvent as stored: `id` and `meta` stamped by the store.
+    pub event: Value,
+    /// The `hash` of the record before this one, or [`haven_audit::GENESIS`].
+    pub previous_hash: String,
+    /// `haven_audit::link_hash(previous_hash, canonical_json(event))`.
+    pub hash: String,
+}
+
+/// A search over the audit trail. Criteria are combined with AND; the values of
+/// one criterion are alternatives (OR). Results are newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuditQuery {
+    /// `_id`.
+    pub ids: Vec<String>,
+    /// `date`: `recorded` must satisfy every bound.
+    pub date: Vec<InstantBound>,
+    /// `agent`: an agent's `who.reference` (e.g. `Practitioner/1`) or
+    /// `who.identifier.value` (a username or client id) equals one of these.
+    pub agent: Vec<String>,
+    /// `patient`: `Patient/<id>` references; an entity or agent names the patient.
+    pub patient: Vec<String>,
+    /// `entity`: an entity's `what.reference` equals one of these, with or
+    /// without its `/_history/<version>` suffix (`Patient/1` matches
+    /// `Patient/1/_history/3`).
+    pub entity: Vec<String>,
+    /// `outcome`: `0`, `4`, `8` or `12`.
+    pub outcome: Vec<String>,
+    /// `action`: `C`, `R`, `U`, `D` or `E`.
+    pub action: Vec<String>,
+    /// `type`: a code of `AuditEvent.type`.
+    pub event_type: Vec<TokenValue>,
+    /// `subtype`: a code of `AuditEvent.subtype`.
+    pub subtype: Vec<TokenValue>,
+    pub count: u32,
+    pub offset: u64,
+    pub total: bool,
+    /// Only events it admits match (applied before paging and counting).
+    pub filter: Option<ContentFilter>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditPage {
+    /// Newest first.
+    pub records: Vec<AuditRecord>,
+    pub total: Option<u64>,
+    pub more: bool,
+}
+
+/// The audit trail: an append-only, hash-chained table of AuditEvents. Every
+/// append is committed before it returns; appends are serialized so the chain
+/// never forks, whichever connection or process appends.
+#[async_trait]
+pub trait AuditLog: Send + Sync {
+    /// Stamps `id` (a new UUID), `meta.versionId` (`1`) and `meta.lastUpdated`
+    /// (the clock) on each event, chains them in order after the current head and
+    /// commits them in one transaction: all are stored or none is.
+    async fn append(&self, events: Vec<Value>) -> Result<()>;
+
+    /// One AuditEvent by id.
+    async fn read(&self, id: &str) -> Result<Option<AuditRecord>>;
+
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage>;
+
+    /// Stored records in position order, starting after `after` (0: from the
+    /// first), at most `limit` of them: what `haven audit verify` walks.
+    async fn chain(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>>;
 }
 
 /// Small keyed JSON records of the authorization server (clients, users, codes,
@@ -304,6 +382,10 @@ pub trait StoreTx: Send {
 
     /// A search that sees this transaction's own writes (for conditional interactions).
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage>;
+
+    /// Appends AuditEvents to the audit trail as [`AuditLog::append`] does, but
+    /// inside this transaction: they commit with its writes or not at all.
+    async fn append_audit(&mut self, events: Vec<Value>) -> Result<()>;
 
     async fn commit(self: Box<Self>) -> Result<()>;
 }

@@ -17,13 +17,14 @@ use sqlx::types::Json;
 use sqlx::{Connection, PgPool, Row};
 use time::OffsetDateTime;
 
+use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
 use crate::auth_records::PostgresAuthRecords;
 use crate::document::{identifier_tokens, lead_with_stamped_fields};
 use crate::query::{self, Param, Sql};
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
-    AuthRecords, Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage,
-    SearchQuery, Store, StoreError, StoreTx,
+    AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, Change, HistoryPage,
+    HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
@@ -36,6 +37,7 @@ pub struct PostgresStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
     auth: PostgresAuthRecords,
+    audit: PostgresAuditLog,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -85,7 +87,16 @@ impl PostgresStore {
             readers: pool.clone(),
             clock: clock.clone(),
         };
-        Ok(Self { pool, clock, auth })
+        let audit = PostgresAuditLog {
+            pool: pool.clone(),
+            clock: clock.clone(),
+        };
+        Ok(Self {
+            pool,
+            clock,
+            auth,
+            audit,
+        })
     }
 }
 
@@ -100,6 +111,7 @@ impl Store for PostgresStore {
         Ok(Box::new(PostgresTx {
             tx,
             clock: self.clock.clone(),
+            audit_failed: false,
         }))
     }
 
@@ -149,6 +161,10 @@ impl Store for PostgresStore {
 
     fn auth_records(&self) -> &dyn AuthRecords {
         &self.auth
+    }
+
+    fn audit_log(&self) -> &dyn AuditLog {
+        &self.audit
     }
 
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
@@ -233,6 +249,9 @@ async fn read_current(
 struct PostgresTx {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     clock: Arc<dyn Clock>,
+    /// Set when an audit append failed. PostgreSQL answers COMMIT of a failed
+    /// transaction with a rollback, not an error, so the caller is told here.
+    audit_failed: bool,
 }
 
 /// Locks the resource's current row and returns its version number and whether it
@@ -448,8 +467,162 @@ impl StoreTx for PostgresTx {
         search_on(&mut self.tx, query).await
     }
 
+    async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
+        let appended = match audit_log::stamp_events(events, self.clock.now()) {
+            Ok(stamped) => append_audit_on(&mut self.tx, stamped).await,
+            Err(e) => Err(e),
+        };
+        if appended.is_err() {
+            self.audit_failed = true;
+        }
+        appended
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
+        if self.audit_failed {
+            // Dropping the transaction rolls it back.
+            return Err(audit_log::failed_in_transaction());
+        }
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The advisory lock every audit append holds until its transaction ends, so
+/// that appends from any connection or process follow one another ("havenaud").
+const AUDIT_CHAIN_LOCK: i64 = 0x6861_7665_6e61_7564;
+
+/// [`AuditLog`] on PostgreSQL.
+pub(crate) struct PostgresAuditLog {
+    pool: PgPool,
+    clock: Arc<dyn Clock>,
+}
+
+/// Takes the chain lock, links the records after the current head and inserts
+/// them with their index values. At READ COMMITTED the head query, run after the
+/// lock is granted, sees every append committed before.
+async fn append_audit_on(conn: &mut PgConnection, stamped: Vec<Stamped>) -> Result<()> {
+    if stamped.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(AUDIT_CHAIN_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT position, hash FROM audit_events ORDER BY position DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let records = audit_log::link(head, stamped);
+    let mut positions = Vec::with_capacity(records.len());
+    let mut ids = Vec::with_capacity(records.len());
+    let mut recorded = Vec::with_capacity(records.len());
+    let mut events = Vec::with_capacity(records.len());
+    let mut previous_hashes = Vec::with_capacity(records.len());
+    let mut hashes = Vec::with_capacity(records.len());
+    let (mut index_positions, mut params, mut systems, mut values) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for record in records {
+        for entry in record.stamped.index {
+            index_positions.push(record.position);
+            params.push(entry.param);
+            systems.push(entry.system);
+            values.push(entry.value);
+        }
+        positions.push(record.position);
+        ids.push(record.stamped.id);
+        recorded.push(record.stamped.recorded);
+        events.push(record.stamped.text);
+        previous_hashes.push(record.previous_hash);
+        hashes.push(record.hash);
+    }
+    // One statement per table for the whole group.
+    sqlx::query(
+        "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) \
+         SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::timestamptz[], $4::text[], \
+         $5::text[], $6::text[])",
+    )
+    .bind(positions)
+    .bind(ids)
+    .bind(recorded)
+    .bind(events)
+    .bind(previous_hashes)
+    .bind(hashes)
+    .execute(&mut *conn)
+    .await?;
+    if !index_positions.is_empty() {
+        sqlx::query(
+            "INSERT INTO audit_index (position, param, system, value) \
+             SELECT * FROM UNNEST($1::bigint[], $2::text[], $3::text[], $4::text[])",
+        )
+        .bind(index_positions)
+        .bind(params)
+        .bind(systems)
+        .bind(values)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+fn decode_record(row: &PgRow) -> Result<AuditRecord> {
+    audit_log::decode(
+        row.try_get(0)?,
+        row.try_get::<&str, _>(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    )
+}
+
+#[async_trait]
+impl AuditLog for PostgresAuditLog {
+    async fn append(&self, events: Vec<Value>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let stamped = audit_log::stamp_events(events, self.clock.now())?;
+        let mut tx = self.pool.begin().await?;
+        append_audit_on(&mut tx, stamped).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<AuditRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_events a WHERE a.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(decode_record).transpose()
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let (page, count) = audit_log::search(query::POSTGRES, query);
+        let mut conn = self.pool.acquire().await?;
+        let rows = if query.count > 0 || query.filter.is_some() {
+            bind_all(&page).fetch_all(&mut *conn).await?
+        } else {
+            Vec::new()
+        };
+        let total = match count {
+            Some(count) => Some(fetch_count(&mut conn, &count).await?),
+            None => None,
+        };
+        let records = rows.iter().map(decode_record).collect::<Result<_>>()?;
+        Ok(audit_log::page(query, records, total))
+    }
+
+    async fn chain(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = sqlx::query(&format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_events a WHERE a.position > $1 \
+             ORDER BY a.position LIMIT $2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(decode_record).collect()
     }
 }

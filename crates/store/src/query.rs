@@ -46,7 +46,7 @@ pub(crate) struct Sql {
 }
 
 impl Sql {
-    fn new(dialect: Dialect, text: &str) -> Self {
+    pub(crate) fn new(dialect: Dialect, text: &str) -> Self {
         Self {
             text: text.to_owned(),
             params: Vec::new(),
@@ -54,12 +54,12 @@ impl Sql {
         }
     }
 
-    fn push(&mut self, fragment: &str) -> &mut Self {
+    pub(crate) fn push(&mut self, fragment: &str) -> &mut Self {
         self.text.push_str(fragment);
         self
     }
 
-    fn bind(&mut self, param: Param) -> &mut Self {
+    pub(crate) fn bind(&mut self, param: Param) -> &mut Self {
         self.params.push(param);
         let _ = write!(
             self.text,
@@ -178,7 +178,7 @@ fn search_criteria(sql: &mut Sql, query: &SearchQuery) -> Result<()> {
 
 /// Stored instants have microsecond precision; a bound finer than that is
 /// rounded so that the comparison keeps its meaning.
-fn instant_bound(sql: &mut Sql, column: &str, bound: &InstantBound) {
+pub(crate) fn instant_bound(sql: &mut Sql, column: &str, bound: &InstantBound) {
     let micros = bound.instant.microsecond();
     let truncated = bound
         .instant

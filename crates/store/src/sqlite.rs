@@ -22,13 +22,14 @@ use sqlx::{Row, SqlitePool};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
 use crate::auth_records::SqliteAuthRecords;
 use crate::document::identifier_tokens;
 use crate::query::{self, Param, Sql};
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
-    AuthRecords, Backend, Change, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage,
-    SearchQuery, Store, StoreError, StoreTx,
+    AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, Change, HistoryPage,
+    HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
@@ -44,6 +45,7 @@ pub struct SqliteStore {
     readers: SqlitePool,
     clock: Arc<dyn Clock>,
     auth: SqliteAuthRecords,
+    audit: SqliteAuditLog,
     /// Set for `sqlite::memory:`, which is backed by a temporary file (see [`options`]).
     _scratch: Option<ScratchFile>,
 }
@@ -145,11 +147,17 @@ impl SqliteStore {
             readers: readers.clone(),
             clock: clock.clone(),
         };
+        let audit = SqliteAuditLog {
+            writer: writer.clone(),
+            readers: readers.clone(),
+            clock: clock.clone(),
+        };
         Ok(Self {
             writer,
             readers,
             clock,
             auth,
+            audit,
             _scratch: scratch,
         })
     }
@@ -166,6 +174,7 @@ impl Store for SqliteStore {
         Ok(Box::new(SqliteTx {
             tx,
             clock: self.clock.clone(),
+            audit_failed: false,
         }))
     }
 
@@ -214,6 +223,10 @@ impl Store for SqliteStore {
 
     fn auth_records(&self) -> &dyn AuthRecords {
         &self.auth
+    }
+
+    fn audit_log(&self) -> &dyn AuditLog {
+        &self.audit
     }
 
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
@@ -312,6 +325,9 @@ async fn read_current(
 struct SqliteTx {
     tx: sqlx::Transaction<'static, sqlx::Sqlite>,
     clock: Arc<dyn Clock>,
+    /// Set when an audit append failed: SQLite undoes only the failing statement,
+    /// so the transaction must not commit what came before it.
+    audit_failed: bool,
 }
 
 /// The current pointer of a resource: its version number and whether it is deleted.
@@ -515,8 +531,133 @@ impl StoreTx for SqliteTx {
         search_on(&mut self.tx, query).await
     }
 
+    async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
+        let appended = match audit_log::stamp_events(events, self.clock.now()) {
+            Ok(stamped) => append_audit_on(&mut self.tx, stamped).await,
+            Err(e) => Err(e),
+        };
+        if appended.is_err() {
+            self.audit_failed = true;
+        }
+        appended
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
+        if self.audit_failed {
+            // Dropping the transaction rolls it back.
+            return Err(audit_log::failed_in_transaction());
+        }
         self.tx.commit().await?;
         Ok(())
+    }
+}
+
+/// [`AuditLog`] on SQLite. Appends go through the single writer connection
+/// with `BEGIN IMMEDIATE`, which also excludes writers in other processes, so
+/// the head read inside the transaction is the head the new records follow.
+pub(crate) struct SqliteAuditLog {
+    writer: SqlitePool,
+    readers: SqlitePool,
+    clock: Arc<dyn Clock>,
+}
+
+/// Links the records after the current head and inserts them with their index
+/// values; the connection must hold the write lock.
+async fn append_audit_on(conn: &mut SqliteConnection, stamped: Vec<Stamped>) -> Result<()> {
+    if stamped.is_empty() {
+        return Ok(());
+    }
+    let head: Option<(i64, String)> =
+        sqlx::query_as("SELECT position, hash FROM audit_events ORDER BY position DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    for record in audit_log::link(head, stamped) {
+        sqlx::query(
+            "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(record.position)
+        .bind(&record.stamped.id)
+        .bind(format_instant(record.stamped.recorded))
+        .bind(&record.stamped.text)
+        .bind(&record.previous_hash)
+        .bind(&record.hash)
+        .execute(&mut *conn)
+        .await?;
+        for entry in &record.stamped.index {
+            sqlx::query(
+                "INSERT INTO audit_index (position, param, system, value) \
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .bind(record.position)
+            .bind(entry.param)
+            .bind(&entry.system)
+            .bind(&entry.value)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+fn decode_record(row: &SqliteRow) -> Result<AuditRecord> {
+    audit_log::decode(
+        row.try_get(0)?,
+        row.try_get::<&str, _>(1)?,
+        row.try_get(2)?,
+        row.try_get(3)?,
+    )
+}
+
+#[async_trait]
+impl AuditLog for SqliteAuditLog {
+    async fn append(&self, events: Vec<Value>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let stamped = audit_log::stamp_events(events, self.clock.now())?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        append_audit_on(&mut tx, stamped).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<AuditRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_events a WHERE a.id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.readers)
+        .await?;
+        row.as_ref().map(decode_record).transpose()
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let (page, count) = audit_log::search(query::SQLITE, query);
+        let mut conn = self.readers.acquire().await?;
+        let rows = if query.count > 0 || query.filter.is_some() {
+            fetch_all(&mut conn, &page).await?
+        } else {
+            Vec::new()
+        };
+        let total = match count {
+            Some(count) => Some(fetch_count(&mut conn, &count).await?),
+            None => None,
+        };
+        let records = rows.iter().map(decode_record).collect::<Result<_>>()?;
+        Ok(audit_log::page(query, records, total))
+    }
+
+    async fn chain(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = sqlx::query(&format!(
+            "SELECT {RECORD_COLUMNS} FROM audit_events a WHERE a.position > ?1 \
+             ORDER BY a.position LIMIT ?2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await?;
+        rows.iter().map(decode_record).collect()
     }
 }

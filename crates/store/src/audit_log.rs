@@ -1,0 +1,562 @@
+//! The audit trail's parts shared by both backends: stamping and linking new
+//! records, the values the search index holds, the search SQL, and
+//! [`AuditWriter`], which appends events in groups.
+
+use std::sync::Arc;
+
+use haven_audit::canonical::canonical_json;
+use haven_audit::{link_hash, StoredLink, GENESIS};
+use haven_model::id::new_id;
+use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::document::stamp;
+use crate::query::{instant_bound, Dialect, Param, Sql};
+use crate::{AuditPage, AuditQuery, AuditRecord, Result, Store, StoreError, TokenValue};
+
+impl From<AuditRecord> for StoredLink {
+    fn from(record: AuditRecord) -> Self {
+        StoredLink {
+            position: record.position,
+            record: record.event,
+            previous_hash: record.previous_hash,
+            hash: record.hash,
+        }
+    }
+}
+
+/// At most this many events are appended in one transaction.
+const GROUP_LIMIT: usize = 512;
+/// Callers wait to queue once this many events are waiting (back pressure).
+const QUEUE_LIMIT: usize = 8192;
+
+struct Queued {
+    event: Value,
+    answer: oneshot::Sender<Result<()>>,
+}
+
+/// Group commit for audit appends: events queued by many callers at once are
+/// appended in one transaction, so a busy server pays for one commit (and, on
+/// PostgreSQL, one turn of the chain lock) per group rather than per event.
+///
+/// Clones share the one background task, which ends when the last clone is dropped.
+#[derive(Clone)]
+pub struct AuditWriter {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl std::fmt::Debug for AuditWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditWriter")
+            .field("stopped", &self.queue.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditWriter {
+    /// Starts the background task that appends queued events in groups.
+    /// Must be called inside a Tokio runtime.
+    pub fn start(store: Arc<dyn Store>) -> Self {
+        let (queue, queued) = mpsc::channel(QUEUE_LIMIT);
+        tokio::spawn(run(store, queued));
+        Self { queue }
+    }
+
+    /// Queues one event and waits until the group holding it is committed;
+    /// an error means it was not stored.
+    pub async fn append(&self, event: Value) -> Result<()> {
+        // Checked here so that one malformed event cannot fail the others of its group.
+        if !event.is_object() {
+            return Err(StoreError::Database(
+                "an AuditEvent must be a JSON object".into(),
+            ));
+        }
+        let (answer, answered) = oneshot::channel();
+        self.queue
+            .send(Queued { event, answer })
+            .await
+            .map_err(|_| stopped())?;
+        // A dropped answer means the task ended before committing: never Ok.
+        answered.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the audit writer has stopped".into())
+}
+
+async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
+    let mut group = Vec::with_capacity(GROUP_LIMIT);
+    // Waits for one event, then takes whatever else is already queued.
+    while queued.recv_many(&mut group, GROUP_LIMIT).await > 0 {
+        let (events, answers): (Vec<_>, Vec<_>) = group
+            .drain(..)
+            .map(|queued| (queued.event, queued.answer))
+            .unzip();
+        let result = store.audit_log().append(events).await;
+        if let Err(error) = &result {
+            tracing::error!(%error, events = answers.len(), "audit events were not stored");
+        }
+        for answer in answers {
+            // A caller that stopped waiting needs no answer.
+            let _ = answer.send(result.clone());
+        }
+    }
+}
+
+/// What committing a transaction whose audit append failed returns.
+pub(crate) fn failed_in_transaction() -> StoreError {
+    StoreError::Database("an audit append failed, so the transaction was rolled back".into())
+}
+
+/// One search value of an event: `param` is the search parameter, `system`
+/// is `""` except for `type` and `subtype` codings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IndexEntry {
+    pub param: &'static str,
+    pub system: String,
+    pub value: String,
+}
+
+/// An event stamped and serialized, ready to be linked after the head.
+#[derive(Debug)]
+pub(crate) struct Stamped {
+    pub id: String,
+    pub recorded: OffsetDateTime,
+    pub text: String,
+    canonical: String,
+    pub index: Vec<IndexEntry>,
+}
+
+/// A record ready to be inserted.
+#[derive(Debug)]
+pub(crate) struct Linked {
+    pub position: i64,
+    pub previous_hash: String,
+    pub hash: String,
+    pub stamped: Stamped,
+}
+
+/// Stamps `id`, `meta.versionId` and `meta.lastUpdated` on each event and
+/// prepares what is stored with it. Done before the chain lock is taken.
+pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Vec<Stamped>> {
+    events
+        .into_iter()
+        .map(|event| {
+            let id = new_id();
+            let event = stamp(event, "AuditEvent", &id, 1, now)?;
+            let text = serde_json::to_string(&event).map_err(|e| {
+                StoreError::Database(format!("an AuditEvent cannot be serialized: {e}"))
+            })?;
+            // Hashed as a reader will see it: the stored text parsed back.
+            let stored: Value = serde_json::from_str(&text).map_err(|e| {
+                StoreError::Database(format!("an AuditEvent does not read back: {e}"))
+            })?;
+            Ok(Stamped {
+                recorded: recorded(&stored).unwrap_or(now),
+                index: index_entries(&stored),
+                canonical: canonical_json(&stored),
+                id,
+                text,
+            })
+        })
+        .collect()
+}
+
+/// Links stamped events, in order, after the head of the chain (its position
+/// and hash; `None` for an empty chain).
+pub(crate) fn link(head: Option<(i64, String)>, stamped: Vec<Stamped>) -> Vec<Linked> {
+    let (mut position, mut previous_hash) = head.unwrap_or((0, GENESIS.to_owned()));
+    stamped
+        .into_iter()
+        .map(|stamped| {
+            position += 1;
+            let hash = link_hash(&previous_hash, &stamped.canonical);
+            Linked {
+                position,
+                previous_hash: std::mem::replace(&mut previous_hash, hash.clone()),
+                hash,
+                stamped,
+            }
+        })
+        .collect()
+}
+
+/// The event's `recorded` instant in UTC with microseconds, if it has a valid one.
+fn recorded(event: &Value) -> Option<OffsetDateTime> {
+    let text = event.get("recorded")?.as_str()?;
+    let instant = OffsetDateTime::parse(text, &Rfc3339)
+        .ok()?
+        .to_offset(UtcOffset::UTC);
+    let micros = instant.microsecond();
+    Some(instant.replace_microsecond(micros).unwrap_or(instant))
+}
+
+/// The elements of a JSON array, or the value itself when it is a single object.
+fn items(value: Option<&Value>) -> impl Iterator<Item = &Value> {
+    let slice: &[Value] = match value {
+        Some(Value::Array(items)) => items,
+        Some(item @ Value::Object(_)) => std::slice::from_ref(item),
+        _ => &[],
+    };
+    slice.iter()
+}
+
+/// A reference without its `/_history/<version>` suffix.
+fn unversioned(reference: &str) -> &str {
+    reference
+        .find("/_history/")
+        .map_or(reference, |at| &reference[..at])
+}
+
+/// The values [`AuditQuery`] searches, taken from an event.
+pub(crate) fn index_entries(event: &Value) -> Vec<IndexEntry> {
+    let mut entries: Vec<IndexEntry> = Vec::new();
+    let mut add = |param: &'static str, system: &str, value: &str| {
+        if value.is_empty() {
+            return;
+        }
+        let entry = IndexEntry {
+            param,
+            system: system.to_owned(),
+            value: value.to_owned(),
+        };
+        if !entries.contains(&entry) {
+            entries.push(entry);
+        }
+    };
+    let text = |value: &Value, path: &[&str]| -> Option<String> {
+        let mut at = value;
+        for key in path {
+            at = at.get(key)?;
+        }
+        at.as_str().map(str::to_owned)
+    };
+    for agent in items(event.get("agent")) {
+        if let Some(reference) = text(agent, &["who", "reference"]) {
+            add("agent", "", &reference);
+            if reference.starts_with("Patient/") {
+                add("patient", "", unversioned(&reference));
+            }
+        }
+        if let Some(value) = text(agent, &["who", "identifier", "value"]) {
+            add("agent", "", &value);
+        }
+    }
+    for entity in items(event.get("entity")) {
+        if let Some(reference) = text(entity, &["what", "reference"]) {
+            add("entity", "", &reference);
+            add("entity", "", unversioned(&reference));
+            if reference.starts_with("Patient/") {
+                add("patient", "", unversioned(&reference));
+            }
+        }
+    }
+    for param in ["outcome", "action"] {
+        if let Some(value) = text(event, &[param]) {
+            add(param, "", &value);
+        }
+    }
+    let codings = items(event.get("type"))
+        .map(|coding| ("type", coding))
+        .chain(items(event.get("subtype")).map(|coding| ("subtype", coding)));
+    for (param, coding) in codings {
+        if let Some(code) = text(coding, &["code"]) {
+            let system = text(coding, &["system"]).unwrap_or_default();
+            add(param, &system, &code);
+        }
+    }
+    entries
+}
+
+/// Columns of a record row, in the order the backends decode them.
+pub(crate) const RECORD_COLUMNS: &str = "a.position, a.event, a.previous_hash, a.hash";
+
+/// A record from its stored columns.
+pub(crate) fn decode(
+    position: i64,
+    event: &str,
+    previous_hash: String,
+    hash: String,
+) -> Result<AuditRecord> {
+    let event = serde_json::from_str(event)
+        .map_err(|e| StoreError::Database(format!("stored AuditEvent is not JSON: {e}")))?;
+    Ok(AuditRecord {
+        position: u64::try_from(position)
+            .map_err(|_| StoreError::Database(format!("stored audit position {position}")))?,
+        event,
+        previous_hash,
+        hash,
+    })
+}
+
+/// The page query and, when asked for, the count query of an audit search.
+pub(crate) fn search(dialect: Dialect, query: &AuditQuery) -> (Sql, Option<Sql>) {
+    let mut page = Sql::new(
+        dialect,
+        &format!("SELECT {RECORD_COLUMNS} FROM audit_events a"),
+    );
+    criteria(&mut page, query);
+    page.push(" ORDER BY a.position DESC");
+    // A content filter pages and counts after filtering, so every candidate is read.
+    if query.filter.is_some() {
+        return (page, None);
+    }
+    page.push(&format!(
+        " LIMIT {} OFFSET {}",
+        u64::from(query.count) + 1,
+        query.offset
+    ));
+    let count = query.total.then(|| {
+        let mut count = Sql::new(dialect, "SELECT COUNT(*) FROM audit_events a");
+        criteria(&mut count, query);
+        count
+    });
+    (page, count)
+}
+
+fn criteria(sql: &mut Sql, query: &AuditQuery) {
+    sql.push(" WHERE 1 = 1");
+    if !query.ids.is_empty() {
+        sql.push(" AND a.id IN (");
+        for (n, id) in query.ids.iter().enumerate() {
+            if n > 0 {
+                sql.push(", ");
+            }
+            sql.bind(Param::Text(id.clone()));
+        }
+        sql.push(")");
+    }
+    for bound in &query.date {
+        instant_bound(sql, "a.recorded", bound);
+    }
+    values(sql, "agent", &query.agent);
+    values(sql, "patient", &query.patient);
+    values(sql, "entity", &query.entity);
+    values(sql, "outcome", &query.outcome);
+    values(sql, "action", &query.action);
+    tokens(sql, "type", &query.event_type);
+    tokens(sql, "subtype", &query.subtype);
+}
+
+/// Opens an index lookup for `param`, a fixed name (never caller input).
+fn index_lookup(sql: &mut Sql, param: &'static str) {
+    sql.push(
+        " AND EXISTS (SELECT 1 FROM audit_index i WHERE i.position = a.position AND i.param = '",
+    )
+    .push(param)
+    .push("' AND ");
+}
+
+fn values(sql: &mut Sql, param: &'static str, values: &[String]) {
+    if values.is_empty() {
+        return;
+    }
+    index_lookup(sql, param);
+    sql.push("i.value IN (");
+    for (n, value) in values.iter().enumerate() {
+        if n > 0 {
+            sql.push(", ");
+        }
+        sql.bind(Param::Text(value.clone()));
+    }
+    sql.push("))");
+}
+
+fn tokens(sql: &mut Sql, param: &'static str, tokens: &[TokenValue]) {
+    if tokens.is_empty() {
+        return;
+    }
+    index_lookup(sql, param);
+    sql.push("(");
+    for (n, token) in tokens.iter().enumerate() {
+        if n > 0 {
+            sql.push(" OR ");
+        }
+        match (&token.system, &token.code) {
+            (Some(system), Some(code)) => {
+                sql.push("(i.system = ")
+                    .bind(Param::Text(system.clone()))
+                    .push(" AND i.value = ")
+                    .bind(Param::Text(code.clone()))
+                    .push(")");
+            }
+            (Some(system), None) => {
+                sql.push("i.system = ").bind(Param::Text(system.clone()));
+            }
+            (None, Some(code)) => {
+                sql.push("i.value = ").bind(Param::Text(code.clone()));
+            }
+            (None, None) => {
+                sql.push("1 = 1");
+            }
+        }
+    }
+    sql.push("))");
+}
+
+/// Cuts the fetched rows (one more than the page size, or every candidate
+/// when a content filter applies) into a page.
+pub(crate) fn page(
+    query: &AuditQuery,
+    mut records: Vec<AuditRecord>,
+    mut total: Option<u64>,
+) -> AuditPage {
+    let limit = query.count as usize;
+    if let Some(filter) = &query.filter {
+        records.retain(|record| filter.admits(&record.event));
+        if query.total {
+            total = Some(records.len() as u64);
+        }
+        let skip = usize::try_from(query.offset).unwrap_or(usize::MAX);
+        records.drain(..skip.min(records.len()));
+        let more = records.len() > limit;
+        records.truncate(limit);
+        return AuditPage {
+            records,
+            total,
+            more,
+        };
+    }
+    let more = if query.count > 0 {
+        records.len() > limit
+    } else {
+        // Nothing was fetched; more follow exactly when anything is past the offset.
+        total.is_some_and(|total| total > query.offset)
+    };
+    records.truncate(limit);
+    AuditPage {
+        records,
+        total,
+        more,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use time::macros::datetime;
+
+    fn values_of(entries: &[IndexEntry], param: &str) -> Vec<(String, String)> {
+        entries
+            .iter()
+            .filter(|e| e.param == param)
+            .map(|e| (e.system.clone(), e.value.clone()))
+            .collect()
+    }
+
+    fn plain(values: &[&str]) -> Vec<(String, String)> {
+        values
+            .iter()
+            .map(|v| (String::new(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn index_entries_cover_every_searchable_element() {
+        let event = json!({
+            "resourceType": "AuditEvent",
+            "type": {"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "110112"},
+            "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": "read"},
+                        {"code": "bare"}],
+            "action": "R",
+            "outcome": "0",
+            "agent": [
+                {"who": {"reference": "Practitioner/7", "identifier": {"value": "client-1"}}},
+                {"who": {"reference": "Patient/9/_history/2"}}
+            ],
+            "entity": [
+                {"what": {"reference": "Patient/1/_history/3"}},
+                {"what": {"reference": "Observation/5"}},
+                {"what": {"identifier": {"value": "no reference"}}}
+            ]
+        });
+        let entries = index_entries(&event);
+        assert_eq!(
+            values_of(&entries, "agent"),
+            plain(&["Practitioner/7", "client-1", "Patient/9/_history/2"])
+        );
+        assert_eq!(
+            values_of(&entries, "patient"),
+            plain(&["Patient/9", "Patient/1"])
+        );
+        assert_eq!(
+            values_of(&entries, "entity"),
+            plain(&["Patient/1/_history/3", "Patient/1", "Observation/5"])
+        );
+        assert_eq!(values_of(&entries, "outcome"), plain(&["0"]));
+        assert_eq!(values_of(&entries, "action"), plain(&["R"]));
+        assert_eq!(
+            values_of(&entries, "type"),
+            [(
+                "http://dicom.nema.org/resources/ontology/DCM".to_owned(),
+                "110112".to_owned()
+            )]
+        );
+        assert_eq!(
+            values_of(&entries, "subtype"),
+            [
+                (
+                    "http://hl7.org/fhir/restful-interaction".to_owned(),
+                    "read".to_owned()
+                ),
+                (String::new(), "bare".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn stamped_events_are_linked_after_the_head_in_order() {
+        let now = datetime!(2026-03-01 12:00:00 UTC);
+        let stamped = stamp_events(
+            vec![
+                json!({"recorded": "2026-03-01T13:00:00.1234567+01:00"}),
+                json!({"id": "client-chosen", "meta": {"versionId": "9"}}),
+            ],
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            stamped[0].recorded,
+            datetime!(2026-03-01 12:00:00.123456 UTC)
+        );
+        // Without a valid recorded instant the append time stands in.
+        assert_eq!(stamped[1].recorded, now);
+        let second: Value = serde_json::from_str(&stamped[1].text).unwrap();
+        assert_eq!(second["resourceType"], "AuditEvent");
+        assert_eq!(second["id"], stamped[1].id.as_str());
+        assert_ne!(second["id"], "client-chosen");
+        assert_eq!(second["meta"]["versionId"], "1");
+        assert_eq!(second["meta"]["lastUpdated"], "2026-03-01T12:00:00.000000Z");
+
+        let first_canonical = stamped[0].canonical.clone();
+        let linked = link(Some((4, "h4".to_owned())), stamped);
+        assert_eq!(linked[0].position, 5);
+        assert_eq!(linked[0].previous_hash, "h4");
+        assert_eq!(linked[0].hash, link_hash("h4", &first_canonical));
+        assert_eq!(linked[1].position, 6);
+        assert_eq!(linked[1].previous_hash, linked[0].hash);
+
+        let first = link(None, stamp_events(vec![json!({})], now).unwrap());
+        assert_eq!(first[0].position, 1);
+        assert_eq!(first[0].previous_hash, GENESIS);
+    }
+
+    #[test]
+    fn a_record_converts_to_a_link_that_verifies() {
+        let now = datetime!(2026-03-01 12:00:00 UTC);
+        let links: Vec<StoredLink> =
+            link(None, stamp_events(vec![json!({}), json!({})], now).unwrap())
+                .into_iter()
+                .map(|l| {
+                    decode(l.position, &l.stamped.text, l.previous_hash, l.hash)
+                        .unwrap()
+                        .into()
+                })
+                .collect();
+        assert_eq!(haven_audit::verify(&links), Ok(2));
+    }
+}
