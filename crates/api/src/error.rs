@@ -140,6 +140,16 @@ impl ApiError {
         }
     }
 
+    /// The reason an audit record gives: the refusal's own words, which name the
+    /// failed check (an expired token, say); never an internal error's details.
+    pub fn audit_description(&self) -> String {
+        if self.is_internal() {
+            "the server failed to answer the request".into()
+        } else {
+            self.to_string()
+        }
+    }
+
     /// Whether the details must stay in the log.
     pub fn is_internal(&self) -> bool {
         self.status().is_server_error() && !matches!(self, ApiError::Timeout)

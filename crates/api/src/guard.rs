@@ -12,8 +12,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use haven_auth::scope::Permission;
 use haven_store::{
-    AuthRecords, Backend, ContentFilter, HistoryPage, HistoryQuery, ResourceVersion, Result,
-    SearchPage, SearchQuery, Store, StoreError, StoreTx,
+    AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, ContentFilter, HistoryPage,
+    HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
 };
 use serde_json::Value;
 
@@ -86,11 +86,66 @@ fn check_read(
 pub(crate) struct GuardedStore {
     inner: Arc<dyn Store>,
     guard: Arc<dyn ContentGuard>,
+    audit: GuardedAuditLog,
 }
 
 impl GuardedStore {
     pub(crate) fn new(inner: Arc<dyn Store>, guard: Arc<dyn ContentGuard>) -> Self {
-        Self { inner, guard }
+        Self {
+            audit: GuardedAuditLog {
+                inner: inner.clone(),
+                guard: guard.clone(),
+            },
+            inner,
+            guard,
+        }
+    }
+}
+
+/// The audit trail as a request sees it: AuditEvents are read and searched
+/// under the same content rules as resources, and never appended to from above
+/// the guard (the recorder appends below it).
+#[derive(Debug)]
+struct GuardedAuditLog {
+    inner: Arc<dyn Store>,
+    guard: Arc<dyn ContentGuard>,
+}
+
+#[async_trait]
+impl AuditLog for GuardedAuditLog {
+    async fn append(&self, _: Vec<Value>) -> Result<()> {
+        Err(StoreError::Refused(
+            "AuditEvents are written by the server only".into(),
+        ))
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<AuditRecord>> {
+        let record = self.inner.audit_log().read(id).await?;
+        match record {
+            Some(r) if !self.guard.rule(Permission::Read).admits(&r.event) => {
+                Err(refused("AuditEvent", id, "reading"))
+            }
+            other => Ok(other),
+        }
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let mut query = query.clone();
+        query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
+        self.inner.audit_log().search(&query).await
+    }
+
+    async fn chain(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        // The chain is walked whole or not at all: every record must be readable.
+        let records = self.inner.audit_log().chain(after, limit).await?;
+        let rule = self.guard.rule(Permission::Read);
+        if records.iter().all(|r| rule.admits(&r.event)) {
+            Ok(records)
+        } else {
+            Err(StoreError::Refused(
+                "verifying the audit trail needs access to all of it".into(),
+            ))
+        }
     }
 }
 
@@ -151,6 +206,10 @@ impl Store for GuardedStore {
 
     fn auth_records(&self) -> &dyn AuthRecords {
         self.inner.auth_records()
+    }
+
+    fn audit_log(&self) -> &dyn AuditLog {
+        &self.audit
     }
 }
 
@@ -239,6 +298,12 @@ impl StoreTx for GuardedTx {
         let mut query = query.clone();
         query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
         self.inner.search(&query).await
+    }
+
+    async fn append_audit(&mut self, _: Vec<Value>) -> Result<()> {
+        Err(StoreError::Refused(
+            "AuditEvents are written by the server only".into(),
+        ))
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {

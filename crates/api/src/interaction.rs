@@ -95,6 +95,8 @@ pub enum Interaction {
         id: Option<String>,
         resource: Option<Value>,
     },
+    /// `[base]/AuditEvent/$verify`: walk the audit trail's hash chain.
+    VerifyAuditTrail,
 }
 
 /// Which resource a patch applies to.
@@ -130,6 +132,7 @@ impl Interaction {
             Interaction::Batch { .. } => "batch",
             Interaction::Transaction { .. } => "transaction",
             Interaction::Validate { .. } => "$validate",
+            Interaction::VerifyAuditTrail => "$verify",
         }
     }
 
@@ -148,6 +151,7 @@ impl Interaction {
             | Interaction::Delete { resource_type, .. }
             | Interaction::ConditionalDelete { resource_type, .. }
             | Interaction::Validate { resource_type, .. } => Some(resource_type),
+            Interaction::VerifyAuditTrail => Some("AuditEvent"),
             Interaction::History { resource_type, .. }
             | Interaction::Search { resource_type, .. } => resource_type.as_deref(),
         }
@@ -351,6 +355,9 @@ fn type_level(
             id: None,
             resource: Some(resource_body(body)?),
         }),
+        ["$verify"] if resource_type == "AuditEvent" && (get || method == Method::POST) => {
+            Ok(Interaction::VerifyAuditTrail)
+        }
         ["_search" | "_history" | "$validate"] => Err(Routing::NotAllowed),
         [id, more @ ..] => {
             if id.starts_with('$') {

@@ -23,12 +23,14 @@ use haven_store::Store;
 
 pub mod error;
 mod execute;
+pub use execute::{verify_trail, TrailReport};
 pub mod guard;
 pub mod interaction;
 pub mod negotiation;
 mod oauth;
 mod pages;
 pub mod pipeline;
+pub mod record;
 pub mod response;
 pub mod search_params;
 pub mod smart;
@@ -98,6 +100,9 @@ pub struct AppState {
     pub security: Arc<SecurityStages>,
     /// The built-in authorization server, when SMART on FHIR is on.
     pub auth: Option<Arc<haven_auth::AuthServer>>,
+    /// The audit recorder, when audit is on; the authorization server's
+    /// endpoints record their events through it.
+    pub audit: Option<Arc<record::AuditRecorder>>,
 }
 
 impl AppState {
@@ -108,7 +113,25 @@ impl AppState {
             config: Arc::new(config),
             security: Arc::new(SecurityStages::deny_all()),
             auth: None,
+            audit: None,
         }
+    }
+
+    /// Audit on: every request leaves AuditEvents, every write its Provenance,
+    /// committed before the answer leaves (fail closed). `observer` names this
+    /// server instance in `AuditEvent.source.observer`.
+    pub fn with_audit(mut self, observer: impl Into<String>) -> Self {
+        let recorder = Arc::new(record::AuditRecorder::new(
+            haven_store::AuditWriter::start(self.store.clone()),
+            self.clock.clone(),
+            self.config.base_url.clone(),
+            observer,
+        ));
+        let mut security = (*self.security).clone();
+        security.recorder = recorder.clone();
+        self.security = Arc::new(security);
+        self.audit = Some(recorder);
+        self
     }
 
     /// SMART on FHIR: the authorization server's routes and pages, and bearer
@@ -175,6 +198,7 @@ pub fn router(state: AppState) -> axum::Router {
         oauth::routes(oauth::AuthState {
             server,
             store: state.store.clone(),
+            audit: state.audit.clone(),
         })
     });
     let fhir = axum::Router::new()

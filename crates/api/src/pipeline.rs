@@ -31,6 +31,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use haven_auth::AccessContext;
+use haven_store::Store;
 use http::header::CONTENT_LENGTH;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -41,6 +42,7 @@ use crate::error::ApiError;
 use crate::guard::{ContentGuard, GuardedStore, Unguarded};
 use crate::interaction::{self, Interaction, RequestBody};
 use crate::negotiation;
+use crate::record::RequestAudit;
 use crate::response::FhirResponse;
 use crate::{execute, AppState};
 
@@ -87,6 +89,10 @@ pub struct RequestRecord<'a> {
     pub principal: Option<&'a Principal>,
     pub decision: Option<&'a AccessDecision>,
     pub status: StatusCode,
+    /// Why the request failed, in words fit for the audit trail.
+    pub failure: Option<&'a str>,
+    /// What the request touched, and whether its writes already recorded it.
+    pub audit: &'a RequestAudit,
 }
 
 /// Stage 2: verify the bearer token (pinned
@@ -127,10 +133,20 @@ pub trait ResultLabeler: Send + Sync + Debug {
     ) -> Result<(), ApiError>;
 }
 
-/// Stage 7. The audit requirement fills it: an AuditEvent committed before the
-/// response leaves; an error here fails the request.
+/// Stage 7: an AuditEvent committed before the response leaves; an error here
+/// fails the request. It also gives the store the execute stage writes through
+/// (under the guard), so that writes carry their Provenance and AuditEvent into
+/// their own transaction.
 #[async_trait]
 pub trait Recorder: Send + Sync + Debug {
+    fn store_for(
+        &self,
+        store: Arc<dyn Store>,
+        principal: &Principal,
+        interaction: &Interaction,
+        audit: &Arc<RequestAudit>,
+    ) -> Arc<dyn Store>;
+
     async fn record(&self, record: &RequestRecord<'_>) -> Result<(), ApiError>;
 }
 
@@ -191,6 +207,16 @@ impl ResultLabeler for AllowAll {
 
 #[async_trait]
 impl Recorder for AllowAll {
+    fn store_for(
+        &self,
+        store: Arc<dyn Store>,
+        _: &Principal,
+        _: &Interaction,
+        _: &Arc<RequestAudit>,
+    ) -> Arc<dyn Store> {
+        store
+    }
+
     async fn record(&self, _: &RequestRecord<'_>) -> Result<(), ApiError> {
         Ok(())
     }
@@ -246,6 +272,12 @@ impl Gate<'_> {
     }
 
     pub async fn admit(&self, what: &Interaction) -> Result<AccessDecision, ApiError> {
+        // The audit trail is append-only, whoever asks (R5).
+        if what.writes() && what.resource_type() == Some("AuditEvent") {
+            return Err(ApiError::MethodNotAllowed(
+                "AuditEvents are written by the server only and never changed".into(),
+            ));
+        }
         self.stages
             .authorizer
             .authorize(self.principal, what)
@@ -322,12 +354,29 @@ pub(crate) async fn handle(State(state): State<AppState>, request: Request) -> R
     async move {
         let started = Instant::now();
         let (parts, body) = request.into_parts();
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
+        let audit = Arc::new(RequestAudit::new(
+            &request_id,
+            peer,
+            parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
+        ));
         let mut trace = Trace::default();
         let timed = tokio::time::timeout(
             state.config.limits.request_timeout,
-            run(&state, &request_id, &parts, body, &mut trace),
+            run(&state, &request_id, &parts, body, &mut trace, &audit),
         )
         .await;
+        let failure = match &timed {
+            Ok(Ok(_)) => None,
+            Ok(Err(error)) => Some(error.audit_description()),
+            Err(_) => Some(ApiError::Timeout.audit_description()),
+        };
         let mut response = match timed {
             Ok(Ok(response)) => response,
             Ok(Err(error)) => error_response(&error, &request_id),
@@ -344,6 +393,8 @@ pub(crate) async fn handle(State(state): State<AppState>, request: Request) -> R
             principal: trace.principal.as_ref(),
             decision: trace.decision.as_ref(),
             status: response.status,
+            failure: failure.as_deref(),
+            audit: &audit,
         };
         if let Err(error) = state.security.recorder.record(&record).await {
             response = error_response(&error, &request_id);
@@ -372,6 +423,7 @@ async fn run(
     parts: &http::request::Parts,
     body: Body,
     trace: &mut Trace,
+    audit: &Arc<RequestAudit>,
 ) -> Result<FhirResponse, ApiError> {
     // Stage 1: limits, negotiation, parsing.
     let limits = &state.config.limits;
@@ -423,10 +475,16 @@ async fn run(
         .principal
         .insert(state.security.authenticator.authenticate(&head).await?);
 
-    // From here on the store is seen through the caller's guard.
+    // From here on the store is seen through the caller's guard, above the
+    // recorder's store, which notes what is touched and adds what writes carry.
+    let recorded =
+        state
+            .security
+            .recorder
+            .store_for(state.store.clone(), principal, interaction, audit);
     let guarded = AppState {
         store: Arc::new(GuardedStore::new(
-            state.store.clone(),
+            recorded,
             state.security.authorizer.guard(principal),
         )),
         ..state.clone()
@@ -501,7 +559,7 @@ async fn read_body(
 
 /// A client's `X-Request-Id` when it is short and plain; a fresh UUID otherwise,
 /// so log lines cannot be forged or flooded through it.
-fn request_id(headers: &HeaderMap) -> String {
+pub(crate) fn request_id(headers: &HeaderMap) -> String {
     headers
         .get(REQUEST_ID)
         .and_then(|v| v.to_str().ok())

@@ -14,7 +14,11 @@
 
 use haven_model::id::is_valid_id;
 use haven_model::outcome::IssueCode;
-use haven_store::{Comparator, InstantBound, SearchQuery, SortOrder, TokenFilter, TokenValue};
+use haven_model::registry::{self, SearchParamType};
+use haven_model::search_value;
+use haven_store::{
+    Comparator, ContentFilter, InstantBound, SearchQuery, SortOrder, TokenFilter, TokenValue,
+};
 use time::{Date, Duration, Month, OffsetDateTime, PrimitiveDateTime, Time, UtcOffset};
 
 use crate::error::ApiError;
@@ -54,6 +58,7 @@ pub fn parse_search(
     };
     let mut ignored = Vec::new();
     let mut applied = Vec::new();
+    let mut content: Vec<ContentCriterion> = Vec::new();
     for (name, value) in pairs {
         if HANDLED_ELSEWHERE.contains(&name.as_str()) {
             continue;
@@ -136,26 +141,131 @@ pub fn parse_search(
                 applied.push((name.clone(), value.clone()));
                 false
             }
-            _ => {
-                if strict {
-                    return Err(ApiError::invalid(
-                        IssueCode::NotSupported,
-                        format!("unknown or unsupported search parameter '{name}'"),
-                    ));
+            _ => match resource_type.map(|t| content_criterion(t, name, value)) {
+                Some(Some(criterion)) => {
+                    content.push(criterion?);
+                    true
                 }
-                ignored.push(format!("{name}={value}"));
-                false
-            }
+                _ => {
+                    if strict {
+                        return Err(ApiError::invalid(
+                            IssueCode::NotSupported,
+                            format!("unknown or unsupported search parameter '{name}'"),
+                        ));
+                    }
+                    ignored.push(format!("{name}={value}"));
+                    false
+                }
+            },
         };
         if known {
             applied.push((name.clone(), value.clone()));
         }
+    }
+    if !content.is_empty() {
+        let own = query.filter.take();
+        query.filter = Some(ContentFilter::new(move |resource| {
+            own.as_ref().is_none_or(|f| f.admits(resource))
+                && content.iter().all(|c| c.admits(resource))
+        }));
     }
     Ok(ParsedSearch {
         query,
         ignored,
         applied,
     })
+}
+
+/// A criterion the database does not index, evaluated on each resource's
+/// content: token, reference, string and uri parameters of the type (with the
+/// modifiers [`search_value::matches`] knows), and date parameters. `None` when
+/// the parameter is not one of those.
+fn content_criterion(
+    resource_type: &str,
+    name: &str,
+    value: &str,
+) -> Option<Result<ContentCriterion, ApiError>> {
+    let code = name.split(':').next().unwrap_or(name);
+    let param = registry::search_param(resource_type, code)?;
+    if resource_type == "Provenance" && name == "patient" {
+        // A server-made Provenance names its target's patients itself; the
+        // compartment rule reads them (see PROVENANCE_TARGET_PATIENT).
+        let ids: Vec<String> = value
+            .split(',')
+            .map(|v| v.rsplit('/').next().unwrap_or(v).to_owned())
+            .collect();
+        return Some(Ok(ContentCriterion::Compartment(ids)));
+    }
+    if param.kind == SearchParamType::Date {
+        if name != code {
+            return Some(Err(ApiError::invalid(
+                IssueCode::NotSupported,
+                format!("'{name}': date parameters take no modifier"),
+            )));
+        }
+        let mut bounds = Vec::new();
+        for one in value.split(',') {
+            match parse_date_bounds(one) {
+                Ok(b) => bounds.push(b),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        return Some(Ok(ContentCriterion::Date {
+            resource_type: resource_type.to_owned(),
+            code: code.to_owned(),
+            alternatives: bounds,
+        }));
+    }
+    let pair = vec![(name.to_owned(), value.to_owned())];
+    let probe = serde_json::json!({"resourceType": resource_type});
+    match search_value::matches(&probe, &pair) {
+        Ok(_) => Some(Ok(ContentCriterion::Matches(pair))),
+        Err(_) => None,
+    }
+}
+
+/// One criterion evaluated on content.
+#[derive(Debug)]
+enum ContentCriterion {
+    Matches(Vec<(String, String)>),
+    /// Any alternative's bounds all hold for some value of the parameter.
+    Date {
+        resource_type: String,
+        code: String,
+        alternatives: Vec<Vec<InstantBound>>,
+    },
+    Compartment(Vec<String>),
+}
+
+impl ContentCriterion {
+    fn admits(&self, resource: &serde_json::Value) -> bool {
+        match self {
+            ContentCriterion::Matches(pair) => {
+                search_value::matches(resource, pair).unwrap_or(false)
+            }
+            ContentCriterion::Compartment(ids) => ids
+                .iter()
+                .any(|id| search_value::in_patient_compartment(resource, id)),
+            ContentCriterion::Date {
+                resource_type,
+                code,
+                alternatives,
+            } => search_value::values_for(resource, resource_type, code)
+                .into_iter()
+                .filter_map(|v| v.as_str().and_then(parse_date_range))
+                .any(|(low, high)| {
+                    alternatives.iter().any(|bounds| {
+                        // The value's interval overlaps what the bounds allow.
+                        bounds.iter().all(|b| match b.comparator {
+                            Comparator::Ge => high > b.instant,
+                            Comparator::Gt => high > b.instant,
+                            Comparator::Lt => low < b.instant,
+                            Comparator::Le => low <= b.instant,
+                        })
+                    })
+                }),
+        }
+    }
 }
 
 /// Parses the criteria of a conditional interaction (`identifier=x|y&...`),
@@ -410,11 +520,32 @@ mod tests {
 
     #[test]
     fn unknown_parameters_are_ignored_unless_strict() {
-        let p = pairs(&[("name", "x"), ("_count", "5000")]);
+        let p = pairs(&[("_text", "x"), ("_count", "5000")]);
         let parsed = parse_search(Some("Patient"), &p, 50, 1000, false).unwrap();
-        assert_eq!(parsed.ignored, vec!["name=x".to_string()]);
+        assert_eq!(parsed.ignored, vec!["_text=x".to_string()]);
         assert_eq!(parsed.query.count, 1000);
         assert!(parse_search(Some("Patient"), &p, 50, 1000, true).is_err());
+    }
+
+    #[test]
+    fn parameters_without_an_index_are_evaluated_on_the_content() {
+        let p = pairs(&[("family", "Shaw"), ("birthdate", "ge2000")]);
+        let parsed = parse_search(Some("Patient"), &p, 50, 1000, true).unwrap();
+        let filter = parsed.query.filter.expect("a content filter");
+        let shaw = serde_json::json!({"resourceType": "Patient", "name": [{"family": "Shaw"}], "birthDate": "2001-02-03"});
+        let older = serde_json::json!({"resourceType": "Patient", "name": [{"family": "Shaw"}], "birthDate": "1999-12-31"});
+        let other = serde_json::json!({"resourceType": "Patient", "name": [{"family": "Lake"}], "birthDate": "2001-02-03"});
+        assert!(filter.admits(&shaw));
+        assert!(!filter.admits(&older));
+        assert!(!filter.admits(&other));
+        assert!(parse_search(
+            Some("Patient"),
+            &pairs(&[("birthdate", "2001-13")]),
+            50,
+            1000,
+            true
+        )
+        .is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use haven_auth::registry::Role;
 use haven_auth::scope::{Context, Permission, ScopeSet};
 use haven_auth::{AccessContext, AuthServer, TokenRejection};
 use haven_model::registry;
@@ -183,8 +184,17 @@ impl Authorizer for SmartAuthorizer {
                 "an access token is required".into(),
             ));
         };
+        // The audit trail is for administrators, the patient it is about (the
+        // guard confines them to their own record), and system clients.
+        if what.resource_type() == Some("AuditEvent") && access.role == Some(Role::Practitioner) {
+            return Err(forbidden("practitioners do not read the audit trail"));
+        }
         match what {
             Interaction::Capabilities => Ok(()),
+            Interaction::VerifyAuditTrail => {
+                require(access, "AuditEvent", Permission::Read)?;
+                require(access, "AuditEvent", Permission::Search)
+            }
             // Each entry is authorized on its own by the pipeline's gate.
             Interaction::Batch { .. } | Interaction::Transaction { .. } => Ok(()),
             Interaction::Read { resource_type, .. } | Interaction::VRead { resource_type, .. } => {

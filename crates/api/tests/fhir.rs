@@ -272,6 +272,16 @@ struct Journal {
 
 #[async_trait::async_trait]
 impl Recorder for Journal {
+    fn store_for(
+        &self,
+        store: Arc<dyn haven_store::Store>,
+        _: &Principal,
+        _: &Interaction,
+        _: &Arc<haven_api::record::RequestAudit>,
+    ) -> Arc<dyn haven_store::Store> {
+        store
+    }
+
     async fn record(&self, record: &RequestRecord<'_>) -> Result<(), ApiError> {
         let name = record.interaction.map_or("-", |i| i.name()).to_owned();
         self.seen
@@ -1080,7 +1090,7 @@ async fn searching_by_id_and_last_updated_respects_precision() {
 async fn unknown_search_parameters_are_reported_or_refused_when_strict() {
     let app = spawn_app().await;
     app.create(&patient("A", None)).await;
-    let reply = app.get("/fhir/Patient?name=A").await;
+    let reply = app.get("/fhir/Patient?_text=A").await;
     assert_eq!(reply.status, StatusCode::OK);
     let outcome = reply.body["entry"]
         .as_array()
@@ -1090,9 +1100,27 @@ async fn unknown_search_parameters_are_reported_or_refused_when_strict() {
         .expect("an outcome entry");
     assert_eq!(outcome["resource"]["resourceType"], "OperationOutcome");
     let strict = app
-        .get_with_header("/fhir/Patient?name=A", "prefer", "handling=strict")
+        .get_with_header("/fhir/Patient?_text=A", "prefer", "handling=strict")
         .await;
     assert_eq!(strict.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn string_token_reference_and_date_parameters_narrow_a_search() {
+    let app = spawn_app().await;
+    app.create(&patient("Shaw", None)).await;
+    app.create(&patient("Lake", None)).await;
+    let reply = app.get("/fhir/Patient?family=shaw").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.body["total"], 1);
+    assert_eq!(
+        reply.body["entry"][0]["resource"]["name"][0]["family"],
+        "Shaw"
+    );
+    let none = app.get("/fhir/Patient?family=Shaw&birthdate=ge2000").await;
+    assert_eq!(none.body["total"], 0);
+    let bad = app.get("/fhir/Patient?birthdate=2000-13").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]

@@ -111,20 +111,35 @@ pub fn append(previous: Option<&StoredLink>, position: u64, record: Value) -> St
 ///    not [`GENESIS`]): [`BreakKind::Inserted`] — except for the first link,
 ///    where it means the start of the chain is gone: [`BreakKind::Removed`].
 pub fn verify<'a>(links: impl IntoIterator<Item = &'a StoredLink>) -> Result<u64, ChainBreak> {
-    let mut before: Option<&StoredLink> = None;
-    let mut verified = 0;
+    let mut verifier = Verifier::default();
     for link in links {
+        verifier.push(link)?;
+    }
+    Ok(verifier.verified())
+}
+
+/// [`verify`] one link at a time, for chains read page by page: it keeps only
+/// the position and hash of the last link.
+#[derive(Debug, Clone, Default)]
+pub struct Verifier {
+    before: Option<(u64, String)>,
+    verified: u64,
+}
+
+impl Verifier {
+    /// Checks the next link; after a break the verifier must not be used again.
+    pub fn push(&mut self, link: &StoredLink) -> Result<(), ChainBreak> {
         let broken = |kind| ChainBreak {
             position: link.position,
             kind,
         };
-        let expected_previous = before.map_or(GENESIS, |b| b.hash.as_str());
+        let expected_previous = self.before.as_ref().map_or(GENESIS, |(_, h)| h.as_str());
         let follows = link.previous_hash == expected_previous;
-        if let Some(b) = before {
-            if link.position <= b.position {
+        if let Some((position, _)) = &self.before {
+            if link.position <= *position {
                 return Err(broken(BreakKind::Inserted));
             }
-            if link.position > b.position + 1 && !follows {
+            if link.position > position + 1 && !follows {
                 return Err(broken(BreakKind::Removed));
             }
         }
@@ -132,17 +147,28 @@ pub fn verify<'a>(links: impl IntoIterator<Item = &'a StoredLink>) -> Result<u64
             return Err(broken(BreakKind::Changed));
         }
         if !follows {
-            let kind = if before.is_some() {
+            let kind = if self.before.is_some() {
                 BreakKind::Inserted
             } else {
                 BreakKind::Removed
             };
             return Err(broken(kind));
         }
-        before = Some(link);
-        verified += 1;
+        self.before = Some((link.position, link.hash.clone()));
+        self.verified += 1;
+        Ok(())
     }
-    Ok(verified)
+
+    /// How many links verified so far.
+    pub fn verified(&self) -> u64 {
+        self.verified
+    }
+
+    /// The hash of the last verified link ([`GENESIS`] before any): the value
+    /// to compare with an anchor kept outside the database.
+    pub fn head(&self) -> &str {
+        self.before.as_ref().map_or(GENESIS, |(_, h)| h.as_str())
+    }
 }
 
 #[cfg(test)]

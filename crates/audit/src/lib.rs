@@ -14,7 +14,7 @@ pub mod chain;
 pub mod event;
 pub mod provenance;
 
-pub use chain::{append, link_hash, verify, BreakKind, ChainBreak, StoredLink, GENESIS};
+pub use chain::{append, link_hash, verify, BreakKind, ChainBreak, StoredLink, Verifier, GENESIS};
 pub use event::{
     audit_event, auth_event, token_fingerprint, Action, AuditFacts, AuthEventKind, AuthFacts,
     Entity, Outcome, Who, AUTH_EVENT_SYSTEM,

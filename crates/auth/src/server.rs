@@ -237,6 +237,13 @@ struct AccessClaims {
     /// The grant (authorization) the token came from; revoking it revokes the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     grant: Option<String>,
+    /// The signed-in user's role; absent for Backend Services tokens.
+    #[serde(
+        default,
+        rename = "haven_role",
+        skip_serializing_if = "Option::is_none"
+    )]
+    role: Option<Role>,
 }
 
 /// Who an access token speaks for and what it allows.
@@ -249,6 +256,8 @@ pub struct AccessContext {
     pub patient: Option<String>,
     pub encounter: Option<String>,
     pub fhir_user: Option<String>,
+    /// The role of the user the token speaks for; `None` for a client's own token.
+    pub role: Option<Role>,
     pub token_id: String,
     pub expires_at: OffsetDateTime,
 }
@@ -1653,6 +1662,7 @@ impl AuthServer {
             encounter: context.encounter.clone(),
             fhir_user: user.fhir_user.clone(),
             grant: Some(grant.to_string()),
+            role: Some(user.role),
         };
         let access_token = self.key_set().sign(&claims).map_err(|e| {
             tracing::error!(error = %e, "signing an access token failed");
@@ -1882,6 +1892,7 @@ impl AuthServer {
             encounter: None,
             fhir_user: None,
             grant: None,
+            role: None,
         };
         let access_token = self
             .key_set()
@@ -1926,6 +1937,7 @@ impl AuthServer {
             patient: claims.patient,
             encounter: claims.encounter,
             fhir_user: claims.fhir_user,
+            role: claims.role,
             token_id: claims.jti,
             expires_at: OffsetDateTime::from_unix_timestamp(claims.exp)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),

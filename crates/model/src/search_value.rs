@@ -44,10 +44,17 @@ pub fn values_for<'a>(resource: &'a Value, resource_type: &str, code: &str) -> V
         .collect()
 }
 
+/// The extension on a server-made Provenance that names the patients whose
+/// compartment its target is in. R4 puts a Provenance in a patient's compartment
+/// only when it targets the Patient itself; with this, the Provenance of an
+/// Observation is open to whoever may see the Observation, and no more.
+pub const PROVENANCE_TARGET_PATIENT: &str = "urn:haven:provenance-target-patient";
+
 /// The ids of the patients whose compartment holds `resource`
 /// (compartmentdefinition-patient.html): a Patient's own id and the patients it
 /// links to, or for other types the patients referenced through the parameters
-/// the CompartmentDefinition lists. Each id once, in the order found.
+/// the CompartmentDefinition lists; for a Provenance also the patients its
+/// [`PROVENANCE_TARGET_PATIENT`] extensions name. Each id once, in the order found.
 pub fn patient_compartments(resource: &Value) -> Vec<String> {
     let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
         return Vec::new();
@@ -81,6 +88,22 @@ pub fn patient_compartments(resource: &Value) -> Vec<String> {
             let Some(target) = reference_text(node.value).and_then(parse_reference) else {
                 continue;
             };
+            if target.kind == "Patient" && !ids.iter().any(|id| id == target.id) {
+                ids.push(target.id.to_owned());
+            }
+        }
+    }
+    if resource_type == "Provenance" {
+        let named = resource
+            .get("extension")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.get("url").and_then(Value::as_str) == Some(PROVENANCE_TARGET_PATIENT))
+            .filter_map(|e| e.get("valueReference"))
+            .filter_map(reference_text)
+            .filter_map(parse_reference);
+        for target in named {
             if target.kind == "Patient" && !ids.iter().any(|id| id == target.id) {
                 ids.push(target.id.to_owned());
             }

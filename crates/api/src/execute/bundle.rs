@@ -351,7 +351,8 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
             | Interaction::Transaction { .. }
             | Interaction::VRead { .. }
             | Interaction::History { .. }
-            | Interaction::Validate { .. } => {
+            | Interaction::Validate { .. }
+            | Interaction::VerifyAuditTrail => {
                 return Err(locate(ApiError::invalid(
                     IssueCode::NotSupported,
                     format!(

@@ -9,6 +9,7 @@
 //! database transaction), and the single-request wrappers that begin and commit
 //! a transaction around one of them.
 
+mod audit_trail;
 mod bundle;
 mod capabilities;
 mod history;
@@ -28,6 +29,7 @@ use crate::interaction::Interaction;
 use crate::pipeline::{Exec, Return};
 use crate::response::FhirResponse;
 
+pub use audit_trail::{verify_trail, TrailReport};
 pub(crate) use capabilities::capability_statement;
 
 /// Runs one interaction that the pipeline admitted.
@@ -47,6 +49,12 @@ pub(crate) async fn execute_one(
     exec: &Exec<'_>,
     interaction: &Interaction,
 ) -> Result<FhirResponse, ApiError> {
+    // The audit trail lives apart from resources, in the audit log.
+    if interaction.resource_type() == Some("AuditEvent")
+        && !matches!(interaction, Interaction::Validate { .. })
+    {
+        return audit_trail::execute(exec, interaction).await;
+    }
     match interaction {
         Interaction::Capabilities => Ok(FhirResponse::ok(capability_statement(
             &exec.state.config,
@@ -110,6 +118,7 @@ pub(crate) async fn execute_one(
             id,
             resource,
         } => validation::validate(exec, resource_type, id.as_deref(), resource.as_ref()).await,
+        Interaction::VerifyAuditTrail => audit_trail::execute(exec, interaction).await,
         Interaction::Batch { .. } | Interaction::Transaction { .. } => Err(ApiError::invalid(
             IssueCode::NotSupported,
             "a Bundle entry cannot itself be a batch or transaction",

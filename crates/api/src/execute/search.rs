@@ -62,37 +62,14 @@ pub(crate) async fn search(
             link_params.insert(0, ("_type".into(), t.clone()));
         }
     }
-    let count = parsed.query.count;
-    let offset = parsed.query.offset;
-    let link = |offset: u64| {
-        let mut pairs = link_params.clone();
-        pairs.push(("_count".into(), count.to_string()));
-        if offset > 0 {
-            pairs.push(("_offset".into(), offset.to_string()));
-        }
-        let query: String = form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
-        if path.is_empty() {
-            format!("{}?{query}", config.base_url)
-        } else {
-            format!("{}/{path}?{query}", config.base_url)
-        }
-    };
-    let mut links = vec![json!({"relation": "self", "url": link(offset)})];
-    // A page of zero entries has no neighbours: `next` would equal `self`.
-    if page.more && count > 0 {
-        links.push(json!({
-            "relation": "next",
-            "url": link(offset.saturating_add(u64::from(count))),
-        }));
-    }
-    if offset > 0 && count > 0 {
-        links.push(json!({
-            "relation": "previous",
-            "url": link(offset.saturating_sub(u64::from(count.max(1)))),
-        }));
-    }
+    let links = page_links(
+        exec,
+        &path,
+        &link_params,
+        parsed.query.count,
+        parsed.query.offset,
+        page.more,
+    );
 
     let mut entries: Vec<Value> = page
         .resources
@@ -132,4 +109,47 @@ pub(crate) async fn search(
         links,
         entries,
     )))
+}
+
+/// The `self`, `next` and `previous` links of an offset-paged search; `path` is
+/// the type searched, or empty for the system.
+pub(super) fn page_links(
+    exec: &Exec<'_>,
+    path: &str,
+    params: &[(String, String)],
+    count: u32,
+    offset: u64,
+    more: bool,
+) -> Vec<Value> {
+    let base = &exec.state.config.base_url;
+    let link = |offset: u64| {
+        let mut pairs = params.to_vec();
+        pairs.push(("_count".into(), count.to_string()));
+        if offset > 0 {
+            pairs.push(("_offset".into(), offset.to_string()));
+        }
+        let query: String = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        if path.is_empty() {
+            format!("{base}?{query}")
+        } else {
+            format!("{base}/{path}?{query}")
+        }
+    };
+    let mut links = vec![json!({"relation": "self", "url": link(offset)})];
+    // A page of zero entries has no neighbours: `next` would equal `self`.
+    if more && count > 0 {
+        links.push(json!({
+            "relation": "next",
+            "url": link(offset.saturating_add(u64::from(count))),
+        }));
+    }
+    if offset > 0 && count > 0 {
+        links.push(json!({
+            "relation": "previous",
+            "url": link(offset.saturating_sub(u64::from(count.max(1)))),
+        }));
+    }
+    links
 }

@@ -1,0 +1,858 @@
+//! Stage 7 and what every write carries: the AuditEvent of each request (R5)
+//! and the Provenance of each written version (R8), from the one clock (R4).
+//!
+//! The recorder places a [`RecordedStore`] under the request's guard. It notes
+//! every version the store hands out or writes, and when a write transaction
+//! commits it first adds, in that same transaction, one server-made Provenance
+//! per written version and the request's AuditEvents: the data, its Provenance
+//! and its audit record are stored together or not at all. Requests that write
+//! nothing (reads, searches, refusals, failures) are recorded after they ran,
+//! through the group committer, before the response leaves; if that fails the
+//! client gets a 500 instead of the data (fail closed).
+//!
+//! One request yields one AuditEvent per patient whose data it touched (IHE
+//! BALP: one event per patient, so a patient's access log holds no other
+//! patient's references), and one more for data about no patient.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use haven_audit::{
+    audit_event, auth_event, provenance, Action, Activity, AuditFacts, AuthEventKind, AuthFacts,
+    Entity, Outcome, Who,
+};
+use haven_model::clock::Clock;
+use haven_model::id::new_id;
+use haven_model::search_value::{patient_compartments, PROVENANCE_TARGET_PATIENT};
+use haven_store::{
+    AuditLog, AuditWriter, AuthRecords, Backend, Change, HistoryPage, HistoryQuery,
+    ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
+};
+use http::StatusCode;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::interaction::{Interaction, Target};
+use crate::pipeline::{Principal, RequestRecord};
+
+/// The tag that marks a Provenance the server made; such a Provenance cannot be
+/// changed or deleted through the API.
+pub const SERVER_PROVENANCE_TAG: (&str, &str) = ("urn:haven:provenance", "server");
+
+/// What one request touched, gathered while it runs.
+#[derive(Debug)]
+pub struct RequestAudit {
+    pub request_id: String,
+    /// The peer's address, when the connection has one.
+    pub peer: Option<IpAddr>,
+    /// The path and query as received, for the query entity of searches.
+    pub query: String,
+    ledger: Mutex<Ledger>,
+}
+
+#[derive(Debug, Default)]
+struct Ledger {
+    touched: Vec<Touched>,
+    /// The request's AuditEvents were committed with its writes.
+    recorded: bool,
+}
+
+/// One version handed out or written, with the patients it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Touched {
+    reference: String,
+    patients: Vec<String>,
+}
+
+impl Touched {
+    fn of(version: &ResourceVersion, content: Option<&Value>) -> Self {
+        Touched {
+            reference: versioned(version),
+            patients: content.map(patient_compartments).unwrap_or_default(),
+        }
+    }
+}
+
+fn versioned(version: &ResourceVersion) -> String {
+    format!(
+        "{}/{}/_history/{}",
+        version.resource_type, version.id, version.version
+    )
+}
+
+impl RequestAudit {
+    pub fn new(request_id: &str, peer: Option<IpAddr>, query: String) -> Self {
+        Self {
+            request_id: request_id.to_owned(),
+            peer,
+            query,
+            ledger: Mutex::default(),
+        }
+    }
+
+    fn note(&self, touched: impl IntoIterator<Item = Touched>) {
+        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        for t in touched {
+            if !ledger.touched.contains(&t) {
+                ledger.touched.push(t);
+            }
+        }
+    }
+
+    fn touched(&self) -> Vec<Touched> {
+        let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        ledger.touched.clone()
+    }
+
+    fn mark_recorded(&self) {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recorded = true;
+    }
+
+    fn is_recorded(&self) -> bool {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recorded
+    }
+}
+
+/// The person and the application behind a request.
+#[derive(Debug, Clone, Default)]
+struct Requester {
+    user: Option<Who>,
+    client_id: Option<String>,
+}
+
+impl Requester {
+    fn of(principal: Option<&Principal>) -> Self {
+        let Some(access) = principal.and_then(|p| p.access.as_ref()) else {
+            return Requester::default();
+        };
+        // A token with a role speaks for a signed-in user; one without is a
+        // client's own (Backend Services).
+        let user = access.role.map(|_| Who {
+            username: access.subject.clone(),
+            fhir_user: access.fhir_user.clone(),
+        });
+        Requester {
+            user,
+            client_id: Some(access.client_id.clone()),
+        }
+    }
+
+    fn fhir_user(&self) -> Option<&str> {
+        self.user.as_ref().and_then(|u| u.fhir_user.as_deref())
+    }
+}
+
+/// The AuditEvent `action` of an interaction: reads of one thing are R,
+/// queries E (R4 audit-event-action), writes C, U, D.
+fn action_of(interaction: &Interaction) -> Action {
+    match interaction {
+        Interaction::Capabilities
+        | Interaction::Read { .. }
+        | Interaction::VRead { .. }
+        | Interaction::History { id: Some(_), .. } => Action::Read,
+        Interaction::Create { .. } => Action::Create,
+        Interaction::Update { .. }
+        | Interaction::ConditionalUpdate { .. }
+        | Interaction::Patch { .. } => Action::Update,
+        Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => Action::Delete,
+        Interaction::History { .. }
+        | Interaction::Search { .. }
+        | Interaction::Batch { .. }
+        | Interaction::Transaction { .. }
+        | Interaction::Validate { .. }
+        | Interaction::VerifyAuditTrail => Action::Execute,
+    }
+}
+
+/// The outcome code of an HTTP status: refusals of who is asking are 8,
+/// other client errors 4, server errors 12.
+pub fn outcome_of(status: StatusCode) -> Outcome {
+    match status.as_u16() {
+        401 | 403 => Outcome::Denied,
+        400..=499 => Outcome::BadInput,
+        500.. => Outcome::ServerError,
+        _ => Outcome::Success,
+    }
+}
+
+/// What the interaction names, for when nothing was read or written (a
+/// refused or failed request still says what it was about).
+fn named_by(interaction: &Interaction) -> Option<Touched> {
+    let (resource_type, reference) = match interaction {
+        Interaction::Read {
+            resource_type, id, ..
+        }
+        | Interaction::Update {
+            resource_type, id, ..
+        }
+        | Interaction::Delete {
+            resource_type, id, ..
+        }
+        | Interaction::Patch {
+            resource_type,
+            target: Target::Id(id),
+            ..
+        }
+        | Interaction::History {
+            resource_type: Some(resource_type),
+            id: Some(id),
+            ..
+        } => (resource_type, format!("{resource_type}/{id}")),
+        Interaction::VRead {
+            resource_type,
+            id,
+            version,
+        } => (
+            resource_type,
+            format!("{resource_type}/{id}/_history/{version}"),
+        ),
+        _ => return None,
+    };
+    let patients = if resource_type == "Patient" {
+        reference
+            .split('/')
+            .nth(1)
+            .map(str::to_owned)
+            .into_iter()
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Some(Touched {
+        reference,
+        patients,
+    })
+}
+
+/// Splits what was touched by patient: one group per patient in the order first
+/// seen, then one for data about no patient; at least one group.
+fn by_patient(touched: &[Touched]) -> Vec<(Option<String>, Vec<String>)> {
+    let mut groups: Vec<(Option<String>, Vec<String>)> = Vec::new();
+    let mut none: Vec<String> = Vec::new();
+    for t in touched {
+        if t.patients.is_empty() {
+            none.push(t.reference.clone());
+        }
+        for p in &t.patients {
+            match groups.iter_mut().find(|(g, _)| g.as_deref() == Some(p)) {
+                Some((_, refs)) => refs.push(t.reference.clone()),
+                None => groups.push((Some(p.clone()), vec![t.reference.clone()])),
+            }
+        }
+    }
+    if !none.is_empty() || groups.is_empty() {
+        groups.push((None, none));
+    }
+    groups
+}
+
+/// Stage 7 with audit on: AuditEvents through the group committer, and the
+/// store wrapper that writes Provenance and in-transaction AuditEvents.
+#[derive(Debug, Clone)]
+pub struct AuditRecorder {
+    writer: AuditWriter,
+    clock: Arc<dyn Clock>,
+    /// The server's identity in agent and observer: its FHIR base URL.
+    server: String,
+    observer: String,
+}
+
+/// What a request-level event needs besides the data it touched.
+struct EventContext<'a> {
+    request_id: &'a str,
+    peer: Option<IpAddr>,
+    requester: &'a Requester,
+    interaction: &'a str,
+    action: Action,
+    query: Option<&'a str>,
+}
+
+impl AuditRecorder {
+    pub fn new(
+        writer: AuditWriter,
+        clock: Arc<dyn Clock>,
+        server: impl Into<String>,
+        observer: impl Into<String>,
+    ) -> Self {
+        Self {
+            writer,
+            clock,
+            server: server.into(),
+            observer: observer.into(),
+        }
+    }
+
+    fn events(
+        &self,
+        context: &EventContext<'_>,
+        outcome: Outcome,
+        description: Option<String>,
+        touched: &[Touched],
+    ) -> Vec<Value> {
+        let recorded = self.clock.now();
+        by_patient(touched)
+            .into_iter()
+            .map(|(patient, references)| {
+                let mut entities: Vec<Entity> = context
+                    .query
+                    .map(|q| Entity::Query(q.to_owned()))
+                    .into_iter()
+                    .collect();
+                entities.extend(references.into_iter().map(Entity::Resource));
+                audit_event(&AuditFacts {
+                    interaction: context.interaction.to_owned(),
+                    action: context.action,
+                    outcome,
+                    outcome_description: description.clone(),
+                    recorded,
+                    user: context.requester.user.clone(),
+                    client_id: context.requester.client_id.clone(),
+                    server: self.server.clone(),
+                    source_observer: self.observer.clone(),
+                    network_address: context.peer.map(|a| a.to_string()),
+                    request_id: context.request_id.to_owned(),
+                    entities,
+                    patient,
+                })
+            })
+            .collect()
+    }
+
+    /// Appends events through the group committer and waits for their commit.
+    async fn append(&self, events: Vec<Value>) -> Result<(), ApiError> {
+        let pending = events.into_iter().map(|e| self.writer.append(e));
+        for result in futures::future::join_all(pending).await {
+            result.map_err(|e| {
+                tracing::error!(error = %e, "an audit record could not be stored");
+                ApiError::Internal("the audit record could not be stored".into())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Records an authentication or authorization event (login, token, ...)
+    /// and waits for its commit; an error means it was not stored.
+    pub async fn record_auth(
+        &self,
+        kind: AuthEventKind,
+        event: AuthEventFacts<'_>,
+    ) -> Result<(), ApiError> {
+        let facts = AuthFacts {
+            outcome: event.outcome,
+            outcome_description: event.description,
+            recorded: self.clock.now(),
+            user: event.username.map(|username| Who {
+                username: username.to_owned(),
+                fhir_user: event.fhir_user.map(str::to_owned),
+            }),
+            client_id: event.client_id.map(str::to_owned),
+            server: self.server.clone(),
+            source_observer: self.observer.clone(),
+            network_address: event.peer.map(|a| a.to_string()),
+            request_id: event.request_id.to_owned(),
+            scopes: event.scopes.map(str::to_owned),
+            token_fingerprint: event.token.map(haven_audit::token_fingerprint),
+        };
+        self.append(vec![auth_event(kind, &facts)]).await
+    }
+}
+
+/// What an authentication event says, borrowed from the endpoint that saw it.
+#[derive(Debug, Clone)]
+pub struct AuthEventFacts<'a> {
+    pub outcome: Outcome,
+    pub description: Option<String>,
+    pub username: Option<&'a str>,
+    pub fhir_user: Option<&'a str>,
+    pub client_id: Option<&'a str>,
+    pub peer: Option<IpAddr>,
+    pub request_id: &'a str,
+    pub scopes: Option<&'a str>,
+    /// The token the event is about; only its SHA-256 is recorded.
+    pub token: Option<&'a str>,
+}
+
+impl<'a> AuthEventFacts<'a> {
+    /// A successful event with nothing known but its request id.
+    pub fn new(request_id: &'a str) -> Self {
+        Self {
+            outcome: Outcome::Success,
+            description: None,
+            username: None,
+            fhir_user: None,
+            client_id: None,
+            peer: None,
+            request_id,
+            scopes: None,
+            token: None,
+        }
+    }
+}
+
+#[async_trait]
+impl crate::pipeline::Recorder for AuditRecorder {
+    fn store_for(
+        &self,
+        store: Arc<dyn Store>,
+        principal: &Principal,
+        interaction: &Interaction,
+        audit: &Arc<RequestAudit>,
+    ) -> Arc<dyn Store> {
+        Arc::new(RecordedStore {
+            inner: store,
+            recorder: self.clone(),
+            audit: audit.clone(),
+            requester: Requester::of(Some(principal)),
+            interaction: interaction.name(),
+            action: action_of(interaction),
+            per_entry: matches!(interaction, Interaction::Batch { .. }),
+            query: matches!(
+                interaction,
+                Interaction::Search { .. } | Interaction::History { id: None, .. }
+            ),
+        })
+    }
+
+    async fn record(&self, record: &RequestRecord<'_>) -> Result<(), ApiError> {
+        let audit = record.audit;
+        if audit.is_recorded() {
+            return Ok(());
+        }
+        let requester = Requester::of(record.principal);
+        let mut touched = audit.touched();
+        if touched.is_empty() {
+            touched.extend(record.interaction.and_then(named_by));
+        }
+        let is_query = record.interaction.is_some_and(|i| {
+            matches!(
+                i,
+                Interaction::Search { .. } | Interaction::History { id: None, .. }
+            )
+        });
+        let outcome = outcome_of(record.status);
+        let context = EventContext {
+            request_id: &audit.request_id,
+            peer: audit.peer,
+            requester: &requester,
+            interaction: record.interaction.map_or("unknown", Interaction::name),
+            action: record.interaction.map_or(Action::Execute, action_of),
+            query: is_query.then_some(audit.query.as_str()),
+        };
+        let description = (outcome != Outcome::Success).then(|| {
+            record
+                .failure
+                .map_or_else(|| record.status.to_string(), str::to_owned)
+        });
+        self.append(self.events(&context, outcome, description, &touched))
+            .await
+    }
+}
+
+/// The store under the guard of one request, with audit on.
+struct RecordedStore {
+    inner: Arc<dyn Store>,
+    recorder: AuditRecorder,
+    audit: Arc<RequestAudit>,
+    requester: Requester,
+    interaction: &'static str,
+    action: Action,
+    /// A batch: each entry's transaction records that entry's writes.
+    per_entry: bool,
+    query: bool,
+}
+
+impl Debug for RecordedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordedStore")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RecordedStore {
+    fn note_version(&self, version: &Option<ResourceVersion>) {
+        if let Some(v) = version {
+            self.audit.note([Touched::of(v, v.resource.as_ref())]);
+        }
+    }
+}
+
+#[async_trait]
+impl Store for RecordedStore {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+
+    async fn begin(&self) -> Result<Box<dyn StoreTx>> {
+        Ok(Box::new(RecordedTx {
+            inner: self.inner.begin().await?,
+            store: RecordedStoreRef {
+                recorder: self.recorder.clone(),
+                audit: self.audit.clone(),
+                requester: self.requester.clone(),
+                interaction: self.interaction,
+                action: self.action,
+                per_entry: self.per_entry,
+                query: self.query,
+            },
+            written: Vec::new(),
+            disclosed: Vec::new(),
+        }))
+    }
+
+    async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        let version = self.inner.read(resource_type, id).await?;
+        self.note_version(&version);
+        Ok(version)
+    }
+
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> Result<Option<ResourceVersion>> {
+        let version = self.inner.vread(resource_type, id, version).await?;
+        self.note_version(&version);
+        Ok(version)
+    }
+
+    async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
+        let page = self.inner.search(query).await?;
+        self.audit.note(
+            page.resources
+                .iter()
+                .map(|v| Touched::of(v, v.resource.as_ref())),
+        );
+        Ok(page)
+    }
+
+    async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
+        let page = self.inner.history(query).await?;
+        self.audit.note(
+            page.versions
+                .iter()
+                .map(|v| Touched::of(v, v.resource.as_ref())),
+        );
+        Ok(page)
+    }
+
+    async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
+        self.inner.count_by_type().await
+    }
+
+    fn auth_records(&self) -> &dyn AuthRecords {
+        self.inner.auth_records()
+    }
+
+    fn audit_log(&self) -> &dyn AuditLog {
+        self.inner.audit_log()
+    }
+}
+
+/// What a transaction needs of its store.
+struct RecordedStoreRef {
+    recorder: AuditRecorder,
+    audit: Arc<RequestAudit>,
+    requester: Requester,
+    interaction: &'static str,
+    action: Action,
+    per_entry: bool,
+    query: bool,
+}
+
+/// One version written in a transaction, with what its Provenance needs.
+struct Written {
+    version: ResourceVersion,
+    /// The patients of the content written, or of the content deleted.
+    patients: Vec<String>,
+}
+
+struct RecordedTx {
+    inner: Box<dyn StoreTx>,
+    store: RecordedStoreRef,
+    written: Vec<Written>,
+    disclosed: Vec<Touched>,
+}
+
+fn is_server_provenance(resource: &Value) -> bool {
+    resource["meta"]["tag"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| t["system"] == SERVER_PROVENANCE_TAG.0 && t["code"] == SERVER_PROVENANCE_TAG.1)
+}
+
+impl RecordedTx {
+    /// Server-made Provenance is part of the record: it is never changed.
+    async fn refuse_server_provenance(&mut self, resource_type: &str, id: &str) -> Result<()> {
+        if resource_type != "Provenance" {
+            return Ok(());
+        }
+        let current = self.inner.read(resource_type, id).await?;
+        if current
+            .and_then(|v| v.resource)
+            .is_some_and(|r| is_server_provenance(&r))
+        {
+            return Err(StoreError::Refused(
+                "a Provenance made by the server cannot be changed or deleted".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Provenance of one written version.
+    fn provenance_of(&self, written: &Written, sources: &HashMap<String, Vec<String>>) -> Value {
+        let v = &written.version;
+        let activity = match v.change {
+            Change::Create => Activity::Create,
+            Change::Update => Activity::Update,
+            Change::Delete => Activity::Delete,
+        };
+        let previous = (v.version > 1)
+            .then(|| format!("{}/{}/_history/{}", v.resource_type, v.id, v.version - 1));
+        let mut resource = provenance(
+            &versioned(v),
+            activity,
+            self.store.recorder.clock.now(),
+            self.store.requester.fhir_user(),
+            self.store.requester.client_id.as_deref(),
+            previous.as_deref(),
+        );
+        resource["meta"] = json!({"tag": [{
+            "system": SERVER_PROVENANCE_TAG.0,
+            "code": SERVER_PROVENANCE_TAG.1,
+            "display": "made by the server",
+        }]});
+        if !written.patients.is_empty() {
+            resource["extension"] = Value::Array(
+                written
+                    .patients
+                    .iter()
+                    .map(|p| {
+                        json!({
+                            "url": PROVENANCE_TARGET_PATIENT,
+                            "valueReference": {"reference": format!("Patient/{p}")},
+                        })
+                    })
+                    .collect(),
+            );
+        }
+        // A Provenance the client sent about this resource is kept, and linked.
+        let key = format!("{}/{}", v.resource_type, v.id);
+        if let Some(ids) = sources.get(&key) {
+            let entities = resource["entity"].as_array().cloned().unwrap_or_default();
+            let mut entities = entities;
+            entities.extend(ids.iter().map(
+                |id| json!({"role": "source", "what": {"reference": format!("Provenance/{id}")}}),
+            ));
+            resource["entity"] = Value::Array(entities);
+        }
+        resource
+    }
+
+    /// The client's own Provenance resources written here, by the `Type/id`
+    /// of each target.
+    fn client_provenance(&self) -> HashMap<String, Vec<String>> {
+        let mut sources: HashMap<String, Vec<String>> = HashMap::new();
+        for w in &self.written {
+            let Some(resource) = w.version.resource.as_ref() else {
+                continue;
+            };
+            if w.version.resource_type != "Provenance" {
+                continue;
+            }
+            for target in resource["target"].as_array().into_iter().flatten() {
+                let Some(reference) = target["reference"].as_str() else {
+                    continue;
+                };
+                let unversioned = reference
+                    .split("/_history/")
+                    .next()
+                    .unwrap_or(reference)
+                    .to_owned();
+                sources
+                    .entry(unversioned)
+                    .or_default()
+                    .push(w.version.id.clone());
+            }
+        }
+        sources
+    }
+
+    fn note_written(&mut self, version: &ResourceVersion, patients: Vec<String>) {
+        self.written.push(Written {
+            version: version.clone(),
+            patients,
+        });
+    }
+}
+
+#[async_trait]
+impl StoreTx for RecordedTx {
+    async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        self.inner.read(resource_type, id).await
+    }
+
+    async fn create(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+    ) -> Result<ResourceVersion> {
+        let version = self.inner.create(resource_type, id, resource).await?;
+        let patients = version
+            .resource
+            .as_ref()
+            .map(patient_compartments)
+            .unwrap_or_default();
+        self.note_written(&version, patients);
+        Ok(version)
+    }
+
+    async fn update(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        resource: Value,
+        expected_version: Option<i64>,
+    ) -> Result<(ResourceVersion, bool)> {
+        self.refuse_server_provenance(resource_type, id).await?;
+        let (version, created) = self
+            .inner
+            .update(resource_type, id, resource, expected_version)
+            .await?;
+        let patients = version
+            .resource
+            .as_ref()
+            .map(patient_compartments)
+            .unwrap_or_default();
+        self.note_written(&version, patients);
+        Ok((version, created))
+    }
+
+    async fn delete(
+        &mut self,
+        resource_type: &str,
+        id: &str,
+        expected_version: Option<i64>,
+    ) -> Result<Option<ResourceVersion>> {
+        self.refuse_server_provenance(resource_type, id).await?;
+        // The deleted content says whose record the deletion belongs to.
+        let before = self.inner.read(resource_type, id).await?;
+        let deleted = self
+            .inner
+            .delete(resource_type, id, expected_version)
+            .await?;
+        if let Some(version) = &deleted {
+            let patients = before
+                .and_then(|b| b.resource)
+                .map(|r| patient_compartments(&r))
+                .unwrap_or_default();
+            self.note_written(version, patients);
+        }
+        Ok(deleted)
+    }
+
+    async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
+        let page = self.inner.search(query).await?;
+        self.disclosed.extend(
+            page.resources
+                .iter()
+                .map(|v| Touched::of(v, v.resource.as_ref())),
+        );
+        Ok(page)
+    }
+
+    async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
+        self.inner.append_audit(events).await
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        // Provenance for every written version but the client's own Provenance.
+        let sources = self.client_provenance();
+        let provenances: Vec<Value> = self
+            .written
+            .iter()
+            .filter(|w| w.version.resource_type != "Provenance")
+            .map(|w| self.provenance_of(w, &sources))
+            .collect();
+        for resource in provenances {
+            self.inner.create("Provenance", &new_id(), resource).await?;
+        }
+
+        let written: Vec<Touched> = self
+            .written
+            .iter()
+            .map(|w| Touched {
+                reference: versioned(&w.version),
+                patients: w.patients.clone(),
+            })
+            .collect();
+        let store = &self.store;
+        let events = if store.per_entry {
+            // A batch entry: its own writes, by what each did.
+            let mut events = Vec::new();
+            for w in &self.written {
+                let (name, action) = match w.version.change {
+                    Change::Create => ("create", Action::Create),
+                    Change::Update => ("update", Action::Update),
+                    Change::Delete => ("delete", Action::Delete),
+                };
+                let context = EventContext {
+                    request_id: &store.audit.request_id,
+                    peer: store.audit.peer,
+                    requester: &store.requester,
+                    interaction: name,
+                    action,
+                    query: None,
+                };
+                let one = [Touched {
+                    reference: versioned(&w.version),
+                    patients: w.patients.clone(),
+                }];
+                events.extend(
+                    store
+                        .recorder
+                        .events(&context, Outcome::Success, None, &one),
+                );
+            }
+            store
+                .audit
+                .note(written.into_iter().chain(self.disclosed.drain(..)));
+            events
+        } else {
+            store
+                .audit
+                .note(written.into_iter().chain(self.disclosed.drain(..)));
+            let context = EventContext {
+                request_id: &store.audit.request_id,
+                peer: store.audit.peer,
+                requester: &store.requester,
+                interaction: store.interaction,
+                action: store.action,
+                query: store.query.then_some(store.audit.query.as_str()),
+            };
+            store
+                .recorder
+                .events(&context, Outcome::Success, None, &store.audit.touched())
+        };
+        let request_level = !self.store.per_entry;
+        let audit = self.store.audit.clone();
+        self.inner.append_audit(events).await?;
+        self.inner.commit().await?;
+        if request_level {
+            audit.mark_recorded();
+        }
+        Ok(())
+    }
+}
