@@ -440,6 +440,195 @@ mod tests {
     use serde_json::json;
     use time::macros::datetime;
 
+    mod writer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Mutex;
+        use std::time::Duration;
+
+        use async_trait::async_trait;
+        use haven_model::clock::ManualClock;
+        use tokio::sync::Semaphore;
+
+        use super::*;
+        use crate::{
+            AuditLog, AuthRecords, Backend, HistoryPage, HistoryQuery, ResourceVersion, SearchPage,
+            SearchQuery, StoreTx,
+        };
+
+        /// An audit log that records the size of each group, holds each append
+        /// until the test lets it go, and fails or panics when told to.
+        struct Scripted {
+            groups: Mutex<Vec<usize>>,
+            gate: Semaphore,
+            fail: AtomicBool,
+            panic: AtomicBool,
+        }
+
+        #[async_trait]
+        impl AuditLog for Scripted {
+            async fn append(&self, events: Vec<Value>) -> Result<()> {
+                self.groups.lock().unwrap().push(events.len());
+                self.gate.acquire().await.unwrap().forget();
+                assert!(!self.panic.load(Ordering::SeqCst), "the log panics");
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(StoreError::Database("refused".into()));
+                }
+                Ok(())
+            }
+
+            async fn read(&self, _: &str) -> Result<Option<AuditRecord>> {
+                Ok(None)
+            }
+
+            async fn search(&self, _: &AuditQuery) -> Result<AuditPage> {
+                Err(StoreError::Unsupported("search".into()))
+            }
+
+            async fn chain(&self, _: u64, _: u32) -> Result<Vec<AuditRecord>> {
+                Ok(Vec::new())
+            }
+        }
+
+        /// A real store for everything but the audit log.
+        struct ScriptedStore {
+            inner: Arc<dyn Store>,
+            log: Arc<Scripted>,
+        }
+
+        impl std::fmt::Debug for ScriptedStore {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("ScriptedStore")
+            }
+        }
+
+        #[async_trait]
+        impl Store for ScriptedStore {
+            fn backend(&self) -> Backend {
+                self.inner.backend()
+            }
+            async fn begin(&self) -> Result<Box<dyn StoreTx>> {
+                self.inner.begin().await
+            }
+            async fn read(&self, t: &str, id: &str) -> Result<Option<ResourceVersion>> {
+                self.inner.read(t, id).await
+            }
+            async fn vread(&self, t: &str, id: &str, v: i64) -> Result<Option<ResourceVersion>> {
+                self.inner.vread(t, id, v).await
+            }
+            async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
+                self.inner.search(query).await
+            }
+            async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
+                self.inner.history(query).await
+            }
+            async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
+                self.inner.count_by_type().await
+            }
+            fn auth_records(&self) -> &dyn AuthRecords {
+                self.inner.auth_records()
+            }
+            fn audit_log(&self) -> &dyn AuditLog {
+                self.log.as_ref()
+            }
+        }
+
+        async fn scripted() -> (Arc<Scripted>, AuditWriter) {
+            let clock = Arc::new(ManualClock::new(datetime!(2026-03-01 12:00 UTC)));
+            let inner = crate::connect("sqlite::memory:", clock).await.unwrap();
+            let log = Arc::new(Scripted {
+                groups: Mutex::default(),
+                gate: Semaphore::new(0),
+                fail: AtomicBool::default(),
+                panic: AtomicBool::default(),
+            });
+            let store = Arc::new(ScriptedStore {
+                inner,
+                log: log.clone(),
+            });
+            (log, AuditWriter::start(store))
+        }
+
+        async fn until(condition: impl Fn() -> bool) {
+            for _ in 0..500 {
+                if condition() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the condition never held");
+        }
+
+        fn spawn_appends(
+            writer: &AuditWriter,
+            n: usize,
+        ) -> Vec<tokio::task::JoinHandle<Result<()>>> {
+            (0..n)
+                .map(|_| {
+                    let writer = writer.clone();
+                    tokio::spawn(async move { writer.append(json!({})).await })
+                })
+                .collect()
+        }
+
+        #[tokio::test]
+        async fn events_queued_during_an_append_go_together_in_the_next_group() {
+            let (log, writer) = scripted().await;
+            let first = spawn_appends(&writer, 1);
+            until(|| log.groups.lock().unwrap().len() == 1).await;
+            let waiting = spawn_appends(&writer, 10);
+            until(|| QUEUE_LIMIT - writer.queue.capacity() == 10).await;
+            log.gate.add_permits(2);
+            for answer in first.into_iter().chain(waiting) {
+                answer.await.unwrap().unwrap();
+            }
+            assert_eq!(*log.groups.lock().unwrap(), [1, 10]);
+        }
+
+        #[tokio::test]
+        async fn every_waiter_of_a_failed_group_is_answered_with_the_error() {
+            let (log, writer) = scripted().await;
+            let first = spawn_appends(&writer, 1);
+            until(|| log.groups.lock().unwrap().len() == 1).await;
+            let waiting = spawn_appends(&writer, 5);
+            until(|| QUEUE_LIMIT - writer.queue.capacity() == 5).await;
+            log.gate.add_permits(1);
+            first.into_iter().next().unwrap().await.unwrap().unwrap();
+            log.fail.store(true, Ordering::SeqCst);
+            log.gate.add_permits(1);
+            for answer in waiting {
+                let answer = answer.await.unwrap();
+                assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+            }
+            assert_eq!(*log.groups.lock().unwrap(), [1, 5]);
+        }
+
+        #[tokio::test]
+        async fn appends_fail_and_never_succeed_once_the_writer_task_is_gone() {
+            let (log, writer) = scripted().await;
+            log.panic.store(true, Ordering::SeqCst);
+            log.gate.add_permits(10);
+            let answer = writer.append(json!({})).await;
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(_))),
+                "{answer:?}"
+            );
+            let answer = writer.append(json!({})).await;
+            assert!(
+                matches!(answer, Err(StoreError::Unavailable(_))),
+                "{answer:?}"
+            );
+            assert!(format!("{writer:?}").contains("stopped: true"));
+        }
+
+        #[tokio::test]
+        async fn a_malformed_event_is_refused_without_reaching_the_group() {
+            let (log, writer) = scripted().await;
+            let answer = writer.append(json!(["not", "an", "object"])).await;
+            assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+            assert!(log.groups.lock().unwrap().is_empty());
+        }
+    }
+
     fn values_of(entries: &[IndexEntry], param: &str) -> Vec<(String, String)> {
         entries
             .iter()

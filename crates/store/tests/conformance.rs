@@ -1,14 +1,19 @@
 //! One set of behaviour stories, run against every backend: SQLite always (a fresh
 //! file database per test), PostgreSQL when `HAVEN_TEST_POSTGRES_URL` names an admin
 //! URL (a fresh database per test, dropped afterwards, also when the story fails).
+//! The audit stories also reach into the database directly, as an attacker or an
+//! administrator with database access would.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
+use haven_audit::canonical::canonical_json;
+use haven_audit::{link_hash, BreakKind, ChainBreak, StoredLink, GENESIS};
 use haven_model::clock::{format_instant, Clock, ManualClock};
 use haven_store::{
-    Backend, Change, Comparator, ContentFilter, HistoryQuery, InstantBound, SearchQuery, SortOrder,
-    Store, StoreError, TokenFilter, TokenValue,
+    AuditQuery, AuditRecord, AuditWriter, Backend, Change, Comparator, ContentFilter, HistoryQuery,
+    InstantBound, SearchQuery, SortOrder, Store, StoreError, TokenFilter, TokenValue,
 };
 use serde_json::{json, Value};
 use time::macros::datetime;
@@ -20,6 +25,10 @@ const START: OffsetDateTime = datetime!(2026-03-01 12:00:00 UTC);
 struct World {
     store: Arc<dyn Store>,
     clock: Arc<ManualClock>,
+    /// The store's database URL, for direct access.
+    url: String,
+    /// PostgreSQL only: the admin URL the database was created through.
+    admin_url: Option<String>,
 }
 
 impl World {
@@ -44,7 +53,13 @@ where
         .await
         .expect("sqlite store");
     assert_eq!(store.backend(), Backend::Sqlite);
-    story(World { store, clock }).await;
+    story(World {
+        store,
+        clock,
+        url,
+        admin_url: None,
+    })
+    .await;
 }
 
 async fn on_postgres<F, Fut>(story: F)
@@ -60,6 +75,7 @@ where
     admin(&admin_url, &format!("CREATE DATABASE {name}")).await;
     let url = database_url(&admin_url, &name);
     let clock = Arc::new(ManualClock::new(START));
+    let story_admin_url = admin_url.clone();
     // The story runs as its own task so that a failing assertion still lets the
     // database be dropped before the failure is passed on.
     let outcome = tokio::spawn(async move {
@@ -67,7 +83,13 @@ where
             .await
             .expect("postgres store");
         assert_eq!(store.backend(), Backend::Postgres);
-        story(World { store, clock }).await;
+        story(World {
+            store,
+            clock,
+            url,
+            admin_url: Some(story_admin_url),
+        })
+        .await;
     })
     .await;
     admin(
@@ -158,6 +180,18 @@ stories!(
     a_content_filter_hides_versions_from_history,
     auth_records_insert_once_and_expire,
     auth_records_replace_only_what_they_expect,
+    appended_audit_events_get_ids_meta_and_consecutive_positions_after_genesis,
+    audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at_all,
+    concurrent_appends_by_every_path_leave_one_unbroken_chain,
+    the_audit_writer_answers_every_waiter_and_fails_them_all_when_the_database_refuses,
+    an_unwritable_audit_table_fails_every_append_and_the_transaction_around_it,
+    the_database_refuses_to_change_or_remove_audit_records,
+    verify_names_a_changed_audit_record,
+    verify_names_the_record_after_a_removed_one,
+    verify_names_where_a_forged_record_was_slipped_in,
+    audit_search_finds_events_by_every_parameter,
+    audit_search_pages_counts_and_applies_a_content_filter_first,
+    an_audit_event_is_read_by_id,
 );
 
 fn patient(family: &str) -> Value {
@@ -1186,4 +1220,946 @@ async fn auth_records_replace_only_what_they_expect(world: World) {
         .await
         .unwrap());
     assert_eq!(records.get("code", "h").await.unwrap(), Some(used));
+}
+
+// ---------------------------------------------------------------------------
+// The audit trail
+// ---------------------------------------------------------------------------
+
+const REST: &str = "http://terminology.hl7.org/CodeSystem/audit-event-type";
+const DCM: &str = "http://dicom.nema.org/resources/ontology/DCM";
+const INTERACTION: &str = "http://hl7.org/fhir/restful-interaction";
+
+/// A small AuditEvent told apart from others by `outcomeDesc`.
+fn audit_event(mark: &str) -> Value {
+    json!({
+        "resourceType": "AuditEvent",
+        "type": {"system": REST, "code": "rest"},
+        "subtype": [{"system": INTERACTION, "code": "read"}],
+        "action": "R",
+        "recorded": format_instant(START),
+        "outcome": "0",
+        "outcomeDesc": mark,
+        "agent": [{"who": {"reference": "Practitioner/1"}, "requestor": true}],
+        "source": {"observer": {"display": "haven"}}
+    })
+}
+
+fn mark(record: &AuditRecord) -> String {
+    record.event["outcomeDesc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn marks(records: &[AuditRecord]) -> Vec<String> {
+    records.iter().map(mark).collect()
+}
+
+/// The whole chain, read in small pages as `haven audit verify` would.
+async fn whole_chain(store: &dyn Store) -> Vec<AuditRecord> {
+    let mut records: Vec<AuditRecord> = Vec::new();
+    loop {
+        let after = records.last().map_or(0, |r| r.position);
+        let page = store.audit_log().chain(after, 7).await.unwrap();
+        if page.is_empty() {
+            return records;
+        }
+        assert!(page.len() <= 7);
+        records.extend(page);
+    }
+}
+
+async fn verify_chain(store: &dyn Store) -> Result<u64, ChainBreak> {
+    let links: Vec<StoredLink> = whole_chain(store)
+        .await
+        .into_iter()
+        .map(StoredLink::from)
+        .collect();
+    haven_audit::verify(&links)
+}
+
+/// A direct connection to the story's database, outside the store.
+enum Direct {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Direct {
+    async fn open(world: &World) -> Self {
+        use sqlx::Connection;
+        match world.store.backend() {
+            Backend::Sqlite => Direct::Sqlite(
+                sqlx::SqliteConnection::connect(&world.url)
+                    .await
+                    .expect("direct sqlite connection"),
+            ),
+            Backend::Postgres => Direct::Postgres(
+                sqlx::PgConnection::connect(&world.url)
+                    .await
+                    .expect("direct postgres connection"),
+            ),
+        }
+    }
+
+    /// Runs statements; the database's refusal is returned, not raised.
+    /// Boxed as `Send` here, where the lifetimes are concrete: sqlx's executor
+    /// futures otherwise fail the `Send` check of the spawned stories.
+    fn run<'a>(
+        &'a mut self,
+        statements: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'a>> {
+        use sqlx::Executor;
+        match self {
+            Direct::Sqlite(conn) => {
+                Box::pin(async move { conn.execute(sqlx::raw_sql(statements)).await.map(drop) })
+            }
+            Direct::Postgres(conn) => {
+                Box::pin(async move { conn.execute(sqlx::raw_sql(statements)).await.map(drop) })
+            }
+        }
+    }
+
+    async fn must(&mut self, statements: &str) {
+        self.run(statements).await.expect(statements);
+    }
+
+    /// Drops the append-only triggers, as an attacker with database access could.
+    async fn drop_append_only_triggers(&mut self) {
+        let statements = match self {
+            Direct::Sqlite(_) => {
+                "DROP TRIGGER audit_events_no_update; DROP TRIGGER audit_events_no_delete; \
+                 DROP TRIGGER audit_index_no_update; DROP TRIGGER audit_index_no_delete;"
+            }
+            Direct::Postgres(_) => {
+                "DROP TRIGGER audit_events_append_only ON audit_events; \
+                 DROP TRIGGER audit_index_append_only ON audit_index;"
+            }
+        };
+        self.must(statements).await;
+    }
+
+    /// Makes the database refuse every new audit record, or (`false`) stops that.
+    async fn refuse_audit_inserts(&mut self, refuse: bool) {
+        let statements = match (&self, refuse) {
+            (Direct::Sqlite(_), true) => {
+                "CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_events \
+                 BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+            }
+            (Direct::Sqlite(_), false) => "DROP TRIGGER test_refuse_audit;",
+            (Direct::Postgres(_), true) => {
+                "CREATE FUNCTION test_refuse_audit() RETURNS trigger LANGUAGE plpgsql AS \
+                 $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$; \
+                 CREATE TRIGGER test_refuse_audit BEFORE INSERT ON audit_events \
+                 FOR EACH ROW EXECUTE FUNCTION test_refuse_audit();"
+            }
+            (Direct::Postgres(_), false) => {
+                "DROP TRIGGER test_refuse_audit ON audit_events; \
+                 DROP FUNCTION test_refuse_audit();"
+            }
+        };
+        self.must(statements).await;
+    }
+}
+
+/// A SQL string literal.
+fn literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+async fn appended_audit_events_get_ids_meta_and_consecutive_positions_after_genesis(world: World) {
+    let log = world.store.audit_log();
+    let mut chosen = audit_event("second");
+    chosen["id"] = json!("client-chosen");
+    chosen["meta"] = json!({"versionId": "7", "source": "kept"});
+    log.append(vec![audit_event("first"), chosen])
+        .await
+        .unwrap();
+    world.tick();
+    log.append(vec![audit_event("third")]).await.unwrap();
+    // An empty append stores nothing, and a non-object is refused before anything is.
+    log.append(Vec::new()).await.unwrap();
+    let refused = log
+        .append(vec![audit_event("never"), json!("not an object")])
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Database(_))),
+        "{refused:?}"
+    );
+
+    let records = log.chain(0, 100).await.unwrap();
+    assert_eq!(marks(&records), ["first", "second", "third"]);
+    assert_eq!(
+        records.iter().map(|r| r.position).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    assert_eq!(records[0].previous_hash, GENESIS);
+    for pair in records.windows(2) {
+        assert_eq!(pair[1].previous_hash, pair[0].hash);
+    }
+    for record in &records {
+        // The event as read back hashes to the stored hash.
+        assert_eq!(
+            record.hash,
+            link_hash(&record.previous_hash, &canonical_json(&record.event))
+        );
+        assert_eq!(record.event["resourceType"], "AuditEvent");
+        assert_eq!(record.event["meta"]["versionId"], "1");
+        let id = record.event["id"].as_str().unwrap();
+        assert_eq!(id.len(), 36, "a UUID: {id}");
+    }
+    assert_ne!(records[0].event["id"], records[1].event["id"]);
+    assert_ne!(records[1].event["id"], "client-chosen");
+    assert_eq!(records[1].event["meta"]["source"], "kept");
+    assert_eq!(
+        records[0].event["meta"]["lastUpdated"],
+        format_instant(START)
+    );
+    assert_eq!(
+        records[2].event["meta"]["lastUpdated"],
+        format_instant(world.now())
+    );
+    assert_eq!(verify_chain(world.store.as_ref()).await, Ok(3));
+
+    // chain() pages by position.
+    let positions =
+        |records: Vec<AuditRecord>| -> Vec<u64> { records.iter().map(|r| r.position).collect() };
+    assert_eq!(positions(log.chain(0, 2).await.unwrap()), [1, 2]);
+    assert_eq!(positions(log.chain(1, 1).await.unwrap()), [2]);
+    assert_eq!(positions(log.chain(2, 10).await.unwrap()), [3]);
+    assert!(log.chain(3, 10).await.unwrap().is_empty());
+    assert!(log.chain(0, 0).await.unwrap().is_empty());
+
+    // Another connection to the database reads the same chain.
+    let again = haven_store::connect(&world.url, world.clock.clone())
+        .await
+        .unwrap();
+    assert_eq!(again.audit_log().chain(0, 100).await.unwrap(), records);
+}
+
+async fn audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at_all(world: World) {
+    let mut tx = world.store.begin().await.unwrap();
+    tx.create("Patient", "kept", patient("K")).await.unwrap();
+    tx.append_audit(vec![audit_event("one"), audit_event("two")])
+        .await
+        .unwrap();
+    // Not visible outside the transaction before it commits.
+    assert!(world
+        .store
+        .audit_log()
+        .chain(0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    tx.commit().await.unwrap();
+    assert!(world.store.read("Patient", "kept").await.unwrap().is_some());
+    assert_eq!(
+        marks(&world.store.audit_log().chain(0, 10).await.unwrap()),
+        ["one", "two"]
+    );
+
+    {
+        let mut tx = world.store.begin().await.unwrap();
+        tx.create("Patient", "dropped", patient("D")).await.unwrap();
+        tx.append_audit(vec![audit_event("dropped")]).await.unwrap();
+    }
+    assert_eq!(world.store.read("Patient", "dropped").await.unwrap(), None);
+    assert_eq!(
+        marks(&world.store.audit_log().chain(0, 10).await.unwrap()),
+        ["one", "two"]
+    );
+
+    // The rolled-back position is taken by the next append: no gap.
+    world
+        .store
+        .audit_log()
+        .append(vec![audit_event("three")])
+        .await
+        .unwrap();
+    let records = world.store.audit_log().chain(0, 10).await.unwrap();
+    assert_eq!(marks(&records), ["one", "two", "three"]);
+    assert_eq!(records[2].position, 3);
+    assert_eq!(verify_chain(world.store.as_ref()).await, Ok(3));
+}
+
+async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World) {
+    let writer = AuditWriter::start(world.store.clone());
+    // A second store on the same database stands in for another server process.
+    let other = haven_store::connect(&world.url, world.clock.clone())
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    let mut expected = Vec::new();
+    for task in 0..40 {
+        let path = task % 4;
+        let count = if path == 1 { 2 } else { 1 };
+        let events: Vec<Value> = (0..count)
+            .map(|n| {
+                let mark = format!("task {task} event {n}");
+                expected.push(mark.clone());
+                audit_event(&mark)
+            })
+            .collect();
+        let store = world.store.clone();
+        let other = other.clone();
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            match path {
+                0 => writer.append(events.into_iter().next().unwrap()).await,
+                1 => store.audit_log().append(events).await,
+                2 => {
+                    let mut tx = store.begin().await?;
+                    tx.create("Patient", &format!("p{task}"), patient("P"))
+                        .await?;
+                    tx.append_audit(events).await?;
+                    tx.commit().await
+                }
+                _ => other.audit_log().append(events).await,
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let records = whole_chain(world.store.as_ref()).await;
+    assert_eq!(records.len(), expected.len());
+    let positions: Vec<u64> = records.iter().map(|r| r.position).collect();
+    let consecutive: Vec<u64> = (1..=expected.len() as u64).collect();
+    assert_eq!(positions, consecutive);
+    assert_eq!(
+        verify_chain(world.store.as_ref()).await,
+        Ok(expected.len() as u64)
+    );
+    let mut stored = marks(&records);
+    stored.sort();
+    expected.sort();
+    assert_eq!(stored, expected);
+    assert_eq!(
+        world.store.count_by_type().await.unwrap(),
+        [("Patient".to_owned(), 10)]
+    );
+}
+
+async fn the_audit_writer_answers_every_waiter_and_fails_them_all_when_the_database_refuses(
+    world: World,
+) {
+    let writer = AuditWriter::start(world.store.clone());
+    let waiters: Vec<_> = (0..30)
+        .map(|n| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.append(audit_event(&format!("ok {n}"))).await })
+        })
+        .collect();
+    for waiter in waiters {
+        waiter.await.unwrap().unwrap();
+    }
+    assert_eq!(verify_chain(world.store.as_ref()).await, Ok(30));
+
+    let mut direct = Direct::open(&world).await;
+    direct.refuse_audit_inserts(true).await;
+    let waiters: Vec<_> = (0..20)
+        .map(|n| {
+            let writer = writer.clone();
+            tokio::spawn(async move { writer.append(audit_event(&format!("refused {n}"))).await })
+        })
+        .collect();
+    for waiter in waiters {
+        let answer = waiter.await.unwrap();
+        assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+    }
+    direct.refuse_audit_inserts(false).await;
+
+    // The writer carries on once the database accepts records again.
+    writer.append(audit_event("after")).await.unwrap();
+    let records = whole_chain(world.store.as_ref()).await;
+    assert_eq!(records.len(), 31);
+    assert_eq!(mark(&records[30]), "after");
+    assert!(records.iter().all(|r| !mark(r).starts_with("refused")));
+    assert_eq!(verify_chain(world.store.as_ref()).await, Ok(31));
+    assert!(format!("{writer:?}").starts_with("AuditWriter"));
+}
+
+/// A role without INSERT on the audit table, made for one story and dropped after it.
+struct Role {
+    name: String,
+    url: String,
+}
+
+impl Role {
+    async fn create(world: &World, direct: &mut Direct) -> Self {
+        let name = format!("haven_role_{}", uuid::Uuid::new_v4().simple());
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        direct
+            .must(&format!(
+                "CREATE ROLE {name} LOGIN PASSWORD {password}; \
+                 GRANT USAGE, CREATE ON SCHEMA public TO {name}; \
+                 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {name}; \
+                 GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {name};",
+                password = literal(&password)
+            ))
+            .await;
+        let url = with_user(&world.url, &name, &password);
+        Role { name, url }
+    }
+
+    async fn drop(self, direct: &mut Direct) {
+        direct
+            .must(&format!(
+                "DROP OWNED BY {name}; DROP ROLE {name};",
+                name = self.name
+            ))
+            .await;
+    }
+}
+
+/// A PostgreSQL URL with its user and password replaced.
+fn with_user(url: &str, user: &str, password: &str) -> String {
+    let scheme_end = url.find("://").expect("a URL with a scheme") + 3;
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let host_start = rest[..authority_end].rfind('@').map_or(0, |at| at + 1);
+    format!(
+        "{}{user}:{password}@{}",
+        &url[..scheme_end],
+        &rest[host_start..]
+    )
+}
+
+async fn an_unwritable_audit_table_fails_every_append_and_the_transaction_around_it(world: World) {
+    let mut direct = Direct::open(&world).await;
+    let role = match world.store.backend() {
+        // SQLite has no privileges: a trigger refuses instead.
+        Backend::Sqlite => {
+            direct.refuse_audit_inserts(true).await;
+            None
+        }
+        Backend::Postgres => {
+            assert!(world.admin_url.is_some());
+            Some(Role::create(&world, &mut direct).await)
+        }
+    };
+    let store = match &role {
+        None => world.store.clone(),
+        Some(role) => haven_store::connect(&role.url, world.clock.clone())
+            .await
+            .expect("a store as the restricted role"),
+    };
+    // Run as a task so that the role is dropped even when an assertion fails.
+    let story = tokio::spawn(async move {
+        // The store works as that role for resources and reading.
+        let mut tx = store.begin().await.unwrap();
+        tx.create("Patient", "allowed", patient("A")).await.unwrap();
+        tx.commit().await.unwrap();
+        store.audit_log().chain(0, 10).await.unwrap();
+        store
+    });
+    let store = match story.await {
+        Ok(store) => store,
+        Err(failure) => {
+            if let Some(role) = role {
+                role.drop(&mut direct).await;
+            }
+            std::panic::resume_unwind(failure.into_panic());
+        }
+    };
+    if let Some(role) = &role {
+        direct
+            .must(&format!("REVOKE INSERT ON audit_events FROM {}", role.name))
+            .await;
+    }
+    let story = tokio::spawn(async move {
+        let refused = store.audit_log().append(vec![audit_event("direct")]).await;
+        assert!(
+            matches!(refused, Err(StoreError::Database(_))),
+            "{refused:?}"
+        );
+
+        let writer = AuditWriter::start(store.clone());
+        let refused = writer.append(audit_event("grouped")).await;
+        assert!(
+            matches!(refused, Err(StoreError::Database(_))),
+            "{refused:?}"
+        );
+
+        let mut tx = store.begin().await.unwrap();
+        tx.create("Patient", "audited", patient("X")).await.unwrap();
+        let refused = tx.append_audit(vec![audit_event("in a transaction")]).await;
+        assert!(
+            matches!(refused, Err(StoreError::Database(_))),
+            "{refused:?}"
+        );
+        let committed = tx.commit().await;
+        assert!(committed.is_err(), "{committed:?}");
+        assert_eq!(store.read("Patient", "audited").await.unwrap(), None);
+        assert!(store.read("Patient", "allowed").await.unwrap().is_some());
+        assert!(store.audit_log().chain(0, 10).await.unwrap().is_empty());
+    });
+    let outcome = story.await;
+    if let Some(role) = role {
+        role.drop(&mut direct).await;
+    } else {
+        direct.refuse_audit_inserts(false).await;
+    }
+    if let Err(failure) = outcome {
+        std::panic::resume_unwind(failure.into_panic());
+    }
+    // Seen through the story's own store too.
+    assert_eq!(world.store.read("Patient", "audited").await.unwrap(), None);
+    assert!(world
+        .store
+        .audit_log()
+        .chain(0, 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+async fn the_database_refuses_to_change_or_remove_audit_records(world: World) {
+    world
+        .store
+        .audit_log()
+        .append(vec![audit_event("one"), audit_event("two")])
+        .await
+        .unwrap();
+    let before = whole_chain(world.store.as_ref()).await;
+    let mut direct = Direct::open(&world).await;
+    let mut refused = vec![
+        "UPDATE audit_events SET event = '{}' WHERE position = 1",
+        "UPDATE audit_events SET position = position + 10",
+        "DELETE FROM audit_events WHERE position = 2",
+        "DELETE FROM audit_events",
+        "UPDATE audit_index SET value = 'Practitioner/2'",
+        "DELETE FROM audit_index",
+    ];
+    if world.store.backend() == Backend::Postgres {
+        refused.extend(["TRUNCATE audit_events", "TRUNCATE audit_index"]);
+    }
+    for statement in refused {
+        let outcome = direct.run(statement).await;
+        let Err(sqlx::Error::Database(error)) = outcome else {
+            panic!("{statement} was not refused: {outcome:?}");
+        };
+        assert!(
+            error.message().contains("append-only"),
+            "{statement}: {error}"
+        );
+    }
+    assert_eq!(whole_chain(world.store.as_ref()).await, before);
+    let query = AuditQuery {
+        agent: vec!["Practitioner/1".into()],
+        ..audit_query()
+    };
+    assert_eq!(
+        world
+            .store
+            .audit_log()
+            .search(&query)
+            .await
+            .unwrap()
+            .records
+            .len(),
+        2
+    );
+}
+
+/// Six events, one append each, and an untouched chain that verifies.
+async fn six_audit_events(world: &World) {
+    for n in 1..=6 {
+        world
+            .store
+            .audit_log()
+            .append(vec![audit_event(&format!("event {n}"))])
+            .await
+            .unwrap();
+        world.tick();
+    }
+    assert_eq!(verify_chain(world.store.as_ref()).await, Ok(6));
+}
+
+async fn verify_names_a_changed_audit_record(world: World) {
+    six_audit_events(&world).await;
+    let mut direct = Direct::open(&world).await;
+    direct.drop_append_only_triggers().await;
+    direct
+        .must(
+            "UPDATE audit_events SET event = replace(event, '\"outcome\":\"0\"', '\"outcome\":\"8\"') \
+             WHERE position = 4",
+        )
+        .await;
+    let records = whole_chain(world.store.as_ref()).await;
+    assert_eq!(records[3].event["outcome"], "8");
+    assert_eq!(
+        verify_chain(world.store.as_ref()).await,
+        Err(ChainBreak {
+            position: 4,
+            kind: BreakKind::Changed
+        })
+    );
+}
+
+async fn verify_names_the_record_after_a_removed_one(world: World) {
+    six_audit_events(&world).await;
+    let mut direct = Direct::open(&world).await;
+    direct.drop_append_only_triggers().await;
+    direct
+        .must(
+            "DELETE FROM audit_index WHERE position = 3; \
+             DELETE FROM audit_events WHERE position = 3;",
+        )
+        .await;
+    assert_eq!(whole_chain(world.store.as_ref()).await.len(), 5);
+    assert_eq!(
+        verify_chain(world.store.as_ref()).await,
+        Err(ChainBreak {
+            position: 4,
+            kind: BreakKind::Removed
+        })
+    );
+}
+
+async fn verify_names_where_a_forged_record_was_slipped_in(world: World) {
+    six_audit_events(&world).await;
+    let records = whole_chain(world.store.as_ref()).await;
+    // The attacker knows the hash formula: the forged record follows record 3
+    // and hashes correctly, and the later records move up one position.
+    let mut forged = records[2].event.clone();
+    forged["id"] = json!("forged");
+    forged["outcomeDesc"] = json!("forged");
+    let previous_hash = records[2].hash.clone();
+    let hash = link_hash(&previous_hash, &canonical_json(&forged));
+    let mut direct = Direct::open(&world).await;
+    direct.drop_append_only_triggers().await;
+    direct
+        .must(&format!(
+            "UPDATE audit_events SET position = position + 1000000 WHERE position > 3; \
+             UPDATE audit_events SET position = position - 999999 WHERE position > 1000000; \
+             INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) \
+             VALUES (4, 'forged', {recorded}, {event}, {previous_hash}, {hash});",
+            recorded = literal(&format_instant(START)),
+            event = literal(&forged.to_string()),
+            previous_hash = literal(&previous_hash),
+            hash = literal(&hash),
+        ))
+        .await;
+    let tampered = whole_chain(world.store.as_ref()).await;
+    assert_eq!(
+        marks(&tampered),
+        ["event 1", "event 2", "event 3", "forged", "event 4", "event 5", "event 6"]
+    );
+    // The forged record itself is sound; the genuine record after it no longer
+    // follows its predecessor, and that is where the chain breaks.
+    assert_eq!(
+        verify_chain(world.store.as_ref()).await,
+        Err(ChainBreak {
+            position: 5,
+            kind: BreakKind::Inserted
+        })
+    );
+
+    // A forger who does not know the formula is caught at the forged record.
+    direct
+        .must(&format!(
+            "UPDATE audit_events SET previous_hash = {} WHERE position = 4",
+            literal(&records[0].hash)
+        ))
+        .await;
+    let verdict = verify_chain(world.store.as_ref()).await;
+    assert_eq!(verdict.map_err(|b| b.position), Err(4));
+}
+
+fn audit_query() -> AuditQuery {
+    AuditQuery {
+        count: 100,
+        ..AuditQuery::default()
+    }
+}
+
+fn token(system: Option<&str>, code: Option<&str>) -> TokenValue {
+    TokenValue {
+        system: system.map(str::to_owned),
+        code: code.map(str::to_owned),
+    }
+}
+
+/// Five events, oldest first: e1 at 10:00 through e5 at 14:00.
+async fn five_varied_audit_events(world: &World) {
+    let events = [
+        json!({
+            "resourceType": "AuditEvent", "outcomeDesc": "e1",
+            "type": {"system": DCM, "code": "110112"},
+            "subtype": [{"system": INTERACTION, "code": "search-type"}],
+            "action": "E", "outcome": "0",
+            // An offset other than UTC: 10:00Z.
+            "recorded": "2026-03-01T11:00:00+01:00",
+            "agent": [{"who": {"reference": "Practitioner/1",
+                               "identifier": {"value": "client-a"}}}],
+            "entity": [{"what": {"reference": "Patient/1/_history/2"}}]
+        }),
+        json!({
+            "resourceType": "AuditEvent", "outcomeDesc": "e2",
+            "type": {"system": REST, "code": "rest"},
+            "subtype": [{"system": INTERACTION, "code": "read"}],
+            "action": "R", "outcome": "0",
+            "recorded": "2026-03-01T11:00:00Z",
+            "agent": [{"who": {"reference": "Patient/1", "identifier": {"value": "user-p"}}}],
+            "entity": [{"what": {"reference": "Observation/5/_history/1"}}]
+        }),
+        json!({
+            "resourceType": "AuditEvent", "outcomeDesc": "e3",
+            "type": {"system": REST, "code": "rest"},
+            "subtype": [{"system": INTERACTION, "code": "create"}],
+            "action": "C", "outcome": "4",
+            "recorded": "2026-03-01T12:00:00Z",
+            "agent": [{"who": {"reference": "Practitioner/2",
+                               "identifier": {"value": "client-b"}}}],
+            "entity": [{"what": {"reference": "Patient/2/_history/1"}}]
+        }),
+        json!({
+            "resourceType": "AuditEvent", "outcomeDesc": "e4",
+            "type": {"system": DCM, "code": "110114"},
+            "action": "E", "outcome": "8",
+            "recorded": "2026-03-01T13:00:00Z",
+            "agent": [{"who": {"identifier": {"value": "user-q"}}}]
+        }),
+        json!({
+            "resourceType": "AuditEvent", "outcomeDesc": "e5",
+            "type": {"code": "local"},
+            "subtype": [{"system": INTERACTION, "code": "update"}],
+            "action": "U", "outcome": "12",
+            "recorded": "2026-03-01T14:00:00Z",
+            "agent": [{"who": {"reference": "Practitioner/1"}}],
+            "entity": [{"what": {"reference": "Patient/1"}},
+                       {"what": {"reference": "Observation/5"}}]
+        }),
+    ];
+    for event in events {
+        world.store.audit_log().append(vec![event]).await.unwrap();
+        world.tick();
+    }
+}
+
+async fn audit_search_finds_events_by_every_parameter(world: World) {
+    five_varied_audit_events(&world).await;
+    let log = world.store.audit_log();
+    let found =
+        |query: AuditQuery| async move { marks(&log.search(&query).await.unwrap().records) };
+    let at = |hour: u8| datetime!(2026-03-01 00:00 UTC).replace_hour(hour).unwrap();
+    let bound = |comparator, hour| InstantBound {
+        comparator,
+        instant: at(hour),
+    };
+
+    assert_eq!(found(audit_query()).await, ["e5", "e4", "e3", "e2", "e1"]);
+    let query = AuditQuery {
+        date: vec![bound(Comparator::Ge, 11), bound(Comparator::Lt, 13)],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e3", "e2"]);
+    let query = AuditQuery {
+        date: vec![bound(Comparator::Le, 11)],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e2", "e1"]);
+    let query = AuditQuery {
+        date: vec![bound(Comparator::Gt, 13)],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e5"]);
+
+    let by = |agent: &[&str]| AuditQuery {
+        agent: agent.iter().map(|a| (*a).to_owned()).collect(),
+        ..audit_query()
+    };
+    assert_eq!(found(by(&["Practitioner/1"])).await, ["e5", "e1"]);
+    assert_eq!(found(by(&["client-b", "user-q"])).await, ["e4", "e3"]);
+    assert!(found(by(&["nobody"])).await.is_empty());
+
+    let about = |patient: &[&str]| AuditQuery {
+        patient: patient.iter().map(|p| (*p).to_owned()).collect(),
+        ..audit_query()
+    };
+    // As an entity (versioned or not) or as the agent.
+    assert_eq!(found(about(&["Patient/1"])).await, ["e5", "e2", "e1"]);
+    assert_eq!(found(about(&["Patient/2"])).await, ["e3"]);
+
+    let on = |entity: &[&str]| AuditQuery {
+        entity: entity.iter().map(|e| (*e).to_owned()).collect(),
+        ..audit_query()
+    };
+    assert_eq!(found(on(&["Patient/1"])).await, ["e5", "e1"]);
+    assert_eq!(found(on(&["Patient/1/_history/2"])).await, ["e1"]);
+    assert!(found(on(&["Patient/1/_history/1"])).await.is_empty());
+    assert_eq!(found(on(&["Observation/5"])).await, ["e5", "e2"]);
+
+    let query = AuditQuery {
+        outcome: vec!["4".into(), "8".into()],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e4", "e3"]);
+    let query = AuditQuery {
+        action: vec!["E".into()],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e4", "e1"]);
+
+    let typed = |tokens: Vec<TokenValue>| AuditQuery {
+        event_type: tokens,
+        ..audit_query()
+    };
+    assert_eq!(
+        found(typed(vec![token(Some(DCM), Some("110112"))])).await,
+        ["e1"]
+    );
+    assert_eq!(
+        found(typed(vec![token(None, Some("110114"))])).await,
+        ["e4"]
+    );
+    assert_eq!(
+        found(typed(vec![token(Some(""), Some("local"))])).await,
+        ["e5"]
+    );
+    assert!(found(typed(vec![token(Some(""), Some("110112"))]))
+        .await
+        .is_empty());
+    assert_eq!(
+        found(typed(vec![token(Some(REST), None)])).await,
+        ["e3", "e2"]
+    );
+    assert_eq!(
+        found(typed(vec![
+            token(Some(DCM), None),
+            token(None, Some("local"))
+        ]))
+        .await,
+        ["e5", "e4", "e1"]
+    );
+    let query = AuditQuery {
+        subtype: vec![
+            token(Some(INTERACTION), Some("read")),
+            token(None, Some("create")),
+        ],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e3", "e2"]);
+
+    // Criteria combine with AND.
+    let query = AuditQuery {
+        action: vec!["E".into()],
+        outcome: vec!["0".into()],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e1"]);
+
+    let all = log.search(&audit_query()).await.unwrap().records;
+    let id_of = |n: usize| all[n].event["id"].as_str().unwrap().to_owned();
+    let query = AuditQuery {
+        ids: vec![id_of(1), id_of(3), "unknown".into()],
+        ..audit_query()
+    };
+    assert_eq!(found(query).await, ["e4", "e2"]);
+}
+
+async fn audit_search_pages_counts_and_applies_a_content_filter_first(world: World) {
+    five_varied_audit_events(&world).await;
+    let log = world.store.audit_log();
+    let query = AuditQuery {
+        count: 2,
+        total: true,
+        ..AuditQuery::default()
+    };
+    let first = log.search(&query).await.unwrap();
+    assert_eq!(marks(&first.records), ["e5", "e4"]);
+    assert_eq!(first.total, Some(5));
+    assert!(first.more);
+    let second = log
+        .search(&AuditQuery {
+            offset: 2,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(marks(&second.records), ["e3", "e2"]);
+    assert!(second.more);
+    let last = log
+        .search(&AuditQuery {
+            offset: 4,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(marks(&last.records), ["e1"]);
+    assert!(!last.more);
+    let counted = log
+        .search(&AuditQuery {
+            count: 0,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert!(counted.records.is_empty());
+    assert_eq!(counted.total, Some(5));
+    assert!(counted.more);
+    let untotalled = log
+        .search(&AuditQuery {
+            total: false,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(untotalled.total, None);
+
+    // An access rule that hides the E events from this reader.
+    let hidden = ContentFilter::new(|event: &Value| event["action"] != "E");
+    let filtered = AuditQuery {
+        filter: Some(hidden),
+        ..query
+    };
+    let first = log.search(&filtered).await.unwrap();
+    assert_eq!(marks(&first.records), ["e5", "e3"]);
+    assert_eq!(first.total, Some(3));
+    assert!(first.more);
+    let second = log
+        .search(&AuditQuery {
+            offset: 2,
+            ..filtered.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(marks(&second.records), ["e2"]);
+    assert!(!second.more);
+    let counted = log
+        .search(&AuditQuery {
+            count: 0,
+            ..filtered.clone()
+        })
+        .await
+        .unwrap();
+    assert!(counted.records.is_empty());
+    assert_eq!(counted.total, Some(3));
+    // With other criteria too.
+    let failures = log
+        .search(&AuditQuery {
+            outcome: vec!["4".into(), "8".into()],
+            ..filtered
+        })
+        .await
+        .unwrap();
+    assert_eq!(marks(&failures.records), ["e3"]);
+    assert_eq!(failures.total, Some(1));
+}
+
+async fn an_audit_event_is_read_by_id(world: World) {
+    world
+        .store
+        .audit_log()
+        .append(vec![audit_event("one"), audit_event("two")])
+        .await
+        .unwrap();
+    let records = world.store.audit_log().chain(0, 10).await.unwrap();
+    for record in &records {
+        let id = record.event["id"].as_str().unwrap();
+        let read = world.store.audit_log().read(id).await.unwrap();
+        assert_eq!(read.as_ref(), Some(record));
+    }
+    assert_eq!(world.store.audit_log().read("unknown").await.unwrap(), None);
 }
