@@ -611,6 +611,50 @@ async fn a_transaction_gets_a_provenance_per_entry_and_keeps_the_clients_own_lin
 }
 
 #[tokio::test]
+async fn a_batch_records_each_written_entry_and_the_batch_itself() {
+    let h = spawn().await;
+    let system = h.system_token("system/*.cruds").await;
+    h.put(&system, &patient("a", "Shaw")).await;
+    let bundle = json!({
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": observation("x", "a"), "request": {"method": "PUT", "url": "Observation/x"}},
+            {"resource": {"resourceType": "Patient", "name": [{"family": "Lake"}]},
+             "request": {"method": "POST", "url": "Patient"}},
+            {"request": {"method": "GET", "url": "Patient/a"}},
+            {"request": {"method": "GET", "url": "Patient/missing"}}
+        ]
+    });
+    let reply = h
+        .send(Method::POST, "/fhir", Some(&system), Some(&bundle))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{:#}", reply.body);
+    let events = h.events_of(&reply.request_id).await;
+    let by: Vec<(&str, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                subtype(e),
+                e["action"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert!(by.contains(&("update", "U".into())), "{by:?}");
+    assert!(by.contains(&("create", "C".into())), "{by:?}");
+    let batch: Vec<&Value> = events.iter().filter(|e| subtype(e) == "batch").collect();
+    assert!(!batch.is_empty());
+    let listed: Vec<String> = batch.iter().flat_map(|e| references(e)).collect();
+    assert!(listed.contains(&"Observation/x/_history/1".to_owned()));
+    assert!(
+        listed.contains(&"Patient/a/_history/1".to_owned()),
+        "the read entry"
+    );
+    let created = h.provenances().await.len();
+    assert_eq!(created, 3, "Patient a, Observation x, the new Patient");
+}
+
+#[tokio::test]
 async fn a_401_a_403_and_a_400_each_leave_an_audit_event_with_their_outcome() {
     let h = spawn().await;
     let practitioner = h.user_token("drwho", "user/Patient.rs", None).await;
@@ -956,25 +1000,186 @@ async fn with_the_audit_table_unwritable_a_read_returns_no_data_and_a_write_comm
     let h = spawn().await;
     let system = h.system_token("system/*.cruds").await;
     h.put(&system, &patient("a", "Secret")).await;
-    let before = h.provenances().await.len();
     break_audit_table(&h.database_url).await;
+    nothing_is_answered_or_written(&h, &system).await;
+}
 
-    let read = h.get("/fhir/Patient/a", Some(&system)).await;
+#[tokio::test]
+async fn on_postgresql_a_revoked_insert_privilege_on_the_audit_table_fails_closed_too() {
+    use sqlx::Connection;
+    let Ok(admin_url) = std::env::var("HAVEN_TEST_POSTGRES_URL") else {
+        println!("not run: HAVEN_TEST_POSTGRES_URL is not set");
+        return;
+    };
+    let name = format!("haven_audit_{}", uuid::Uuid::new_v4().simple());
+    let role = format!("haven_app_{}", uuid::Uuid::new_v4().simple());
+    let password = uuid::Uuid::new_v4().simple().to_string();
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    sqlx::raw_sql(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let (base, _) = admin_url.rsplit_once('/').unwrap();
+    let owner_url = format!("{base}/{name}");
+    // The schema is made by the owner; the server runs as a role with data rights only.
+    haven_store::migrate(&owner_url).await.unwrap();
+    let mut owner = sqlx::PgConnection::connect(&owner_url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD '{password}'; \
+         GRANT USAGE, CREATE ON SCHEMA public TO {role}; \
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}; \
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role};"
+    ))
+    .execute(&mut owner)
+    .await
+    .unwrap();
+    let host = base
+        .rsplit_once('@')
+        .map_or(base.trim_start_matches("postgres://"), |(_, h)| h);
+    let app_url = format!("postgres://{role}:{password}@{host}/{name}");
+
+    let revoke = format!("REVOKE INSERT ON audit_events FROM {role}");
+    // Caught, so that the database and role are dropped whatever happens.
+    let story = std::panic::AssertUnwindSafe(async {
+        let h = spawn_on(app_url, None).await;
+        let system = h.system_token("system/*.cruds").await;
+        assert_eq!(
+            h.put(&system, &patient("a", "Secret")).await.status,
+            StatusCode::CREATED
+        );
+        sqlx::raw_sql(&revoke).execute(&mut owner).await.unwrap();
+        nothing_is_answered_or_written(&h, &system).await;
+    });
+    let story = futures::FutureExt::catch_unwind(story).await;
+    drop(owner);
+    for statement in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("DROP ROLE IF EXISTS {role}"),
+    ] {
+        sqlx::raw_sql(&statement).execute(&mut admin).await.unwrap();
+    }
+    if let Err(failure) = story {
+        std::panic::resume_unwind(failure);
+    }
+}
+
+/// With audit records refused by the database: reads and searches answer 500
+/// without the data, and writes leave no trace.
+async fn nothing_is_answered_or_written(h: &Audited, system: &str) {
+    let before = h.provenances().await.len();
+    let read = h.get("/fhir/Patient/a", Some(system)).await;
     assert_eq!(read.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(read.body["resourceType"], "OperationOutcome");
     assert!(!read.body.to_string().contains("Secret"));
 
-    let search = h.get("/fhir/Patient?name=Secret", Some(&system)).await;
+    let search = h.get("/fhir/Patient?name=Secret", Some(system)).await;
     assert_eq!(search.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(!search.body.to_string().contains("Secret"));
 
-    let write = h.put(&system, &patient("b", "Other")).await;
+    let write = h.put(system, &patient("b", "Other")).await;
     assert_eq!(write.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(h.store.read("Patient", "b").await.unwrap().is_none());
     assert_eq!(h.provenances().await.len(), before);
 
-    let update = h.put(&system, &patient("a", "Changed")).await;
+    let update = h.put(system, &patient("a", "Changed")).await;
     assert_eq!(update.status, StatusCode::INTERNAL_SERVER_ERROR);
     let current = h.store.read("Patient", "a").await.unwrap().unwrap();
     assert_eq!(current.version, 1);
+}
+
+// ---- the Synthea corpus ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_a_synthea_bundle_leaves_one_provenance_per_created_version_and_its_audit_events() {
+    let Some(shared) = support::shared_dir() else {
+        println!("not run: HAVEN_SHARED is not set");
+        return;
+    };
+    let dir = shared.join("synthea");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .expect("the synthea directory")
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with("hospital") || name.starts_with("practitioner")
+        })
+        .collect();
+    files.sort();
+    // The patient bundles refer to the hospitals and practitioners loaded first.
+    files.push(dir.join("Clemente_Kreiger_1484a42d-0eaf-4654-9cbf-6b050a5cd73b.json"));
+
+    let h = spawn().await;
+    let system = h.system_token("system/*.cruds").await;
+    let mut created: Vec<String> = Vec::new();
+    let mut last = None;
+    for file in &files {
+        let bundle: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+        let reply = h
+            .send(Method::POST, "/fhir", Some(&system), Some(&bundle))
+            .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", file.display());
+        for answer in reply.body["entry"].as_array().unwrap() {
+            assert_eq!(answer["response"]["status"], "201 Created");
+            let location = answer["response"]["location"].as_str().unwrap();
+            created.push(location.trim_start_matches(&format!("{BASE}/")).to_owned());
+        }
+        last = Some((reply, bundle));
+    }
+
+    let provenances = h.provenances().await;
+    assert_eq!(
+        provenances.len(),
+        created.len(),
+        "one Provenance per created resource"
+    );
+    let mut targeted: Vec<String> = provenances
+        .iter()
+        .inspect(|p| {
+            assert!(server_made(p));
+            assert_eq!(p["activity"]["coding"][0]["code"], "CREATE");
+            assert_eq!(p["agent"][0]["who"]["identifier"]["value"], h.backend);
+        })
+        .flat_map(targets)
+        .collect();
+    targeted.sort();
+    let mut expected = created.clone();
+    expected.sort();
+    assert_eq!(targeted, expected, "each targets the version created");
+
+    let (reply, bundle) = last.unwrap();
+    let patient_id = bundle["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reply.body["entry"].as_array().unwrap())
+        .find(|(sent, _)| sent["resource"]["resourceType"] == "Patient")
+        .and_then(|(_, answer)| answer["response"]["location"].as_str())
+        .map(|l| {
+            l.trim_start_matches(&format!("{BASE}/"))
+                .split('/')
+                .nth(1)
+                .unwrap()
+                .to_owned()
+        })
+        .unwrap();
+    let events = h.events_of(&reply.request_id).await;
+    assert!(events
+        .iter()
+        .all(|e| subtype(e) == "transaction" && e["action"] == "E"));
+    let about_patient: Vec<&Value> = events
+        .iter()
+        .filter(|e| patient_of(e) == Some(format!("Patient/{patient_id}")))
+        .collect();
+    assert_eq!(about_patient.len(), 1, "one event for the patient's record");
+    let listed: Vec<String> = events.iter().flat_map(references).collect();
+    for answer in reply.body["entry"].as_array().unwrap() {
+        let location = answer["response"]["location"].as_str().unwrap();
+        let versioned = location.trim_start_matches(&format!("{BASE}/"));
+        assert!(
+            listed.iter().any(|r| r == versioned),
+            "{versioned} is in the audit record"
+        );
+    }
+    let verify = h.get("/fhir/AuditEvent/$verify", Some(&system)).await;
+    assert_eq!(verify.body["parameter"][0]["valueBoolean"], true);
 }
