@@ -4,22 +4,33 @@
 //!
 //! Every OAuth endpoint is rate limited per caller address, answers errors as
 //! RFC 6749 JSON, and never caches token responses (RFC 6749 §5.1).
+//!
+//! With audit on, every sign-in, sign-out, authorization decision, token
+//! request, introspection, revocation and registration leaves an AuditEvent
+//! ([`audited`]), committed before the answer leaves; if it cannot be stored
+//! the caller gets a 500 instead of the answer (fail closed). Requests refused
+//! by the rate limit before they are read are not recorded, so a flood cannot
+//! grow the trail without bound.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Query, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use base64::engine::general_purpose::STANDARD;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
+use haven_audit::{AuthEventKind, Outcome};
 use haven_auth::limits::Rate;
 use haven_auth::registry::{Role, UserRecord};
-use haven_auth::scope::ScopeSet;
+use haven_auth::scope::{self, ScopeSet};
 use haven_auth::server::{AuthorizeError, LaunchContext, LoginError, Pending};
 use haven_auth::{AuthServer, OAuthError};
 use haven_store::{ContentFilter, SearchQuery, SortOrder, Store};
@@ -27,6 +38,8 @@ use serde_json::{json, Value};
 use time::Duration;
 
 use crate::pages::{self, AppChoice, PatientChoice, ScopeChoice};
+use crate::pipeline::{request_id, REQUEST_ID};
+use crate::record::{AuditRecorder, AuthEventFacts};
 
 const SESSION_COOKIE: &str = "haven_session";
 /// The double-submit token of the sign-in form (login CSRF).
@@ -43,6 +56,8 @@ fn request_cookie(pending_id: &str) -> String {
 pub(crate) struct AuthState {
     pub server: Arc<AuthServer>,
     pub store: Arc<dyn Store>,
+    /// Records the authentication events; `None` when audit is off.
+    pub audit: Option<Arc<AuditRecorder>>,
 }
 
 /// The auth routes, to be merged into the application router.
@@ -67,6 +82,7 @@ pub(crate) fn routes(state: AuthState) -> Router {
         .route("/auth/introspect", axum::routing::post(introspect))
         .route("/auth/revoke", axum::routing::post(revoke))
         .route("/auth/register", axum::routing::post(register))
+        .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
 }
 
@@ -244,6 +260,171 @@ fn error_page(status: StatusCode, message: &str) -> Response {
     html(status, pages::error_page(message))
 }
 
+// ----- Audit -------------------------------------------------------------------
+
+/// The id of an auth request, given by [`with_request_id`].
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+/// Gives every auth request an id (the client's `X-Request-Id` if sane) and
+/// echoes it in the answer, as the FHIR pipeline does, so a caller can find
+/// the audit record of its request.
+async fn with_request_id(mut request: Request, next: Next) -> Response {
+    let id = request_id(request.headers());
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
+}
+
+/// Where an auth request came from: its request id and the peer's address,
+/// for its audit record.
+pub(crate) struct Origin {
+    request_id: String,
+    peer: Option<IpAddr>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Origin {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Origin {
+            request_id: parts
+                .extensions
+                .get::<RequestId>()
+                .map_or_else(|| request_id(&parts.headers), |id| id.0.clone()),
+            peer: parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip()),
+        })
+    }
+}
+
+impl Origin {
+    /// A successful event from this origin; the endpoint fills in the rest.
+    fn facts(&self) -> AuthEventFacts<'_> {
+        let mut facts = AuthEventFacts::new(&self.request_id);
+        facts.peer = self.peer;
+        facts
+    }
+}
+
+/// How an endpoint answers: RFC 6749 JSON or an HTML page.
+#[derive(Clone, Copy)]
+enum Face {
+    Json,
+    Page,
+}
+
+/// Records one authentication event and waits for its commit: the one place
+/// auth events are written. `Err` is the 500 to answer instead of the
+/// endpoint's answer when the event could not be stored (fail closed).
+async fn record(
+    state: &AuthState,
+    kind: AuthEventKind,
+    mut facts: AuthEventFacts<'_>,
+    face: Face,
+) -> Result<(), Response> {
+    let Some(recorder) = &state.audit else {
+        return Ok(());
+    };
+    // A blank field a caller sent says nothing, and FHIR strings may not be empty.
+    let present = |value: Option<&str>| value.is_some_and(|v| !v.trim().is_empty());
+    for field in [
+        &mut facts.username,
+        &mut facts.fhir_user,
+        &mut facts.client_id,
+        &mut facts.scopes,
+        &mut facts.token,
+    ] {
+        if !present(*field) {
+            *field = None;
+        }
+    }
+    recorder.record_auth(kind, facts).await.map_err(|error| {
+        tracing::error!(%error, ?kind, "an auth event was not recorded; the answer is withheld");
+        unrecorded(face)
+    })
+}
+
+/// Records one authentication event, then lets `answer` out; when the event
+/// cannot be stored, the answer (a token, a code, a cookie) is withheld.
+async fn audited(
+    state: &AuthState,
+    kind: AuthEventKind,
+    facts: AuthEventFacts<'_>,
+    face: Face,
+    answer: Response,
+) -> Response {
+    match record(state, kind, facts, face).await {
+        Ok(()) => answer,
+        Err(withheld) => withheld,
+    }
+}
+
+fn unrecorded(face: Face) -> Response {
+    match face {
+        Face::Json => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            json!({"error": "server_error", "error_description": "the request could not be completed"}),
+        ),
+        Face::Page => error_page(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Something went wrong on our side. Try again later.",
+        ),
+    }
+}
+
+/// The audit outcome of an OAuth error code: the caller was refused (8), the
+/// request was wrong (4), or the server failed (12).
+fn outcome_of(error: &str) -> Outcome {
+    match error {
+        "invalid_client" | "unauthorized_client" | "access_denied" | "invalid_token" => {
+            Outcome::Denied
+        }
+        "server_error" | "temporarily_unavailable" => Outcome::ServerError,
+        _ => Outcome::BadInput,
+    }
+}
+
+/// Marks an event as refused with an OAuth error code and its description.
+fn refuse(facts: &mut AuthEventFacts<'_>, error: &str, description: &str) {
+    facts.outcome = outcome_of(error);
+    facts.description = Some(format!("{error}: {description}"));
+}
+
+/// Marks an event as failed for a reason given in words.
+fn fail(facts: &mut AuthEventFacts<'_>, outcome: Outcome, reason: &str) {
+    facts.outcome = outcome;
+    facts.description = Some(reason.to_owned());
+}
+
+/// The claims of an access token this server has just signed; only read, so
+/// its signature needs no check.
+fn issued_claims(token: &str) -> Value {
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// The `error` and `error_description` of a redirect back to the client, if it
+/// carries an error (RFC 6749 §4.1.2.1).
+fn redirect_error(location: &str) -> Option<(String, String)> {
+    let query = location.split_once('?')?.1;
+    let pairs: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let error = pairs.get("error")?.clone();
+    let description = pairs.get("error_description").cloned().unwrap_or_default();
+    Some((error, description))
+}
+
 // ----- Discovery -------------------------------------------------------------
 
 async fn smart_configuration(State(state): State<AuthState>) -> Response {
@@ -271,31 +452,66 @@ fn discovery(body: Value) -> Response {
 
 // ----- Authorization endpoint and pages -------------------------------------------
 
-async fn authorize(State(state): State<AuthState>, request: Request) -> Response {
+/// Starts an authorization request. A request that starts well is recorded
+/// when it is decided (consent); one refused here is recorded now.
+async fn authorize(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     if let Some(refusal) = over_rate(&state, "authorize", &parts, AUTHORIZE_RATE, false) {
         return refusal;
     }
-    let raw = if parts.method == Method::POST {
-        match axum::body::to_bytes(body, 64 * 1024).await {
-            Ok(bytes) => pairs(&bytes),
-            Err(_) => return error_page(StatusCode::BAD_REQUEST, "The request could not be read."),
-        }
+    let read = if parts.method == Method::POST {
+        axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .ok()
+            .map(|bytes| pairs(&bytes))
     } else {
-        pairs(parts.uri.query().unwrap_or_default().as_bytes())
+        Some(pairs(parts.uri.query().unwrap_or_default().as_bytes()))
     };
-    let params = match single_valued(raw) {
+    let unreadable = read.is_none();
+    let raw = read.unwrap_or_default();
+    let mut facts = origin.facts();
+    // What the client asked for, named even when the request is refused.
+    let asked = |name: &str| raw.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    facts.client_id = asked("client_id");
+    facts.scopes = asked("scope");
+    let kind = AuthEventKind::Authorize;
+    if unreadable {
+        refuse(
+            &mut facts,
+            "invalid_request",
+            "the request could not be read",
+        );
+        let answer = error_page(StatusCode::BAD_REQUEST, "The request could not be read.");
+        return audited(&state, kind, facts, Face::Page, answer).await;
+    }
+    let params = match single_valued(raw.clone()) {
         Ok(p) => p,
-        Err(e) => return error_page(StatusCode::BAD_REQUEST, &e.description),
+        Err(e) => {
+            refuse(&mut facts, e.error, &e.description);
+            let answer = error_page(StatusCode::BAD_REQUEST, &e.description);
+            return audited(&state, kind, facts, Face::Page, answer).await;
+        }
     };
     let pending = match state.server.begin_authorization(&params).await {
         Ok(pending) => pending,
-        Err(AuthorizeError::Page(message)) => return error_page(StatusCode::BAD_REQUEST, &message),
-        Err(AuthorizeError::Redirect(location)) => return redirect(&location),
+        Err(AuthorizeError::Page(message)) => {
+            refuse(&mut facts, "invalid_request", &message);
+            let answer = error_page(StatusCode::BAD_REQUEST, &message);
+            return audited(&state, kind, facts, Face::Page, answer).await;
+        }
+        Err(AuthorizeError::Redirect(location)) => {
+            let (error, description) = redirect_error(&location).unwrap_or_default();
+            refuse(&mut facts, &error, &description);
+            return audited(&state, kind, facts, Face::Page, redirect(&location)).await;
+        }
     };
     let (pending, browser) = match state.server.bind_browser(pending).await {
         Ok(bound) => bound,
-        Err(e) => return error_page(StatusCode::SERVICE_UNAVAILABLE, &e.description),
+        Err(e) => {
+            refuse(&mut facts, e.error, &e.description);
+            let answer = error_page(StatusCode::SERVICE_UNAVAILABLE, &e.description);
+            return audited(&state, kind, facts, Face::Page, answer).await;
+        }
     };
     let binding = cookie_header(
         &state,
@@ -312,7 +528,8 @@ async fn authorize(State(state): State<AuthState>, request: Request) -> Response
                 .as_deref()
                 .is_none_or(|u| u == user.username)
             {
-                response = Some(continue_with(&state, pending.clone(), &user, &session).await);
+                response =
+                    Some(continue_with(&state, &origin, pending.clone(), &user, &session).await);
             }
         }
     }
@@ -323,23 +540,37 @@ async fn authorize(State(state): State<AuthState>, request: Request) -> Response
 }
 
 /// After sign-in: bind the request to the user and go to the next page.
+/// A refusal here is an authorization decision, and is recorded as one.
 async fn continue_with(
     state: &AuthState,
+    origin: &Origin,
     pending: Pending,
     user: &UserRecord,
     session: &str,
 ) -> Response {
-    match state.server.attach_user(pending, user, session).await {
-        Ok(pending) if pending.needs_patient() && user.role == Role::Patient => error_page(
-            StatusCode::FORBIDDEN,
-            "Your account is not linked to a patient record.",
+    let client_id = pending.client_id.clone();
+    let scopes = pending.scopes.to_string();
+    let (error, description, message) = match state.server.attach_user(pending, user, session).await
+    {
+        Ok(pending) if pending.needs_patient() && user.role == Role::Patient => (
+            "access_denied",
+            "the account is not linked to a patient record".to_owned(),
+            "Your account is not linked to a patient record.".to_owned(),
         ),
         Ok(pending) if pending.needs_patient() => {
-            redirect(&format!("/auth/patient?request={}", pending.id))
+            return redirect(&format!("/auth/patient?request={}", pending.id))
         }
-        Ok(pending) => redirect(&format!("/auth/consent?request={}", pending.id)),
-        Err(e) => error_page(StatusCode::FORBIDDEN, &e.description),
-    }
+        Ok(pending) => return redirect(&format!("/auth/consent?request={}", pending.id)),
+        Err(e) => (e.error, e.description.clone(), e.description),
+    };
+    let mut facts = origin.facts();
+    facts.username = Some(&user.username);
+    facts.fhir_user = user.fhir_user.as_deref();
+    facts.client_id = Some(&client_id);
+    facts.scopes = Some(&scopes);
+    refuse(&mut facts, error, &description);
+    let answer = error_page(StatusCode::FORBIDDEN, &message);
+    audited(state, AuthEventKind::Authorize, facts, Face::Page, answer).await
 }
 
 async fn login_form(
@@ -401,57 +632,92 @@ fn session_cookie(state: &AuthState, value: &str) -> HeaderValue {
     )
 }
 
-async fn login(State(state): State<AuthState>, request: Request) -> Response {
+/// Every sign-in attempt past the rate limit is recorded with the username
+/// typed, never the password.
+async fn login(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let address = remote(&parts.extensions);
     if let Some(refusal) = over_rate(&state, "login", &parts, LOGIN_RATE, false) {
         return refusal;
     }
+    let mut facts = origin.facts();
+    let kind = AuthEventKind::Login;
     let Ok(bytes) = axum::body::to_bytes(body, 16 * 1024).await else {
-        return error_page(StatusCode::BAD_REQUEST, "The form could not be read.");
+        fail(
+            &mut facts,
+            Outcome::BadInput,
+            "the sign-in form could not be read",
+        );
+        let answer = error_page(StatusCode::BAD_REQUEST, "The form could not be read.");
+        return audited(&state, kind, facts, Face::Page, answer).await;
     };
     let form: HashMap<String, String> = pairs(&bytes).into_iter().collect();
+    let username = form.get("username").map(String::as_str).unwrap_or_default();
+    let password = form.get("password").map(String::as_str).unwrap_or_default();
+    let request_id = form.get("request").map(String::as_str);
+    facts.username = Some(username);
     // Login CSRF: the form's token must equal the cookie set with the form.
     let csrf_ok = matches!(
         (form.get("csrf"), cookie(&parts.headers, CSRF_COOKIE)),
         (Some(field), Some(jar)) if !field.is_empty() && *field == jar
     );
     if !csrf_ok {
-        return error_page(
+        fail(
+            &mut facts,
+            Outcome::Denied,
+            "the sign-in form's CSRF token did not match",
+        );
+        let answer = error_page(
             StatusCode::FORBIDDEN,
             "This sign-in form has expired. Reload the page and try again.",
         );
+        return audited(&state, kind, facts, Face::Page, answer).await;
     }
-    let username = form.get("username").map(String::as_str).unwrap_or_default();
-    let password = form.get("password").map(String::as_str).unwrap_or_default();
-    let request_id = form.get("request").map(String::as_str);
     let pending = match request_id {
         Some(id) => match state.server.pending(id).await {
             Some(p) => Some(p),
             None => {
-                return error_page(
+                fail(
+                    &mut facts,
+                    Outcome::BadInput,
+                    "the sign-in request has expired",
+                );
+                let answer = error_page(
                     StatusCode::BAD_REQUEST,
                     "This sign-in request has expired. Start again from the app.",
-                )
+                );
+                return audited(&state, kind, facts, Face::Page, answer).await;
             }
         },
         None => None,
     };
+    facts.client_id = pending.as_ref().map(|p| p.client_id.as_str());
     // Only the browser that made the request may sign in to it.
     if let Some(p) = &pending {
         let secret = cookie(&parts.headers, &request_cookie(&p.id));
         if !state.server.from_browser(p, secret.as_deref()) {
-            return error_page(
+            fail(
+                &mut facts,
+                Outcome::Denied,
+                "the sign-in request belongs to another browser",
+            );
+            let answer = error_page(
                 StatusCode::FORBIDDEN,
                 "This request was started in another browser. Start again from the app.",
             );
+            return audited(&state, kind, facts, Face::Page, answer).await;
         }
     }
     let app = pending.as_ref().map(|p| p.client_name.clone());
     match state.server.login(username, password, &address).await {
         Ok((session, user)) => {
+            facts.fhir_user = user.fhir_user.as_deref();
+            // Recorded before the session is handed out.
+            if let Err(withheld) = record(&state, kind, facts, Face::Page).await {
+                return withheld;
+            }
             let mut response = match pending {
-                Some(pending) => continue_with(&state, pending, &user, &session).await,
+                Some(pending) => continue_with(&state, &origin, pending, &user, &session).await,
                 None => redirect("/auth/launcher"),
             };
             response
@@ -459,18 +725,37 @@ async fn login(State(state): State<AuthState>, request: Request) -> Response {
                 .append(header::SET_COOKIE, session_cookie(&state, &session));
             response
         }
-        Err(LoginError::Invalid) => login_page(
-            &state,
-            StatusCode::UNAUTHORIZED,
-            request_id,
-            app.as_deref(),
-            Some("The username or password is wrong."),
-        ),
-        Err(LoginError::Throttled(wait)) => too_many(wait, false),
-        Err(LoginError::Unavailable) => error_page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "Signing in is not possible right now. Try again later.",
-        ),
+        Err(LoginError::Invalid) => {
+            fail(&mut facts, Outcome::Denied, "wrong username or password");
+            let answer = login_page(
+                &state,
+                StatusCode::UNAUTHORIZED,
+                request_id,
+                app.as_deref(),
+                Some("The username or password is wrong."),
+            );
+            audited(&state, kind, facts, Face::Page, answer).await
+        }
+        Err(LoginError::Throttled(wait)) => {
+            fail(
+                &mut facts,
+                Outcome::Denied,
+                "sign-in locked after repeated failures",
+            );
+            audited(&state, kind, facts, Face::Page, too_many(wait, false)).await
+        }
+        Err(LoginError::Unavailable) => {
+            fail(
+                &mut facts,
+                Outcome::ServerError,
+                "the sign-in could not be completed",
+            );
+            let answer = error_page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Signing in is not possible right now. Try again later.",
+            );
+            audited(&state, kind, facts, Face::Page, answer).await
+        }
     }
 }
 
@@ -510,16 +795,26 @@ async fn owned_pending(
 }
 
 /// Ends the browser's sign-in; `online_access` refresh tokens end with it.
-async fn logout(State(state): State<AuthState>, headers: HeaderMap) -> Response {
-    if let Some(session) = cookie(&headers, SESSION_COOKIE) {
-        state.server.logout(&session).await;
+/// Recorded as a Login event described as a sign-out.
+async fn logout(State(state): State<AuthState>, origin: Origin, headers: HeaderMap) -> Response {
+    let session = cookie(&headers, SESSION_COOKIE);
+    let user = match &session {
+        Some(session) => state.server.session_user(session).await,
+        None => None,
+    };
+    if let Some(session) = &session {
+        state.server.logout(session).await;
     }
+    let mut facts = origin.facts();
+    facts.description = Some("logout".into());
+    facts.username = user.as_ref().map(|u| u.username.as_str());
+    facts.fhir_user = user.as_ref().and_then(|u| u.fhir_user.as_deref());
     let mut response = redirect("/auth/login");
     response.headers_mut().append(
         header::SET_COOKIE,
         cookie_header(&state, SESSION_COOKIE, "", 0),
     );
-    response
+    audited(&state, AuthEventKind::Login, facts, Face::Page, response).await
 }
 
 /// Patients for the picker and the launcher, optionally by name.
@@ -679,13 +974,20 @@ async fn consent_form(
     )
 }
 
-async fn consent(State(state): State<AuthState>, headers: HeaderMap, body: Bytes) -> Response {
+/// The user's decision: recorded as an Authorize event, approved with the
+/// scopes granted or denied with the scopes asked for.
+async fn consent(
+    State(state): State<AuthState>,
+    origin: Origin,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let form = pairs(&body);
     let request = form
         .iter()
         .find(|(k, _)| k == "request")
         .map(|(_, v)| v.as_str());
-    let (pending, _user) = match owned_pending(&state, &headers, request).await {
+    let (pending, user) = match owned_pending(&state, &headers, request).await {
         Ok(found) => found,
         Err(response) => return response,
     };
@@ -693,18 +995,42 @@ async fn consent(State(state): State<AuthState>, headers: HeaderMap, body: Bytes
         .iter()
         .find(|(k, _)| k == "decision")
         .map(|(_, v)| v.as_str());
-    if decision != Some("approve") {
-        return redirect(&state.server.deny(&pending).await);
-    }
+    let asked = pending.scopes.to_string();
     let approved: ScopeSet = form
         .iter()
         .filter(|(k, _)| k == "scope")
         .filter_map(|(_, v)| haven_auth::scope::Scope::parse(v))
         .collect();
-    match state.server.approve(&pending, &approved).await {
-        Ok(location) => redirect(&location),
-        Err(e) => error_page(StatusCode::BAD_REQUEST, &e.description),
-    }
+    let granted = scope::narrow(&pending.scopes, &approved).to_string();
+    let mut facts = origin.facts();
+    facts.username = Some(&user.username);
+    facts.fhir_user = user.fhir_user.as_deref();
+    facts.client_id = Some(&pending.client_id);
+    let answer = if decision == Some("approve") {
+        match state.server.approve(&pending, &approved).await {
+            Ok(location) => {
+                // Approving nothing is a denial the client learns at its redirect.
+                match redirect_error(&location) {
+                    Some((error, description)) => {
+                        refuse(&mut facts, &error, &description);
+                        facts.scopes = Some(&asked);
+                    }
+                    None => facts.scopes = Some(&granted),
+                }
+                redirect(&location)
+            }
+            Err(e) => {
+                refuse(&mut facts, e.error, &e.description);
+                facts.scopes = Some(&asked);
+                error_page(StatusCode::BAD_REQUEST, &e.description)
+            }
+        }
+    } else {
+        refuse(&mut facts, "access_denied", "the user did not approve");
+        facts.scopes = Some(&asked);
+        redirect(&state.server.deny(&pending).await)
+    };
+    audited(&state, AuthEventKind::Authorize, facts, Face::Page, answer).await
 }
 
 /// The EHR launcher: a signed-in practitioner picks a patient and an app.
@@ -774,38 +1100,27 @@ async fn launch(State(state): State<AuthState>, headers: HeaderMap, body: Bytes)
 
 // ----- Token, introspection, revocation, registration --------------------------------
 
+/// The form of an OAuth request body and the caller's Basic credentials.
+type OAuthForm = (HashMap<String, String>, Option<(String, String)>);
+
 /// Reads a form-encoded OAuth request body and the caller's Basic credentials.
-async fn oauth_form(
-    state: &AuthState,
-    endpoint: &str,
-    request: Request,
-) -> Result<(HashMap<String, String>, Option<(String, String)>), Response> {
-    let (parts, body) = request.into_parts();
-    if let Some(refusal) = over_rate(state, endpoint, &parts, TOKEN_RATE, true) {
-        return Err(refusal);
-    }
+async fn oauth_form(parts: &Parts, body: axum::body::Body) -> Result<OAuthForm, OAuthError> {
     let form_type = parts
         .headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
     if !form_type {
-        return Err(oauth_response(
-            &oauth_error(
-                400,
-                "invalid_request",
-                "the body must be application/x-www-form-urlencoded",
-            ),
-            false,
+        return Err(oauth_error(
+            400,
+            "invalid_request",
+            "the body must be application/x-www-form-urlencoded",
         ));
     }
-    let bytes = axum::body::to_bytes(body, 64 * 1024).await.map_err(|_| {
-        oauth_response(
-            &oauth_error(400, "invalid_request", "the body is too large"),
-            false,
-        )
-    })?;
-    let form = single_valued(pairs(&bytes)).map_err(|e| oauth_response(&e, false))?;
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map_err(|_| oauth_error(400, "invalid_request", "the body is too large"))?;
+    let form = single_valued(pairs(&bytes))?;
     Ok((form, basic_credentials(&parts.headers)))
 }
 
@@ -817,16 +1132,51 @@ enum ClientCall {
     Revoke,
 }
 
-async fn client_call(state: &AuthState, request: Request, call: ClientCall) -> Response {
+impl ClientCall {
+    /// The event a call is recorded as; a refresh is told from other grants.
+    fn kind(self, form: &HashMap<String, String>) -> AuthEventKind {
+        match self {
+            ClientCall::Token
+                if form.get("grant_type").map(String::as_str) == Some("refresh_token") =>
+            {
+                AuthEventKind::Refresh
+            }
+            ClientCall::Token => AuthEventKind::Token,
+            ClientCall::Introspect => AuthEventKind::Introspection,
+            ClientCall::Revoke => AuthEventKind::Revocation,
+        }
+    }
+}
+
+async fn client_call(
+    state: &AuthState,
+    origin: &Origin,
+    request: Request,
+    call: ClientCall,
+) -> Response {
     let endpoint = match call {
         ClientCall::Token => "token",
         ClientCall::Introspect => "introspect",
         ClientCall::Revoke => "revoke",
     };
-    let (form, basic) = match oauth_form(state, endpoint, request).await {
-        Ok(found) => found,
-        Err(response) => return response,
+    let (parts, body) = request.into_parts();
+    if let Some(refusal) = over_rate(state, endpoint, &parts, TOKEN_RATE, true) {
+        return refusal;
+    }
+    let (form, basic) = match oauth_form(&parts, body).await {
+        Ok(read) => read,
+        Err(e) => {
+            let mut facts = origin.facts();
+            refuse(&mut facts, e.error, &e.description);
+            let kind = call.kind(&HashMap::new());
+            return audited(state, kind, facts, Face::Json, oauth_response(&e, false)).await;
+        }
     };
+    // The client the caller claims to be; replaced by the proven one on success.
+    let claimed = basic
+        .as_ref()
+        .map(|(id, _)| id.clone())
+        .or_else(|| form.get("client_id").cloned());
     let basic_attempted = basic.is_some();
     let result = match call {
         ClientCall::Token => state.server.token(&form, basic).await.map(Some),
@@ -834,26 +1184,72 @@ async fn client_call(state: &AuthState, request: Request, call: ClientCall) -> R
         // RFC 7009 §2.2: a revocation answers 200 with no body.
         ClientCall::Revoke => state.server.revoke(&form, basic).await.map(|()| None),
     };
-    match result {
-        Ok(Some(body)) => json_response(StatusCode::OK, body),
-        Ok(None) => no_store(StatusCode::OK.into_response()),
-        Err(e) => oauth_response(&e, basic_attempted),
-    }
+    let kind = call.kind(&form);
+    let issued = match (&result, call) {
+        (Ok(Some(body)), ClientCall::Token) => {
+            issued_claims(body["access_token"].as_str().unwrap_or_default())
+        }
+        _ => Value::Null,
+    };
+    let mut facts = origin.facts();
+    facts.client_id = claimed.as_deref();
+    // Introspection and revocation are about the token the caller sent.
+    let subject = form.get("token").map(String::as_str);
+    let answer = match &result {
+        Ok(Some(body)) => {
+            facts.scopes = body["scope"].as_str();
+            match call {
+                ClientCall::Token => {
+                    facts.token = body["access_token"].as_str();
+                    facts.client_id = issued["client_id"].as_str().or(facts.client_id);
+                    // A client_credentials token speaks for the client, not a user.
+                    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+                        facts.username = issued["sub"].as_str();
+                        facts.fhir_user = issued["fhirUser"].as_str();
+                    }
+                }
+                _ => {
+                    facts.token = subject;
+                    facts.description = Some(if body["active"] == true {
+                        "the token is active".into()
+                    } else {
+                        "the token is not active".into()
+                    });
+                }
+            }
+            json_response(StatusCode::OK, body.clone())
+        }
+        Ok(None) => {
+            facts.token = subject;
+            no_store(StatusCode::OK.into_response())
+        }
+        Err(e) => {
+            refuse(&mut facts, e.error, &e.description);
+            if !matches!(call, ClientCall::Token) {
+                facts.token = subject;
+            }
+            facts.scopes = form.get("scope").map(String::as_str);
+            oauth_response(e, basic_attempted)
+        }
+    };
+    audited(state, kind, facts, Face::Json, answer).await
 }
 
-async fn token(State(state): State<AuthState>, request: Request) -> Response {
-    client_call(&state, request, ClientCall::Token).await
+async fn token(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
+    client_call(&state, &origin, request, ClientCall::Token).await
 }
 
-async fn introspect(State(state): State<AuthState>, request: Request) -> Response {
-    client_call(&state, request, ClientCall::Introspect).await
+async fn introspect(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
+    client_call(&state, &origin, request, ClientCall::Introspect).await
 }
 
-async fn revoke(State(state): State<AuthState>, request: Request) -> Response {
-    client_call(&state, request, ClientCall::Revoke).await
+async fn revoke(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
+    client_call(&state, &origin, request, ClientCall::Revoke).await
 }
 
-async fn register(State(state): State<AuthState>, request: Request) -> Response {
+/// Dynamic registration, recorded with the client made (or the refusal) and a
+/// fingerprint of the initial access token used.
+async fn register(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     if let Some(refusal) = over_rate(&state, "register", &parts, REGISTER_RATE, true) {
         return refusal;
@@ -865,29 +1261,45 @@ async fn register(State(state): State<AuthState>, request: Request) -> Response 
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim().to_string());
-    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
-        return oauth_response(
-            &oauth_error(400, "invalid_client_metadata", "the body is too large"),
-            false,
-        );
-    };
-    let metadata: Value = match serde_json::from_slice(&bytes) {
-        Ok(v) => v,
-        Err(_) => {
-            return oauth_response(
-                &oauth_error(
-                    400,
-                    "invalid_client_metadata",
-                    "the body must be a JSON object",
-                ),
-                false,
+    let metadata = match axum::body::to_bytes(body, 64 * 1024).await {
+        Err(_) => Err(oauth_error(
+            400,
+            "invalid_client_metadata",
+            "the body is too large",
+        )),
+        Ok(bytes) => serde_json::from_slice::<Value>(&bytes).map_err(|_| {
+            oauth_error(
+                400,
+                "invalid_client_metadata",
+                "the body must be a JSON object",
             )
+        }),
+    };
+    let result = match &metadata {
+        Ok(metadata) => state.server.register(token.as_deref(), metadata).await,
+        Err(e) => Err(e.clone()),
+    };
+    let mut facts = origin.facts();
+    facts.token = token.as_deref();
+    let answer = match &result {
+        Ok(body) => {
+            facts.client_id = body["client_id"].as_str();
+            facts.scopes = body["scope"].as_str();
+            json_response(StatusCode::CREATED, body.clone())
+        }
+        Err(e) => {
+            refuse(&mut facts, e.error, &e.description);
+            oauth_response(e, false)
         }
     };
-    match state.server.register(token.as_deref(), &metadata).await {
-        Ok(body) => json_response(StatusCode::CREATED, body),
-        Err(e) => oauth_response(&e, false),
-    }
+    audited(
+        &state,
+        AuthEventKind::ClientRegistration,
+        facts,
+        Face::Json,
+        answer,
+    )
+    .await
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! SMART on FHIR through the HTTP API: discovery, the pages of a launch, the
-//! token endpoint's answers, and scopes enforced on every FHIR interaction.
+//! token endpoint's answers, scopes enforced on every FHIR interaction, and
+//! the audit record every authentication and authorization event leaves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -94,6 +95,12 @@ fn form(pairs: &[(&str, &str)]) -> String {
 }
 
 async fn spawn() -> Smart {
+    spawn_with(|store| store).await
+}
+
+/// An app whose FHIR side and audit trail see the store through `wrap`; the
+/// authorization server and the test keep the real one.
+async fn spawn_with(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Smart {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(datetime!(2026-05-01 09:00 UTC)));
     let store = haven_store::connect(
@@ -108,7 +115,8 @@ async fn spawn() -> Smart {
         clock.clone(),
         key_set(&clock),
     ));
-    let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE))
+    let state = AppState::new(wrap(store.clone()), clock.clone(), ApiConfig::new(BASE))
+        .with_audit("haven@haven.test")
         .with_smart(server.clone());
     let (app, _) = server
         .add_client(ClientSpec {
@@ -1619,4 +1627,537 @@ async fn a_caller_flooding_the_token_endpoint_is_told_to_wait() {
     assert_eq!(flooded.status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(flooded.json()["error"], "temporarily_unavailable");
     assert!(flooded.header("retry-after").is_some());
+}
+
+// ----- The audit trail of authentication events ------------------------------
+
+/// One recorded authentication event, as a reader of the trail sees it.
+struct AuthEvent(Value);
+
+impl AuthEvent {
+    fn outcome(&self) -> &str {
+        self.0["outcome"].as_str().unwrap_or_default()
+    }
+
+    fn reason(&self) -> &str {
+        self.0["outcomeDesc"].as_str().unwrap_or_default()
+    }
+
+    /// The `who.identifier.value` of every agent: user, client, server.
+    fn agents(&self) -> Vec<&str> {
+        self.0["agent"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["who"]["identifier"]["value"].as_str())
+            .collect()
+    }
+
+    /// The value of the entity detail of this type (`scope`, `token-sha256`).
+    fn detail(&self, kind: &str) -> Option<&str> {
+        self.0["entity"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|e| e["detail"].as_array().into_iter().flatten())
+            .find(|d| d["type"] == kind)
+            .and_then(|d| d["valueString"].as_str())
+    }
+
+    /// The request id the event carries.
+    fn request_id(&self) -> &str {
+        self.0["entity"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["type"]["code"] == "XrequestId")
+            .and_then(|e| e["what"]["identifier"]["value"].as_str())
+            .unwrap_or_default()
+    }
+}
+
+impl Smart {
+    /// Every stored audit record, in the order written.
+    async fn audit_trail(&self) -> Vec<Value> {
+        self.store
+            .audit_log()
+            .chain(0, 10_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.event)
+            .collect()
+    }
+
+    /// The recorded authentication events of one kind (Haven's subtype code,
+    /// e.g. `login`, `token`), oldest first.
+    async fn auth_events(&self, kind: &str) -> Vec<AuthEvent> {
+        self.audit_trail()
+            .await
+            .into_iter()
+            .filter(|e| {
+                e["subtype"].as_array().is_some_and(|codes| {
+                    codes
+                        .iter()
+                        .any(|c| c["system"] == haven_audit::AUTH_EVENT_SYSTEM && c["code"] == kind)
+                })
+            })
+            .map(AuthEvent)
+            .collect()
+    }
+
+    /// The whole trail as text, to look for what must never be in it.
+    async fn audit_text(&self) -> String {
+        serde_json::to_string(&self.audit_trail().await).unwrap()
+    }
+
+    /// Introspects `token` as a resource server, which may see any token.
+    async fn introspect_as_resource_server(&self, token: &str) -> Reply {
+        let (client, secret) = self
+            .server
+            .add_client(ClientSpec {
+                name: "Resource server".into(),
+                redirect_uris: vec!["https://rs.test/cb".into()],
+                scopes: "openid".into(),
+                auth: Some(ClientAuth::ClientSecretBasic),
+                resource_server: true,
+                ..ClientSpec::default()
+            })
+            .await
+            .unwrap();
+        let basic = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:{}", client.client_id, secret.unwrap()),
+        );
+        self.send(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/auth/introspect")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("authorization", format!("Basic {basic}"))
+                .body(Body::from(form(&[("token", token)])))
+                .unwrap(),
+        )
+        .await
+    }
+}
+
+#[tokio::test]
+async fn a_failed_sign_in_is_recorded_with_the_username_and_never_the_password() {
+    let smart = spawn().await;
+    let guess = "not-the-password-4711";
+    let wrong = smart
+        .login(&[("username", "amy"), ("password", guess)])
+        .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
+
+    let events = smart.auth_events("login").await;
+    assert_eq!(events.len(), 1);
+    let failed = &events[0];
+    assert_eq!(failed.outcome(), "8");
+    assert_eq!(failed.reason(), "wrong username or password");
+    assert!(failed.agents().contains(&"amy"), "{:?}", failed.agents());
+    // The answer's request id finds the record.
+    assert_eq!(Some(failed.request_id()), wrong.header("x-request-id"));
+
+    let signed_in = smart
+        .login(&[("username", "drjones"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(signed_in.status, StatusCode::SEE_OTHER);
+    let events = smart.auth_events("login").await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].outcome(), "0");
+    assert!(events[1].agents().contains(&"drjones"));
+    assert_eq!(
+        events[1].0["agent"][0]["who"]["reference"],
+        "Practitioner/dj"
+    );
+
+    let trail = smart.audit_text().await;
+    assert!(!trail.contains(guess), "a typed password is in the trail");
+    assert!(!trail.contains(PASSWORD), "a password is in the trail");
+}
+
+#[tokio::test]
+async fn a_token_exchange_is_recorded_with_the_tokens_fingerprint_and_never_the_token() {
+    let smart = spawn().await;
+    let code = smart
+        .code_for("amy", "patient/*.rs offline_access", None)
+        .await;
+    let reply = smart.exchange(&code).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text);
+    let body = reply.json();
+    let access = body["access_token"].as_str().unwrap();
+    let refresh = body["refresh_token"].as_str().unwrap();
+
+    let events = smart.auth_events("token").await;
+    assert_eq!(events.len(), 1);
+    let issued = &events[0];
+    assert_eq!(issued.outcome(), "0");
+    assert_eq!(
+        issued.detail("token-sha256"),
+        Some(haven_audit::token_fingerprint(access).as_str())
+    );
+    assert_eq!(issued.detail("scope"), body["scope"].as_str());
+    let agents = issued.agents();
+    assert!(
+        agents.contains(&"amy") && agents.contains(&smart.app.as_str()),
+        "{agents:?}"
+    );
+    assert_eq!(Some(issued.request_id()), reply.header("x-request-id"));
+
+    let trail = smart.audit_text().await;
+    for secret in [access, refresh, code.as_str()] {
+        assert!(!trail.contains(secret), "a token or code is in the trail");
+    }
+}
+
+#[tokio::test]
+async fn a_refused_token_request_is_recorded_with_the_oauth_error() {
+    let smart = spawn().await;
+    let forged = smart
+        .post_form(
+            "/auth/token",
+            form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", &smart.app),
+                ("code", "forged"),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", VERIFIER),
+            ]),
+            None,
+        )
+        .await;
+    assert_eq!(forged.json()["error"], "invalid_grant");
+    let stranger = smart
+        .post_form(
+            "/auth/token",
+            form(&[
+                ("grant_type", "authorization_code"),
+                ("client_id", "nobody"),
+                ("code", "x"),
+            ]),
+            None,
+        )
+        .await;
+    assert_eq!(stranger.json()["error"], "invalid_client");
+
+    let events = smart.auth_events("token").await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].outcome(), "4", "a bad code is a bad request");
+    assert!(
+        events[0].reason().starts_with("invalid_grant: "),
+        "{}",
+        events[0].reason()
+    );
+    assert!(events[0].agents().contains(&smart.app.as_str()));
+    assert_eq!(
+        events[0].detail("token-sha256"),
+        None,
+        "no token was issued"
+    );
+    assert_eq!(events[1].outcome(), "8", "an unknown client is refused");
+    assert!(
+        events[1].reason().starts_with("invalid_client: "),
+        "{}",
+        events[1].reason()
+    );
+    assert!(events[1].agents().contains(&"nobody"));
+}
+
+#[tokio::test]
+async fn a_refresh_is_recorded_as_a_refresh_with_the_new_tokens_fingerprint() {
+    let smart = spawn().await;
+    let first = smart
+        .exchange(
+            &smart
+                .code_for("amy", "patient/*.rs offline_access", None)
+                .await,
+        )
+        .await
+        .json();
+    let refreshed = smart
+        .post_form(
+            "/auth/token",
+            form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", first["refresh_token"].as_str().unwrap()),
+                ("client_id", &smart.app),
+            ]),
+            None,
+        )
+        .await;
+    assert_eq!(refreshed.status, StatusCode::OK, "{}", refreshed.text);
+    let access = refreshed.json()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let events = smart.auth_events("refresh").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].outcome(), "0");
+    assert_eq!(
+        events[0].detail("token-sha256"),
+        Some(haven_audit::token_fingerprint(&access).as_str())
+    );
+    assert_eq!(
+        smart.auth_events("token").await.len(),
+        1,
+        "only the exchange"
+    );
+}
+
+#[tokio::test]
+async fn introspection_and_revocation_are_recorded_with_the_fingerprint_of_the_token_asked_about() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/*.rs", None).await;
+    let fingerprint = haven_audit::token_fingerprint(&token);
+
+    let active = smart.introspect_as_resource_server(&token).await;
+    assert_eq!(active.json()["active"], true);
+    let revoked = smart
+        .post_form(
+            "/auth/revoke",
+            form(&[("token", &token), ("client_id", &smart.app)]),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK);
+    let inactive = smart.introspect_as_resource_server(&token).await;
+    assert_eq!(inactive.json()["active"], false);
+
+    let introspections = smart.auth_events("introspection").await;
+    assert_eq!(introspections.len(), 2);
+    assert_eq!(introspections[0].outcome(), "0");
+    assert_eq!(introspections[0].reason(), "the token is active");
+    assert_eq!(introspections[1].reason(), "the token is not active");
+    assert_eq!(
+        introspections[0].detail("token-sha256"),
+        Some(fingerprint.as_str())
+    );
+    let revocations = smart.auth_events("revocation").await;
+    assert_eq!(revocations.len(), 1);
+    assert_eq!(revocations[0].outcome(), "0");
+    assert_eq!(
+        revocations[0].detail("token-sha256"),
+        Some(fingerprint.as_str())
+    );
+    assert!(revocations[0].agents().contains(&smart.app.as_str()));
+    assert!(!smart.audit_text().await.contains(&token));
+}
+
+#[tokio::test]
+async fn consent_and_refusal_are_recorded_as_authorization_decisions() {
+    let smart = spawn().await;
+    let reply = smart
+        .get(
+            &smart.authorize_url("patient/Observation.rs patient/Patient.rs", &[]),
+            None,
+        )
+        .await;
+    let request = query_of(reply.location())["request"].clone();
+    let signed_in = smart
+        .login(&[
+            ("request", &request),
+            ("username", "amy"),
+            ("password", PASSWORD),
+        ])
+        .await;
+    let approved = smart
+        .post_form(
+            "/auth/consent",
+            form(&[
+                ("request", &request),
+                ("scope", "patient/Observation.rs"),
+                ("decision", "approve"),
+            ]),
+            Some(&signed_in.session()),
+        )
+        .await;
+    assert!(approved.location().starts_with(REDIRECT));
+
+    let reply = smart
+        .get(&smart.authorize_url("patient/*.rs", &[]), None)
+        .await;
+    let request = query_of(reply.location())["request"].clone();
+    let denied = smart
+        .post_form(
+            "/auth/consent",
+            form(&[("request", &request), ("decision", "deny")]),
+            Some(&signed_in.session()),
+        )
+        .await;
+    assert_eq!(query_of(denied.location())["error"], "access_denied");
+
+    let events = smart.auth_events("authorize").await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].outcome(), "0");
+    assert_eq!(events[0].detail("scope"), Some("patient/Observation.rs"));
+    assert!(events[0].agents().contains(&"amy"));
+    assert!(events[0].agents().contains(&smart.app.as_str()));
+    assert_eq!(events[1].outcome(), "8");
+    assert!(
+        events[1].reason().starts_with("access_denied: "),
+        "{}",
+        events[1].reason()
+    );
+}
+
+#[tokio::test]
+async fn signing_out_and_registering_a_client_are_recorded() {
+    let smart = spawn().await;
+    smart
+        .login(&[("username", "drjones"), ("password", PASSWORD)])
+        .await;
+    let out = smart.post_form("/auth/logout", String::new(), None).await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER);
+    let logins = smart.auth_events("login").await;
+    assert_eq!(logins.len(), 2);
+    assert_eq!(logins[1].reason(), "logout");
+    assert!(logins[1].agents().contains(&"drjones"));
+
+    let initial = smart
+        .server
+        .issue_registration_token(time::Duration::hours(1))
+        .await
+        .unwrap();
+    let created = smart
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/auth/register")
+                .header("content-type", "application/json")
+                .header("authorization", format!("Bearer {initial}"))
+                .body(Body::from(
+                    json!({
+                        "client_name": "Registered App",
+                        "redirect_uris": ["https://registered.test/cb"],
+                        "scope": "patient/*.rs"
+                    })
+                    .to_string(),
+                ))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let client_id = created.json()["client_id"].as_str().unwrap().to_owned();
+    let registrations = smart.auth_events("client-registration").await;
+    assert_eq!(registrations.len(), 1);
+    assert_eq!(registrations[0].outcome(), "0");
+    assert!(registrations[0].agents().contains(&client_id.as_str()));
+    assert!(!smart.audit_text().await.contains(&initial));
+}
+
+/// A store whose audit trail refuses every append, as a full disk would.
+#[derive(Debug)]
+struct UnrecordableStore(Arc<dyn Store>);
+
+struct RefusingLog;
+
+#[async_trait::async_trait]
+impl haven_store::AuditLog for RefusingLog {
+    async fn append(&self, _: Vec<Value>) -> haven_store::Result<()> {
+        Err(haven_store::StoreError::Unavailable(
+            "the disk is full".into(),
+        ))
+    }
+
+    async fn read(&self, _: &str) -> haven_store::Result<Option<haven_store::AuditRecord>> {
+        Ok(None)
+    }
+
+    async fn search(
+        &self,
+        _: &haven_store::AuditQuery,
+    ) -> haven_store::Result<haven_store::AuditPage> {
+        Ok(haven_store::AuditPage {
+            records: Vec::new(),
+            total: None,
+            more: false,
+        })
+    }
+
+    async fn chain(&self, _: u64, _: u32) -> haven_store::Result<Vec<haven_store::AuditRecord>> {
+        Ok(Vec::new())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for UnrecordableStore {
+    fn backend(&self) -> haven_store::Backend {
+        self.0.backend()
+    }
+
+    async fn begin(&self) -> haven_store::Result<Box<dyn haven_store::StoreTx>> {
+        self.0.begin().await
+    }
+
+    async fn read(
+        &self,
+        resource_type: &str,
+        id: &str,
+    ) -> haven_store::Result<Option<haven_store::ResourceVersion>> {
+        self.0.read(resource_type, id).await
+    }
+
+    async fn vread(
+        &self,
+        resource_type: &str,
+        id: &str,
+        version: i64,
+    ) -> haven_store::Result<Option<haven_store::ResourceVersion>> {
+        self.0.vread(resource_type, id, version).await
+    }
+
+    async fn search(
+        &self,
+        query: &haven_store::SearchQuery,
+    ) -> haven_store::Result<haven_store::SearchPage> {
+        self.0.search(query).await
+    }
+
+    async fn history(
+        &self,
+        query: &haven_store::HistoryQuery,
+    ) -> haven_store::Result<haven_store::HistoryPage> {
+        self.0.history(query).await
+    }
+
+    async fn count_by_type(&self) -> haven_store::Result<Vec<(String, u64)>> {
+        self.0.count_by_type().await
+    }
+
+    fn auth_records(&self) -> &dyn haven_store::AuthRecords {
+        self.0.auth_records()
+    }
+
+    fn audit_log(&self) -> &dyn haven_store::AuditLog {
+        &RefusingLog
+    }
+}
+
+#[tokio::test]
+async fn when_the_audit_trail_cannot_be_written_no_token_or_session_is_handed_out() {
+    let smart = spawn_with(|store| Arc::new(UnrecordableStore(store))).await;
+    let code = smart.code_for("amy", "patient/*.rs", None).await;
+    let reply = smart.exchange(&code).await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let body = reply.json();
+    assert_eq!(body["error"], "server_error");
+    assert!(body.get("access_token").is_none(), "{body}");
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+
+    let signed_in = smart
+        .login(&[("username", "drjones"), ("password", PASSWORD)])
+        .await;
+    assert_eq!(signed_in.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(signed_in.text.contains("Try again later"));
+    assert!(
+        signed_in
+            .headers
+            .get_all("set-cookie")
+            .iter()
+            .all(|c| !c.to_str().unwrap().starts_with("haven_session=")),
+        "no session cookie is set"
+    );
 }
