@@ -93,6 +93,24 @@ async fn the_synthea_patients_load_completely(database_url: Option<String>) {
         stored.insert(resource_type.clone(), total);
     }
     assert_eq!(stored, expected);
+
+    // Every resource loaded has the one Provenance the server made for it.
+    let provenance: Value = client
+        .get(haven.url("Provenance?_count=0&_total=accurate&_tag=urn:haven:provenance|server"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        provenance["total"].as_u64(),
+        Some(expected.values().sum::<u64>()),
+        "{provenance}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

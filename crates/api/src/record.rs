@@ -28,8 +28,9 @@ use haven_model::clock::Clock;
 use haven_model::id::new_id;
 use haven_model::search_value::{patient_compartments, PROVENANCE_TARGET_PATIENT};
 use haven_store::{
-    AuditLog, AuditWriter, AuthRecords, Backend, Change, HistoryPage, HistoryQuery,
-    ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
+    AuditLog, AuditPage, AuditQuery, AuditRecord, AuditWriter, AuthRecords, Backend, Change,
+    HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError,
+    StoreTx,
 };
 use http::StatusCode;
 use serde_json::{json, Value};
@@ -408,6 +409,10 @@ impl crate::pipeline::Recorder for AuditRecorder {
         audit: &Arc<RequestAudit>,
     ) -> Arc<dyn Store> {
         Arc::new(RecordedStore {
+            audit_log: RecordedAuditLog {
+                inner: store.clone(),
+                audit: audit.clone(),
+            },
             inner: store,
             recorder: self.clone(),
             audit: audit.clone(),
@@ -460,6 +465,7 @@ impl crate::pipeline::Recorder for AuditRecorder {
 /// The store under the guard of one request, with audit on.
 struct RecordedStore {
     inner: Arc<dyn Store>,
+    audit_log: RecordedAuditLog,
     recorder: AuditRecorder,
     audit: Arc<RequestAudit>,
     requester: Requester,
@@ -555,7 +561,47 @@ impl Store for RecordedStore {
     }
 
     fn audit_log(&self) -> &dyn AuditLog {
-        self.inner.audit_log()
+        &self.audit_log
+    }
+}
+
+/// The audit log as a request reads it: the AuditEvents handed out are noted
+/// like any other data, so reading the trail is itself on the trail.
+struct RecordedAuditLog {
+    inner: Arc<dyn Store>,
+    audit: Arc<RequestAudit>,
+}
+
+impl RecordedAuditLog {
+    fn note(&self, records: &[AuditRecord]) {
+        self.audit.note(records.iter().map(|r| Touched {
+            reference: format!("AuditEvent/{}", r.event["id"].as_str().unwrap_or_default()),
+            patients: patient_compartments(&r.event),
+        }));
+    }
+}
+
+#[async_trait]
+impl AuditLog for RecordedAuditLog {
+    async fn append(&self, events: Vec<Value>) -> Result<()> {
+        self.inner.audit_log().append(events).await
+    }
+
+    async fn read(&self, id: &str) -> Result<Option<AuditRecord>> {
+        let record = self.inner.audit_log().read(id).await?;
+        self.note(record.as_slice());
+        Ok(record)
+    }
+
+    async fn search(&self, query: &AuditQuery) -> Result<AuditPage> {
+        let page = self.inner.audit_log().search(query).await?;
+        self.note(&page.records);
+        Ok(page)
+    }
+
+    async fn chain(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {
+        // Verifying reads every record; the verification is recorded, not each one.
+        self.inner.audit_log().chain(after, limit).await
     }
 }
 
