@@ -1,8 +1,11 @@
 //! Search parameters: from query pairs to a [`SearchQuery`].
 //!
-//! Haven supports `_id`, `_lastUpdated`, `identifier` (on the types that define
-//! it) and the result parameters `_count`, `_offset`, `_total` and `_sort` (on
-//! `_lastUpdated` only). R4 search.html#errors lets a server ignore parameters it
+//! The store indexes `_id`, `_lastUpdated` and `identifier` (on the types that
+//! define it); the other token, reference, string, uri and date parameters of a
+//! type are evaluated on each resource's content, as a filter the store applies
+//! before paging and counting. The result parameters are `_count`, `_offset`,
+//! `_total` and `_sort` (on `_lastUpdated` only). R4 search.html#errors lets a
+//! server ignore parameters it
 //! does not know; Haven does, and says so in an OperationOutcome entry, unless the
 //! client asked for `Prefer: handling=strict`. A malformed value of a known
 //! parameter is always a 400: silently widening a search would return data the
@@ -174,6 +177,23 @@ pub fn parse_search(
         ignored,
         applied,
     })
+}
+
+/// The search parameters of `resource_type` that are evaluated on content (see
+/// [`content_criterion`]), for the CapabilityStatement.
+pub fn content_parameters(resource_type: &str) -> Vec<&'static registry::SearchParam> {
+    registry::search_params(resource_type)
+        .into_iter()
+        .filter(|p| !matches!(p.code.as_str(), "_id" | "_lastUpdated" | "identifier"))
+        .filter(|p| {
+            let probe = match (p.kind, p.target.first()) {
+                (SearchParamType::Date, _) => "2000".to_owned(),
+                (SearchParamType::Reference, Some(target)) => format!("{target}/x"),
+                _ => "x".to_owned(),
+            };
+            content_criterion(resource_type, &p.code, &probe).is_some_and(|c| c.is_ok())
+        })
+        .collect()
 }
 
 /// A criterion the database does not index, evaluated on each resource's

@@ -49,7 +49,21 @@ async fn metadata_describes_an_r4_json_server_with_its_interactions() {
         .iter()
         .map(|p| p["name"].as_str().unwrap())
         .collect();
-    assert_eq!(params, ["_id", "_lastUpdated", "identifier"]);
+    assert_eq!(params[..3], ["_id", "_lastUpdated", "identifier"]);
+    for evaluated in ["family", "birthdate", "general-practitioner", "_tag"] {
+        assert!(params.contains(&evaluated), "{evaluated} in {params:?}");
+    }
+    assert!(!params.contains(&"_text"), "not supported, so not promised");
+    let audit = rest["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "AuditEvent")
+        .expect("AuditEvent is listed");
+    assert_eq!(
+        audit["interaction"],
+        json!([{"code": "read"}, {"code": "vread"}, {"code": "search-type"}])
+    );
     let system: Vec<&str> = rest["interaction"]
         .as_array()
         .unwrap()

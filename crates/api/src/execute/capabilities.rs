@@ -1,6 +1,7 @@
 //! The CapabilityStatement (R4 capabilitystatement.html): exactly what this
 //! server implements, built from the registry the interactions use (every
-//! resource type it knows; `identifier` only where R4 defines it), so it cannot
+//! resource type it knows; `identifier` only where R4 defines it; the other
+//! parameters exactly where the search parser evaluates them), so it cannot
 //! promise more than the code does.
 
 use haven_model::clock::format_instant;
@@ -49,6 +50,17 @@ fn resource_entry(resource_type: &str) -> Value {
             "system|code, |code, system| or code; comma separated values are alternatives.",
         ));
     }
+    for param in crate::search_params::content_parameters(resource_type) {
+        params.push(search_param(
+            &param.code,
+            param.kind.as_str(),
+            param.url.strip_prefix(SEARCH_PARAM_DEFS),
+            "Evaluated on each resource's content.",
+        ));
+    }
+    if resource_type == "AuditEvent" {
+        return audit_event_entry();
+    }
     let interactions: Vec<Value> = [
         "read",
         "vread",
@@ -78,6 +90,76 @@ fn resource_entry(resource_type: &str) -> Value {
         "operation": [{
             "name": "validate",
             "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+        }],
+    })
+}
+
+/// The audit trail: read and searched, never written (R5), and verified.
+fn audit_event_entry() -> Value {
+    let mut params = vec![search_param(
+        "_id",
+        "token",
+        Some("Resource-id"),
+        "One or more logical ids, comma separated.",
+    )];
+    for (name, kind, definition, doc) in [
+        (
+            "date",
+            "date",
+            "AuditEvent-date",
+            "When the event was recorded.",
+        ),
+        (
+            "agent",
+            "reference",
+            "AuditEvent-agent",
+            "A user's fhirUser or an agent's identifier (username, client id).",
+        ),
+        (
+            "patient",
+            "reference",
+            "AuditEvent-patient",
+            "The patient whose data the event is about.",
+        ),
+        (
+            "entity",
+            "reference",
+            "AuditEvent-entity",
+            "The data touched, with or without its version.",
+        ),
+        ("outcome", "token", "AuditEvent-outcome", "0, 4, 8 or 12."),
+        ("action", "token", "AuditEvent-action", "C, R, U, D or E."),
+        (
+            "type",
+            "token",
+            "AuditEvent-type",
+            "The event type, e.g. rest.",
+        ),
+        (
+            "subtype",
+            "token",
+            "AuditEvent-subtype",
+            "The interaction, e.g. read.",
+        ),
+    ] {
+        params.push(search_param(name, kind, Some(definition), doc));
+    }
+    json!({
+        "type": "AuditEvent",
+        "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",
+        "documentation": "Written by the server only, append-only and hash-chained.",
+        "interaction": [{"code": "read"}, {"code": "vread"}, {"code": "search-type"}],
+        "versioning": "versioned",
+        "readHistory": false,
+        "updateCreate": false,
+        "conditionalCreate": false,
+        "conditionalUpdate": false,
+        "conditionalDelete": "not-supported",
+        "searchParam": params,
+        "operation": [{
+            "name": "verify",
+            "definition": "urn:haven:operation:audit-verify",
+            "documentation": "Walks the hash chain; names the first changed, removed or inserted record.",
         }],
     })
 }
