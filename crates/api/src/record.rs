@@ -75,6 +75,11 @@ impl Touched {
             patients: content.map(patient_compartments).unwrap_or_default(),
         }
     }
+
+    /// Versions handed out, each about the patients of its own content.
+    fn all(versions: &[ResourceVersion]) -> impl Iterator<Item = Touched> + '_ {
+        versions.iter().map(|v| Touched::of(v, v.resource.as_ref()))
+    }
 }
 
 fn versioned(version: &ResourceVersion) -> String {
@@ -534,21 +539,13 @@ impl Store for RecordedStore {
 
     async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
         let page = self.inner.search(query).await?;
-        self.audit.note(
-            page.resources
-                .iter()
-                .map(|v| Touched::of(v, v.resource.as_ref())),
-        );
+        self.audit.note(Touched::all(&page.resources));
         Ok(page)
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
         let page = self.inner.history(query).await?;
-        self.audit.note(
-            page.versions
-                .iter()
-                .map(|v| Touched::of(v, v.resource.as_ref())),
-        );
+        self.audit.note(Touched::all(&page.versions));
         Ok(page)
     }
 
@@ -811,11 +808,7 @@ impl StoreTx for RecordedTx {
 
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
         let page = self.inner.search(query).await?;
-        self.disclosed.extend(
-            page.resources
-                .iter()
-                .map(|v| Touched::of(v, v.resource.as_ref())),
-        );
+        self.disclosed.extend(Touched::all(&page.resources));
         Ok(page)
     }
 

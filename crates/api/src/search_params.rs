@@ -103,31 +103,15 @@ pub fn parse_search(
                 true
             }
             "_count" => {
-                let n: u32 = value
-                    .parse()
-                    .map_err(|_| bad(format!("_count: '{value}' is not a number")))?;
-                query.count = n.min(max_count);
+                query.count = parse_count(value, max_count)?;
                 false
             }
             "_offset" => {
-                // Both databases count rows in signed 64 bits.
-                query.offset = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| i64::try_from(*n).is_ok())
-                    .ok_or_else(|| bad(format!("_offset: '{value}' is not a number of rows")))?;
+                query.offset = parse_offset(value)?;
                 false
             }
             "_total" => {
-                query.total = match value.as_str() {
-                    "none" => false,
-                    "estimate" | "accurate" => true,
-                    _ => {
-                        return Err(bad(format!(
-                            "_total: '{value}' is not none, estimate or accurate"
-                        )))
-                    }
-                };
+                query.total = parse_total(value)?;
                 applied.push((name.clone(), value.clone()));
                 false
             }
@@ -177,6 +161,34 @@ pub fn parse_search(
         ignored,
         applied,
     })
+}
+
+/// `_count`, cut to `max`.
+pub fn parse_count(value: &str, max: u32) -> Result<u32, ApiError> {
+    let n: u32 = value
+        .parse()
+        .map_err(|_| bad(format!("_count: '{value}' is not a number")))?;
+    Ok(n.min(max))
+}
+
+/// `_offset`: both databases count rows in signed 64 bits.
+pub fn parse_offset(value: &str) -> Result<u64, ApiError> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|n| i64::try_from(*n).is_ok())
+        .ok_or_else(|| bad(format!("_offset: '{value}' is not a number of rows")))
+}
+
+/// `_total`: whether to count every match.
+pub fn parse_total(value: &str) -> Result<bool, ApiError> {
+    match value {
+        "none" => Ok(false),
+        "estimate" | "accurate" => Ok(true),
+        _ => Err(bad(format!(
+            "_total: '{value}' is not none, estimate or accurate"
+        ))),
+    }
 }
 
 /// The search parameters of `resource_type` that are evaluated on content (see

@@ -3,18 +3,20 @@
 //! with 405), and `AuditEvent/$verify` walks the hash chain.
 
 use haven_audit::{BreakKind, StoredLink, Verifier};
-use haven_model::outcome::{operation_outcome, Issue, IssueCode};
+use haven_model::outcome::IssueCode;
 use haven_store::{AuditLog, AuditQuery, AuditRecord, StoreError};
 use http::header::{ETAG, LAST_MODIFIED};
 use serde_json::{json, Value};
 
 use super::result_bundle;
-use super::search::page_links;
+use super::search::{ignored_outcome, page_links};
 use crate::error::ApiError;
 use crate::interaction::Interaction;
 use crate::pipeline::Exec;
 use crate::response::{etag, http_date, FhirResponse};
-use crate::search_params::{parse_date_bounds, parse_tokens};
+use crate::search_params::{
+    parse_count, parse_date_bounds, parse_offset, parse_tokens, parse_total,
+};
 
 /// Runs an interaction on the AuditEvent type.
 pub(crate) async fn execute(
@@ -132,30 +134,13 @@ fn parse_audit_search(
             "subtype" => query.subtype.extend(parse_tokens(value)?),
             "_count" => {
                 known = false;
-                let n: u32 = value
-                    .parse()
-                    .map_err(|_| bad(format!("_count: '{value}' is not a number")))?;
-                query.count = n.min(config.max_page_size);
+                query.count = parse_count(value, config.max_page_size)?;
             }
             "_offset" => {
                 known = false;
-                query.offset = value
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|n| i64::try_from(*n).is_ok())
-                    .ok_or_else(|| bad(format!("_offset: '{value}' is not a number of rows")))?;
+                query.offset = parse_offset(value)?;
             }
-            "_total" => {
-                query.total = match value.as_str() {
-                    "none" => false,
-                    "estimate" | "accurate" => true,
-                    _ => {
-                        return Err(bad(format!(
-                            "_total: '{value}' is not none, estimate or accurate"
-                        )))
-                    }
-                };
-            }
+            "_total" => query.total = parse_total(value)?,
             _ => {
                 if exec.prefer.strict {
                     return Err(ApiError::invalid(
@@ -201,22 +186,7 @@ async fn search(exec: &Exec<'_>, params: &[(String, String)]) -> Result<FhirResp
             })
         })
         .collect();
-    if !parsed.ignored.is_empty() {
-        let issues: Vec<Issue> = parsed
-            .ignored
-            .iter()
-            .map(|p| {
-                Issue::warning(
-                    IssueCode::NotSupported,
-                    format!("the search parameter '{p}' is not supported and was ignored"),
-                )
-            })
-            .collect();
-        entries.push(json!({
-            "resource": operation_outcome(&issues),
-            "search": {"mode": "outcome"},
-        }));
-    }
+    entries.extend(ignored_outcome(&parsed.ignored));
     Ok(FhirResponse::ok(result_bundle(
         exec,
         "searchset",

@@ -84,23 +84,7 @@ pub(crate) async fn search(
             })
         })
         .collect();
-    if !parsed.ignored.is_empty() {
-        // R4 search.html#errors: tell the client what was ignored.
-        let issues: Vec<Issue> = parsed
-            .ignored
-            .iter()
-            .map(|p| {
-                Issue::warning(
-                    IssueCode::NotSupported,
-                    format!("the search parameter '{p}' is not supported and was ignored"),
-                )
-            })
-            .collect();
-        entries.push(json!({
-            "resource": operation_outcome(&issues),
-            "search": {"mode": "outcome"},
-        }));
-    }
+    entries.extend(ignored_outcome(&parsed.ignored));
 
     Ok(FhirResponse::ok(result_bundle(
         exec,
@@ -152,4 +136,25 @@ pub(super) fn page_links(
         }));
     }
     links
+}
+
+/// The `outcome` entry that tells the client which parameters were ignored
+/// (R4 search.html#errors), when any were.
+pub(super) fn ignored_outcome(ignored: &[String]) -> Option<Value> {
+    if ignored.is_empty() {
+        return None;
+    }
+    let issues: Vec<Issue> = ignored
+        .iter()
+        .map(|p| {
+            Issue::warning(
+                IssueCode::NotSupported,
+                format!("the search parameter '{p}' is not supported and was ignored"),
+            )
+        })
+        .collect();
+    Some(json!({
+        "resource": operation_outcome(&issues),
+        "search": {"mode": "outcome"},
+    }))
 }
