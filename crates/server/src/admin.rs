@@ -1,6 +1,6 @@
 //! Administration commands: `haven clients ...`, `haven users add`, `haven keys
-//! rotate`. They work on the database directly (the server may be running)
-//! and print what they created as JSON.
+//! rotate`, `haven audit verify`. They work on the database directly (the
+//! server may be running); the first three print what they created as JSON.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,10 +8,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
+use haven_audit::{auth_event, AuthEventKind, AuthFacts, BreakKind, Outcome, Who};
 use haven_auth::registry::{ClientAuth, Role};
 use haven_auth::server::ClientSpec;
 use haven_auth::{AuthConfig, AuthServer};
 use haven_model::clock::{Clock, SystemClock};
+use haven_model::id::new_id;
+use haven_store::Store;
 use serde_json::{json, Value};
 
 use crate::config::Config;
@@ -96,8 +99,44 @@ pub struct UserAddArgs {
 #[derive(Debug, Clone, Subcommand)]
 pub enum KeysCommand {
     /// Start signing with a new key; the old public key stays published until
-    /// the tokens it signed have expired.
+    /// the tokens it signed have expired. The rotation is recorded in the audit
+    /// trail; if it cannot be, the command fails.
     Rotate,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum AuditCommand {
+    /// Verify the audit trail's hash chain.
+    ///
+    /// Walks the chain from its first record and names the first record that
+    /// was changed, removed or inserted.
+    ///
+    /// Exit status: 0 when the whole trail verifies; 1 when it is broken (the
+    /// first broken record is named); 2 when it could not be checked (for
+    /// example, the database could not be opened).
+    ///
+    /// The printed head hash is the last verified record's: keep it outside the
+    /// database and compare it later, since rewriting a record together with
+    /// every hash after it leaves a chain that verifies.
+    #[command(verbatim_doc_comment)]
+    Verify,
+}
+
+/// `haven audit verify`'s exit status for a broken trail.
+pub const TRAIL_BROKEN: u8 = 1;
+/// `haven audit verify`'s exit status when the trail could not be checked.
+pub const TRAIL_UNCHECKED: u8 = 2;
+
+/// The name of this server instance in `AuditEvent.source.observer`:
+/// `haven@` and the authority of its public URL.
+pub fn observer(fhir_base: &str) -> String {
+    let authority = fhir_base
+        .split_once("://")
+        .map_or(fhir_base, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    format!("haven@{authority}")
 }
 
 fn fhir_base(config: &Config) -> String {
@@ -108,15 +147,20 @@ fn fhir_base(config: &Config) -> String {
     format!("{public}/fhir")
 }
 
-/// The authorization server over the configured database and keys.
-pub async fn auth_server(config: &Config) -> Result<AuthServer> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+/// The configured database, created if it does not exist yet.
+async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>> {
     if let Some(dir) = crate::sqlite_parent_dir(&config.database_url) {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let store = haven_store::connect(&config.database_url, clock.clone())
+    haven_store::connect(&config.database_url, clock)
         .await
-        .context("opening the database")?;
+        .context("opening the database")
+}
+
+/// The authorization server over the configured database and keys.
+pub async fn auth_server(config: &Config) -> Result<AuthServer> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = open_store(config, clock.clone()).await?;
     let (keys, _) = signing_keys::ensure(&config.data_dir, clock.now())?;
     Ok(AuthServer::new(
         AuthConfig::new(&fhir_base(config)),
@@ -213,8 +257,142 @@ pub async fn users(config: &Config, command: UsersCommand) -> Result<Value> {
     Ok(user.public_view())
 }
 
-pub fn keys(config: &Config, command: KeysCommand) -> Result<Value> {
+/// The name key rotations are recorded under: the command line has no
+/// signed-in user.
+const CLI_USER: &str = "haven-cli";
+
+pub async fn keys(config: &Config, command: KeysCommand) -> Result<Value> {
     let KeysCommand::Rotate = command;
-    let kid = signing_keys::rotate(&config.data_dir, SystemClock.now())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Opened first, so an unreachable database fails before the key changes.
+    let store = open_store(config, clock.clone()).await?;
+    let kid = signing_keys::rotate(&config.data_dir, clock.now())?;
+    let base = fhir_base(config);
+    let event = auth_event(
+        AuthEventKind::KeyRotation,
+        &AuthFacts {
+            outcome: Outcome::Success,
+            outcome_description: Some(format!("new token signing key {kid}")),
+            recorded: clock.now(),
+            user: Some(Who {
+                username: CLI_USER.into(),
+                fhir_user: None,
+            }),
+            client_id: None,
+            server: base.clone(),
+            source_observer: observer(&base),
+            network_address: None,
+            request_id: new_id(),
+            scopes: None,
+            token_fingerprint: None,
+        },
+    );
+    store.audit_log().append(vec![event]).await.with_context(|| {
+        format!("the signing key was rotated to {kid}, but the rotation could not be recorded in the audit trail")
+    })?;
     Ok(json!({"kid": kid}))
+}
+
+/// What `haven audit verify` found.
+pub enum TrailCheck {
+    Verified(String),
+    Broken(String),
+}
+
+pub async fn audit(config: &Config, command: AuditCommand) -> Result<TrailCheck> {
+    let AuditCommand::Verify = command;
+    let store = open_store(config, Arc::new(SystemClock)).await?;
+    let report = haven_api::verify_trail(store.audit_log())
+        .await
+        .context("reading the audit trail")?;
+    Ok(describe_trail(&report))
+}
+
+/// The lines `haven audit verify` prints for a report.
+fn describe_trail(report: &haven_api::TrailReport) -> TrailCheck {
+    let records = |n: u64| match n {
+        1 => "1 record".to_owned(),
+        n => format!("{n} records"),
+    };
+    let Some(broken) = report.broken else {
+        return TrailCheck::Verified(format!(
+            "audit trail verified: {}, head {}",
+            records(report.verified),
+            report.head
+        ));
+    };
+    let (problem, meaning) = match broken.kind {
+        BreakKind::Changed => ("changed", "the record does not match its hash"),
+        BreakKind::Removed => ("removed", "records before it are missing"),
+        BreakKind::Inserted => (
+            "inserted",
+            "it does not follow the record before it, so a record was inserted",
+        ),
+    };
+    let before = match report.verified {
+        0 => "no record before it verified".to_owned(),
+        n => format!(
+            "{} before it verified, the last with hash {}",
+            records(n),
+            report.head
+        ),
+    };
+    TrailCheck::Broken(format!(
+        "audit trail broken at record {}: {problem} ({meaning})\n{before}",
+        broken.position
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use haven_audit::ChainBreak;
+
+    #[test]
+    fn the_observer_names_the_public_host_and_port() {
+        assert_eq!(
+            observer("https://fhir.example.org:8443/fhir"),
+            "haven@fhir.example.org:8443"
+        );
+        assert_eq!(observer("http://localhost/fhir"), "haven@localhost");
+    }
+
+    #[test]
+    fn a_verified_trail_reads_as_one_line_with_its_head() {
+        let report = haven_api::TrailReport {
+            verified: 12,
+            head: "ab".repeat(32),
+            broken: None,
+        };
+        let TrailCheck::Verified(text) = describe_trail(&report) else {
+            panic!("expected a verified trail");
+        };
+        assert_eq!(
+            text,
+            format!("audit trail verified: 12 records, head {}", "ab".repeat(32))
+        );
+    }
+
+    #[test]
+    fn a_broken_trail_names_the_record_and_the_problem() {
+        for (kind, word) in [
+            (BreakKind::Changed, "changed"),
+            (BreakKind::Removed, "removed"),
+            (BreakKind::Inserted, "inserted"),
+        ] {
+            let report = haven_api::TrailReport {
+                verified: 6,
+                head: "cd".repeat(32),
+                broken: Some(ChainBreak { position: 7, kind }),
+            };
+            let TrailCheck::Broken(text) = describe_trail(&report) else {
+                panic!("expected a broken trail");
+            };
+            assert!(
+                text.starts_with(&format!("audit trail broken at record 7: {word} (")),
+                "{text}"
+            );
+            assert!(text.contains("6 records before it verified"), "{text}");
+        }
+    }
 }

@@ -123,7 +123,10 @@ pub async fn run(config: Config) -> Result<()> {
         config.data_dir.clone(),
         clock.clone(),
     ));
-    let state = haven_api::AppState::new(store, clock, api_config).with_smart(auth);
+    // Every FHIR request and every auth event leaves an AuditEvent.
+    let state = haven_api::AppState::new(store, clock, api_config)
+        .with_audit(crate::admin::observer(&base_url))
+        .with_smart(auth);
     let app = haven_api::router(state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
