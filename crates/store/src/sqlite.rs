@@ -571,34 +571,44 @@ async fn append_audit_on(conn: &mut SqliteConnection, stamped: Vec<Stamped>) -> 
         sqlx::query_as("SELECT position, hash FROM audit_events ORDER BY position DESC LIMIT 1")
             .fetch_optional(&mut *conn)
             .await?;
-    for record in audit_log::link(head, stamped) {
-        sqlx::query(
-            "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )
-        .bind(record.position)
-        .bind(&record.stamped.id)
-        .bind(format_instant(record.stamped.recorded))
-        .bind(&record.stamped.text)
-        .bind(&record.previous_hash)
-        .bind(&record.hash)
-        .execute(&mut *conn)
-        .await?;
-        for entry in &record.stamped.index {
-            sqlx::query(
-                "INSERT INTO audit_index (position, param, system, value) \
-                 VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(record.position)
-            .bind(entry.param)
-            .bind(&entry.system)
-            .bind(&entry.value)
-            .execute(&mut *conn)
-            .await?;
-        }
+    let records = audit_log::link(head, stamped);
+    // Multi-row statements: one round trip to the writer per chunk, not per row.
+    for chunk in records.chunks(EVENT_ROWS_PER_STATEMENT) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) ",
+        );
+        insert.push_values(chunk, |mut row, record| {
+            row.push_bind(record.position)
+                .push_bind(&record.stamped.id)
+                .push_bind(format_instant(record.stamped.recorded))
+                .push_bind(&record.stamped.text)
+                .push_bind(&record.previous_hash)
+                .push_bind(&record.hash);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    let entries: Vec<(i64, &audit_log::IndexEntry)> = records
+        .iter()
+        .flat_map(|r| r.stamped.index.iter().map(move |e| (r.position, e)))
+        .collect();
+    for chunk in entries.chunks(INDEX_ROWS_PER_STATEMENT) {
+        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT INTO audit_index (position, param, system, value) ",
+        );
+        insert.push_values(chunk, |mut row, (position, entry)| {
+            row.push_bind(*position)
+                .push_bind(entry.param)
+                .push_bind(&entry.system)
+                .push_bind(&entry.value);
+        });
+        insert.build().execute(&mut *conn).await?;
     }
     Ok(())
 }
+
+/// Rows per multi-row INSERT, well under SQLite's 32766 bound variables.
+const EVENT_ROWS_PER_STATEMENT: usize = 1000;
+const INDEX_ROWS_PER_STATEMENT: usize = 2000;
 
 fn decode_record(row: &SqliteRow) -> Result<AuditRecord> {
     audit_log::decode(
