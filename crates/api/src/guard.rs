@@ -38,6 +38,12 @@ impl ContentRule {
 /// Decides, per kind of access, which resource content a request may touch.
 pub trait ContentGuard: Send + Sync + Debug {
     fn rule(&self, permission: Permission) -> ContentRule;
+
+    /// The patient whose compartment alone this kind of access to the type may
+    /// reach, when it is so confined (a `patient/` token).
+    fn confinement(&self, _resource_type: &str, _permission: Permission) -> Option<String> {
+        None
+    }
 }
 
 /// A guard that admits everything.
@@ -111,6 +117,15 @@ struct GuardedAuditLog {
     guard: Arc<dyn ContentGuard>,
 }
 
+/// Drops the query entities of an AuditEvent: a search someone else made may
+/// name other patients (`identifier=...`), which a patient reading their own
+/// access log must not learn.
+fn redact_queries(event: &mut Value) {
+    if let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) {
+        entities.retain(|e| e.get("query").is_none());
+    }
+}
+
 #[async_trait]
 impl AuditLog for GuardedAuditLog {
     async fn append(&self, _: Vec<Value>) -> Result<()> {
@@ -125,14 +140,43 @@ impl AuditLog for GuardedAuditLog {
             Some(r) if !self.guard.rule(Permission::Read).admits(&r.event) => {
                 Err(refused("AuditEvent", id, "reading"))
             }
-            other => Ok(other),
+            Some(mut r) => {
+                if self
+                    .guard
+                    .confinement("AuditEvent", Permission::Read)
+                    .is_some()
+                {
+                    redact_queries(&mut r.event);
+                }
+                Ok(Some(r))
+            }
+            None => Ok(None),
         }
     }
 
     async fn search(&self, query: &AuditQuery) -> Result<AuditPage> {
         let mut query = query.clone();
+        let confined = self.guard.confinement("AuditEvent", Permission::Search);
+        if let Some(patient) = &confined {
+            // In the query itself, so the database reads only that patient's events.
+            let own = format!("Patient/{patient}");
+            if !query.patient.is_empty() && !query.patient.contains(&own) {
+                return Ok(AuditPage {
+                    records: Vec::new(),
+                    total: query.total.then_some(0),
+                    more: false,
+                });
+            }
+            query.patient = vec![own];
+        }
         query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
-        self.inner.audit_log().search(&query).await
+        let mut page = self.inner.audit_log().search(&query).await?;
+        if confined.is_some() {
+            page.records
+                .iter_mut()
+                .for_each(|r| redact_queries(&mut r.event));
+        }
+        Ok(page)
     }
 
     async fn chain(&self, after: u64, limit: u32) -> Result<Vec<AuditRecord>> {

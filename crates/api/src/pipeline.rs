@@ -358,14 +358,7 @@ pub(crate) async fn handle(State(state): State<AppState>, request: Request) -> R
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|info| info.0.ip());
-        let audit = Arc::new(RequestAudit::new(
-            &request_id,
-            peer,
-            parts
-                .uri
-                .path_and_query()
-                .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned()),
-        ));
+        let audit = Arc::new(RequestAudit::new(&request_id, peer));
         let mut trace = Trace::default();
         let timed = tokio::time::timeout(
             state.config.limits.request_timeout,

@@ -8,13 +8,16 @@
 //! and its audit record are stored together or not at all. Requests that write
 //! nothing (reads, searches, refusals, failures) are recorded after they ran,
 //! through the group committer, before the response leaves; if that fails the
-//! client gets a 500 instead of the data (fail closed).
+//! client gets a 500 instead of the data (fail closed). A batch commits each
+//! entry's writes with that entry's events and is recorded as a whole at the
+//! end; a request whose answer fails after its writes committed gets a second,
+//! failure record.
 //!
 //! One request yields one AuditEvent per patient whose data it touched (IHE
 //! BALP: one event per patient, so a patient's access log holds no other
 //! patient's references), and one more for data about no patient.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Debug;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -40,7 +43,7 @@ use crate::interaction::{Interaction, Target};
 use crate::pipeline::{Principal, RequestRecord};
 
 /// The tag that marks a Provenance the server made; such a Provenance cannot be
-/// changed or deleted through the API.
+/// changed or deleted through the API, and no client may send one.
 pub const SERVER_PROVENANCE_TAG: (&str, &str) = ("urn:haven:provenance", "server");
 
 /// What one request touched, gathered while it runs.
@@ -49,14 +52,13 @@ pub struct RequestAudit {
     pub request_id: String,
     /// The peer's address, when the connection has one.
     pub peer: Option<IpAddr>,
-    /// The path and query as received, for the query entity of searches.
-    pub query: String,
     ledger: Mutex<Ledger>,
 }
 
 #[derive(Debug, Default)]
 struct Ledger {
     touched: Vec<Touched>,
+    seen: HashSet<String>,
     /// The request's AuditEvents were committed with its writes.
     recorded: bool,
 }
@@ -90,41 +92,37 @@ fn versioned(version: &ResourceVersion) -> String {
 }
 
 impl RequestAudit {
-    pub fn new(request_id: &str, peer: Option<IpAddr>, query: String) -> Self {
+    pub fn new(request_id: &str, peer: Option<IpAddr>) -> Self {
         Self {
             request_id: request_id.to_owned(),
             peer,
-            query,
             ledger: Mutex::default(),
         }
     }
 
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn note(&self, touched: impl IntoIterator<Item = Touched>) {
-        let mut ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ledger = self.ledger();
         for t in touched {
-            if !ledger.touched.contains(&t) {
+            if ledger.seen.insert(t.reference.clone()) {
                 ledger.touched.push(t);
             }
         }
     }
 
     fn touched(&self) -> Vec<Touched> {
-        let ledger = self.ledger.lock().unwrap_or_else(|e| e.into_inner());
-        ledger.touched.clone()
+        self.ledger().touched.clone()
     }
 
     fn mark_recorded(&self) {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .recorded = true;
+        self.ledger().recorded = true;
     }
 
     fn is_recorded(&self) -> bool {
-        self.ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .recorded
+        self.ledger().recorded
     }
 }
 
@@ -140,9 +138,9 @@ impl Requester {
         let Some(access) = principal.and_then(|p| p.access.as_ref()) else {
             return Requester::default();
         };
-        // A token with a role speaks for a signed-in user; one without is a
-        // client's own (Backend Services).
-        let user = access.role.map(|_| Who {
+        // A Backend Services token speaks for its client alone (its subject is
+        // the client); any other speaks for a signed-in user.
+        let user = (access.role.is_some() || access.subject != access.client_id).then(|| Who {
             username: access.subject.clone(),
             fhir_user: access.fhir_user.clone(),
         });
@@ -179,6 +177,41 @@ fn action_of(interaction: &Interaction) -> Action {
     }
 }
 
+/// The code of an interaction in the restful-interaction code system, where
+/// operations are all `operation`.
+fn interaction_code(interaction: &Interaction) -> &'static str {
+    match interaction {
+        Interaction::Validate { .. } | Interaction::VerifyAuditTrail => "operation",
+        other => other.name(),
+    }
+}
+
+/// The query of a search or of a type or system history, as parsed (so a
+/// search by POST or inside a Bundle has one too): `Type?name=value&...`.
+fn query_of(interaction: &Interaction) -> Option<String> {
+    let (path, params) = match interaction {
+        Interaction::Search {
+            resource_type,
+            params,
+        } => (resource_type.clone().unwrap_or_default(), params),
+        Interaction::History {
+            resource_type,
+            id: None,
+            params,
+        } => (
+            resource_type
+                .as_deref()
+                .map_or_else(|| "_history".to_owned(), |t| format!("{t}/_history")),
+            params,
+        ),
+        _ => return None,
+    };
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    Some(format!("{path}?{query}"))
+}
+
 /// The outcome code of an HTTP status: refusals of who is asking are 8,
 /// other client errors 4, server errors 12.
 pub fn outcome_of(status: StatusCode) -> Outcome {
@@ -190,11 +223,15 @@ pub fn outcome_of(status: StatusCode) -> Outcome {
     }
 }
 
-/// What the interaction names, for when nothing was read or written (a
-/// refused or failed request still says what it was about).
+/// What the interaction names, for when nothing was read or written, or the
+/// request was refused: unversioned (a refusal must not tell the version), and
+/// about a patient only when it names the Patient itself.
 fn named_by(interaction: &Interaction) -> Option<Touched> {
     let (resource_type, reference) = match interaction {
         Interaction::Read {
+            resource_type, id, ..
+        }
+        | Interaction::VRead {
             resource_type, id, ..
         }
         | Interaction::Update {
@@ -213,14 +250,6 @@ fn named_by(interaction: &Interaction) -> Option<Touched> {
             id: Some(id),
             ..
         } => (resource_type, format!("{resource_type}/{id}")),
-        Interaction::VRead {
-            resource_type,
-            id,
-            version,
-        } => (
-            resource_type,
-            format!("{resource_type}/{id}/_history/{version}"),
-        ),
         _ => return None,
     };
     let patients = if resource_type == "Patient" {
@@ -272,14 +301,33 @@ pub struct AuditRecorder {
     observer: String,
 }
 
-/// What a request-level event needs besides the data it touched.
-struct EventContext<'a> {
-    request_id: &'a str,
+/// What the AuditEvents of one request say besides the data it touched.
+#[derive(Debug, Clone)]
+struct EventContext {
+    request_id: String,
     peer: Option<IpAddr>,
-    requester: &'a Requester,
-    interaction: &'a str,
+    requester: Requester,
+    interaction: &'static str,
     action: Action,
-    query: Option<&'a str>,
+    query: Option<String>,
+}
+
+impl EventContext {
+    fn new(
+        audit: &RequestAudit,
+        principal: Option<&Principal>,
+        interaction: Option<&Interaction>,
+    ) -> Self {
+        EventContext {
+            request_id: audit.request_id.clone(),
+            peer: audit.peer,
+            requester: Requester::of(principal),
+            // A request not understood has no interaction code.
+            interaction: interaction.map_or("", interaction_code),
+            action: interaction.map_or(Action::Execute, action_of),
+            query: interaction.and_then(query_of),
+        }
+    }
 }
 
 impl AuditRecorder {
@@ -299,7 +347,7 @@ impl AuditRecorder {
 
     fn events(
         &self,
-        context: &EventContext<'_>,
+        context: &EventContext,
         outcome: Outcome,
         description: Option<String>,
         touched: &[Touched],
@@ -308,11 +356,8 @@ impl AuditRecorder {
         by_patient(touched)
             .into_iter()
             .map(|(patient, references)| {
-                let mut entities: Vec<Entity> = context
-                    .query
-                    .map(|q| Entity::Query(q.to_owned()))
-                    .into_iter()
-                    .collect();
+                let mut entities: Vec<Entity> =
+                    context.query.iter().cloned().map(Entity::Query).collect();
                 entities.extend(references.into_iter().map(Entity::Resource));
                 audit_event(&AuditFacts {
                     interaction: context.interaction.to_owned(),
@@ -325,7 +370,7 @@ impl AuditRecorder {
                     server: self.server.clone(),
                     source_observer: self.observer.clone(),
                     network_address: context.peer.map(|a| a.to_string()),
-                    request_id: context.request_id.to_owned(),
+                    request_id: context.request_id.clone(),
                     entities,
                     patient,
                 })
@@ -333,16 +378,13 @@ impl AuditRecorder {
             .collect()
     }
 
-    /// Appends events through the group committer and waits for their commit.
+    /// Appends one request's events through the group committer, in one group,
+    /// and waits for their commit.
     async fn append(&self, events: Vec<Value>) -> Result<(), ApiError> {
-        let pending = events.into_iter().map(|e| self.writer.append(e));
-        for result in futures::future::join_all(pending).await {
-            result.map_err(|e| {
-                tracing::error!(error = %e, "an audit record could not be stored");
-                ApiError::Internal("the audit record could not be stored".into())
-            })?;
-        }
-        Ok(())
+        self.writer.append_all(events).await.map_err(|e| {
+            tracing::error!(error = %e, "an audit record could not be stored");
+            ApiError::Internal("the audit record could not be stored".into())
+        })
     }
 
     /// Records an authentication or authorization event (login, token, ...)
@@ -419,66 +461,59 @@ impl crate::pipeline::Recorder for AuditRecorder {
                 audit: audit.clone(),
             },
             inner: store,
-            recorder: self.clone(),
-            audit: audit.clone(),
-            requester: Requester::of(Some(principal)),
-            interaction: interaction.name(),
-            action: action_of(interaction),
-            per_entry: matches!(interaction, Interaction::Batch { .. }),
-            query: matches!(
-                interaction,
-                Interaction::Search { .. } | Interaction::History { id: None, .. }
-            ),
+            shared: Arc::new(Shared {
+                recorder: self.clone(),
+                audit: audit.clone(),
+                context: EventContext::new(audit, Some(principal), Some(interaction)),
+                per_entry: matches!(interaction, Interaction::Batch { .. }),
+            }),
         })
     }
 
     async fn record(&self, record: &RequestRecord<'_>) -> Result<(), ApiError> {
         let audit = record.audit;
-        if audit.is_recorded() {
+        let outcome = outcome_of(record.status);
+        let committed = audit.is_recorded();
+        if committed && outcome == Outcome::Success {
             return Ok(());
         }
-        let requester = Requester::of(record.principal);
-        let mut touched = audit.touched();
-        if touched.is_empty() {
-            touched.extend(record.interaction.and_then(named_by));
-        }
-        let is_query = record.interaction.is_some_and(|i| {
-            matches!(
-                i,
-                Interaction::Search { .. } | Interaction::History { id: None, .. }
-            )
-        });
-        let outcome = outcome_of(record.status);
-        let context = EventContext {
-            request_id: &audit.request_id,
-            peer: audit.peer,
-            requester: &requester,
-            interaction: record.interaction.map_or("unknown", Interaction::name),
-            action: record.interaction.map_or(Action::Execute, action_of),
-            query: is_query.then_some(audit.query.as_str()),
+        let context = EventContext::new(audit, record.principal, record.interaction);
+        // A refusal names only what was asked for: what the store found behind
+        // the refusal (a version, whose record it is) is not the caller's to learn.
+        let touched: Vec<Touched> = if outcome == Outcome::Denied || audit.touched().is_empty() {
+            record.interaction.and_then(named_by).into_iter().collect()
+        } else {
+            audit.touched()
         };
-        let description = (outcome != Outcome::Success).then(|| {
+        let mut description = (outcome != Outcome::Success).then(|| {
             record
                 .failure
                 .map_or_else(|| record.status.to_string(), str::to_owned)
         });
+        if committed {
+            // Its writes were committed with a success record; the answer then failed.
+            description = description.map(|d| format!("{d} (after its changes were committed)"));
+        }
         self.append(self.events(&context, outcome, description, &touched))
             .await
     }
+}
+
+/// What a request's recorded store and its transactions share.
+struct Shared {
+    recorder: AuditRecorder,
+    audit: Arc<RequestAudit>,
+    context: EventContext,
+    /// A batch: each entry's transaction records that entry's writes, and
+    /// stage 7 the batch.
+    per_entry: bool,
 }
 
 /// The store under the guard of one request, with audit on.
 struct RecordedStore {
     inner: Arc<dyn Store>,
     audit_log: RecordedAuditLog,
-    recorder: AuditRecorder,
-    audit: Arc<RequestAudit>,
-    requester: Requester,
-    interaction: &'static str,
-    action: Action,
-    /// A batch: each entry's transaction records that entry's writes.
-    per_entry: bool,
-    query: bool,
+    shared: Arc<Shared>,
 }
 
 impl Debug for RecordedStore {
@@ -492,7 +527,9 @@ impl Debug for RecordedStore {
 impl RecordedStore {
     fn note_version(&self, version: &Option<ResourceVersion>) {
         if let Some(v) = version {
-            self.audit.note([Touched::of(v, v.resource.as_ref())]);
+            self.shared
+                .audit
+                .note([Touched::of(v, v.resource.as_ref())]);
         }
     }
 }
@@ -506,17 +543,8 @@ impl Store for RecordedStore {
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
         Ok(Box::new(RecordedTx {
             inner: self.inner.begin().await?,
-            store: RecordedStoreRef {
-                recorder: self.recorder.clone(),
-                audit: self.audit.clone(),
-                requester: self.requester.clone(),
-                interaction: self.interaction,
-                action: self.action,
-                per_entry: self.per_entry,
-                query: self.query,
-            },
+            shared: self.shared.clone(),
             written: Vec::new(),
-            disclosed: Vec::new(),
         }))
     }
 
@@ -539,13 +567,13 @@ impl Store for RecordedStore {
 
     async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
         let page = self.inner.search(query).await?;
-        self.audit.note(Touched::all(&page.resources));
+        self.shared.audit.note(Touched::all(&page.resources));
         Ok(page)
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
         let page = self.inner.history(query).await?;
-        self.audit.note(Touched::all(&page.versions));
+        self.shared.audit.note(Touched::all(&page.versions));
         Ok(page)
     }
 
@@ -572,7 +600,11 @@ struct RecordedAuditLog {
 impl RecordedAuditLog {
     fn note(&self, records: &[AuditRecord]) {
         self.audit.note(records.iter().map(|r| Touched {
-            reference: format!("AuditEvent/{}", r.event["id"].as_str().unwrap_or_default()),
+            // Audit records have one version only.
+            reference: format!(
+                "AuditEvent/{}/_history/1",
+                r.event["id"].as_str().unwrap_or_default()
+            ),
             patients: patient_compartments(&r.event),
         }));
     }
@@ -602,29 +634,28 @@ impl AuditLog for RecordedAuditLog {
     }
 }
 
-/// What a transaction needs of its store.
-struct RecordedStoreRef {
-    recorder: AuditRecorder,
-    audit: Arc<RequestAudit>,
-    requester: Requester,
-    interaction: &'static str,
-    action: Action,
-    per_entry: bool,
-    query: bool,
-}
-
 /// One version written in a transaction, with what its Provenance needs.
 struct Written {
     version: ResourceVersion,
+    /// The version made the resource exist (a create, or an update that created).
+    created: bool,
     /// The patients of the content written, or of the content deleted.
     patients: Vec<String>,
 }
 
+impl Written {
+    fn touched(&self) -> Touched {
+        Touched {
+            reference: versioned(&self.version),
+            patients: self.patients.clone(),
+        }
+    }
+}
+
 struct RecordedTx {
     inner: Box<dyn StoreTx>,
-    store: RecordedStoreRef,
+    shared: Arc<Shared>,
     written: Vec<Written>,
-    disclosed: Vec<Touched>,
 }
 
 fn is_server_provenance(resource: &Value) -> bool {
@@ -633,6 +664,23 @@ fn is_server_provenance(resource: &Value) -> bool {
         .into_iter()
         .flatten()
         .any(|t| t["system"] == SERVER_PROVENANCE_TAG.0 && t["code"] == SERVER_PROVENANCE_TAG.1)
+}
+
+/// Whether a resource a client sends carries what only the server may write:
+/// the server's Provenance tag, or the extension naming a target's patients.
+fn claims_server_marks(resource: &Value) -> bool {
+    is_server_provenance(resource)
+        || resource["extension"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["url"] == PROVENANCE_TARGET_PATIENT)
+}
+
+fn reserved() -> StoreError {
+    StoreError::Refused(
+        "the server's Provenance tag and target-patient extension are the server's to write".into(),
+    )
 }
 
 impl RecordedTx {
@@ -657,6 +705,7 @@ impl RecordedTx {
     fn provenance_of(&self, written: &Written, sources: &HashMap<String, Vec<String>>) -> Value {
         let v = &written.version;
         let activity = match v.change {
+            _ if written.created => Activity::Create,
             Change::Create => Activity::Create,
             Change::Update => Activity::Update,
             Change::Delete => Activity::Delete,
@@ -666,9 +715,9 @@ impl RecordedTx {
         let mut resource = provenance(
             &versioned(v),
             activity,
-            self.store.recorder.clock.now(),
-            self.store.requester.fhir_user(),
-            self.store.requester.client_id.as_deref(),
+            self.shared.recorder.clock.now(),
+            self.shared.context.requester.fhir_user(),
+            self.shared.context.requester.client_id.as_deref(),
             previous.as_deref(),
         );
         resource["meta"] = json!({"tag": [{
@@ -693,8 +742,7 @@ impl RecordedTx {
         // A Provenance the client sent about this resource is kept, and linked.
         let key = format!("{}/{}", v.resource_type, v.id);
         if let Some(ids) = sources.get(&key) {
-            let entities = resource["entity"].as_array().cloned().unwrap_or_default();
-            let mut entities = entities;
+            let mut entities = resource["entity"].as_array().cloned().unwrap_or_default();
             entities.extend(ids.iter().map(
                 |id| json!({"role": "source", "what": {"reference": format!("Provenance/{id}")}}),
             ));
@@ -718,13 +766,8 @@ impl RecordedTx {
                 let Some(reference) = target["reference"].as_str() else {
                     continue;
                 };
-                let unversioned = reference
-                    .split("/_history/")
-                    .next()
-                    .unwrap_or(reference)
-                    .to_owned();
                 sources
-                    .entry(unversioned)
+                    .entry(unversioned(reference).to_owned())
                     .or_default()
                     .push(w.version.id.clone());
             }
@@ -732,18 +775,80 @@ impl RecordedTx {
         sources
     }
 
-    fn note_written(&mut self, version: &ResourceVersion, patients: Vec<String>) {
+    fn note_written(&mut self, version: &ResourceVersion, created: bool, patients: Vec<String>) {
         self.written.push(Written {
             version: version.clone(),
+            created,
             patients,
         });
     }
+
+    /// The AuditEvents committed with this transaction's writes: for a batch
+    /// entry, one per written version by what it did; otherwise the request's.
+    fn events(&self) -> Vec<Value> {
+        let shared = &self.shared;
+        if shared.per_entry {
+            return self
+                .written
+                .iter()
+                .flat_map(|w| {
+                    let (interaction, action) = match w.version.change {
+                        _ if w.created => ("create", Action::Create),
+                        Change::Create => ("create", Action::Create),
+                        Change::Update => ("update", Action::Update),
+                        Change::Delete => ("delete", Action::Delete),
+                    };
+                    let context = EventContext {
+                        interaction,
+                        action,
+                        query: None,
+                        ..shared.context.clone()
+                    };
+                    shared
+                        .recorder
+                        .events(&context, Outcome::Success, None, &[w.touched()])
+                })
+                .collect();
+        }
+        let mut touched = shared.audit.touched();
+        touched.extend(
+            self.written
+                .iter()
+                .map(Written::touched)
+                .filter(|t| !touched.iter().any(|seen| seen.reference == t.reference))
+                .collect::<Vec<_>>(),
+        );
+        let mut context = shared.context.clone();
+        // An update that created the resource created it.
+        if context.action == Action::Update
+            && !self.written.is_empty()
+            && self.written.iter().all(|w| w.created)
+        {
+            context.action = Action::Create;
+        }
+        shared
+            .recorder
+            .events(&context, Outcome::Success, None, &touched)
+    }
+}
+
+/// A reference without its `/_history/<version>`.
+fn unversioned(reference: &str) -> &str {
+    reference.split("/_history/").next().unwrap_or(reference)
 }
 
 #[async_trait]
 impl StoreTx for RecordedTx {
     async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
-        self.inner.read(resource_type, id).await
+        let version = self.inner.read(resource_type, id).await?;
+        // Noted at once: a read inside a write may be answered even when the
+        // write is then dropped (a transaction's GET entries, say).
+        if let Some(v) = &version {
+            self.shared
+                .audit
+                .note([Touched::of(v, v.resource.as_ref())]);
+        }
+        Ok(version)
     }
 
     async fn create(
@@ -752,13 +857,16 @@ impl StoreTx for RecordedTx {
         id: &str,
         resource: Value,
     ) -> Result<ResourceVersion> {
+        if claims_server_marks(&resource) {
+            return Err(reserved());
+        }
         let version = self.inner.create(resource_type, id, resource).await?;
         let patients = version
             .resource
             .as_ref()
             .map(patient_compartments)
             .unwrap_or_default();
-        self.note_written(&version, patients);
+        self.note_written(&version, true, patients);
         Ok(version)
     }
 
@@ -769,6 +877,9 @@ impl StoreTx for RecordedTx {
         resource: Value,
         expected_version: Option<i64>,
     ) -> Result<(ResourceVersion, bool)> {
+        if claims_server_marks(&resource) {
+            return Err(reserved());
+        }
         self.refuse_server_provenance(resource_type, id).await?;
         let (version, created) = self
             .inner
@@ -779,7 +890,7 @@ impl StoreTx for RecordedTx {
             .as_ref()
             .map(patient_compartments)
             .unwrap_or_default();
-        self.note_written(&version, patients);
+        self.note_written(&version, created, patients);
         Ok((version, created))
     }
 
@@ -801,14 +912,15 @@ impl StoreTx for RecordedTx {
                 .and_then(|b| b.resource)
                 .map(|r| patient_compartments(&r))
                 .unwrap_or_default();
-            self.note_written(version, patients);
+            self.note_written(version, false, patients);
         }
         Ok(deleted)
     }
 
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
         let page = self.inner.search(query).await?;
-        self.disclosed.extend(Touched::all(&page.resources));
+        // A conditional create answers with the match even when it writes nothing.
+        self.shared.audit.note(Touched::all(&page.resources));
         Ok(page)
     }
 
@@ -817,80 +929,24 @@ impl StoreTx for RecordedTx {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        // Provenance for every written version but the client's own Provenance.
+        // One Provenance per written version; the server's own are not in `written`.
         let sources = self.client_provenance();
         let provenances: Vec<Value> = self
             .written
             .iter()
-            .filter(|w| w.version.resource_type != "Provenance")
             .map(|w| self.provenance_of(w, &sources))
             .collect();
         for resource in provenances {
             self.inner.create("Provenance", &new_id(), resource).await?;
         }
-
-        let written: Vec<Touched> = self
-            .written
-            .iter()
-            .map(|w| Touched {
-                reference: versioned(&w.version),
-                patients: w.patients.clone(),
-            })
-            .collect();
-        let store = &self.store;
-        let events = if store.per_entry {
-            // A batch entry: its own writes, by what each did.
-            let mut events = Vec::new();
-            for w in &self.written {
-                let (name, action) = match w.version.change {
-                    Change::Create => ("create", Action::Create),
-                    Change::Update => ("update", Action::Update),
-                    Change::Delete => ("delete", Action::Delete),
-                };
-                let context = EventContext {
-                    request_id: &store.audit.request_id,
-                    peer: store.audit.peer,
-                    requester: &store.requester,
-                    interaction: name,
-                    action,
-                    query: None,
-                };
-                let one = [Touched {
-                    reference: versioned(&w.version),
-                    patients: w.patients.clone(),
-                }];
-                events.extend(
-                    store
-                        .recorder
-                        .events(&context, Outcome::Success, None, &one),
-                );
-            }
-            store
-                .audit
-                .note(written.into_iter().chain(self.disclosed.drain(..)));
-            events
-        } else {
-            store
-                .audit
-                .note(written.into_iter().chain(self.disclosed.drain(..)));
-            let context = EventContext {
-                request_id: &store.audit.request_id,
-                peer: store.audit.peer,
-                requester: &store.requester,
-                interaction: store.interaction,
-                action: store.action,
-                query: store.query.then_some(store.audit.query.as_str()),
-            };
-            store
-                .recorder
-                .events(&context, Outcome::Success, None, &store.audit.touched())
-        };
-        let request_level = !self.store.per_entry;
-        let audit = self.store.audit.clone();
+        let events = self.events();
         self.inner.append_audit(events).await?;
         self.inner.commit().await?;
-        if request_level {
-            audit.mark_recorded();
+        // Only versions that exist now are noted for the request's later records.
+        let shared = self.shared.clone();
+        shared.audit.note(self.written.iter().map(Written::touched));
+        if !shared.per_entry {
+            shared.audit.mark_recorded();
         }
         Ok(())
     }

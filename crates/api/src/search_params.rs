@@ -219,12 +219,13 @@ fn content_criterion(
 ) -> Option<Result<ContentCriterion, ApiError>> {
     let code = name.split(':').next().unwrap_or(name);
     let param = registry::search_param(resource_type, code)?;
-    if resource_type == "Provenance" && name == "patient" {
+    if resource_type == "Provenance" && code == "patient" && name == code {
         // A server-made Provenance names its target's patients itself; the
         // compartment rule reads them (see PROVENANCE_TARGET_PATIENT).
         let ids: Vec<String> = value
             .split(',')
-            .map(|v| v.rsplit('/').next().unwrap_or(v).to_owned())
+            .filter_map(crate::smart::named_patient)
+            .map(str::to_owned)
             .collect();
         return Some(Ok(ContentCriterion::Compartment(ids)));
     }

@@ -125,7 +125,7 @@ fn confined_to_patient(
 
 /// The patient id a search value names: `123`, `Patient/123` or an absolute
 /// URL ending in `Patient/123`.
-fn named_patient(value: &str) -> Option<&str> {
+pub(crate) fn named_patient(value: &str) -> Option<&str> {
     let value = value.split("/_history/").next().unwrap_or(value);
     match value.rsplit_once("Patient/") {
         Some((_, id)) => Some(id),
@@ -185,9 +185,13 @@ impl Authorizer for SmartAuthorizer {
             ));
         };
         // The audit trail is for administrators, the patient it is about (the
-        // guard confines them to their own record), and system clients.
-        if what.resource_type() == Some("AuditEvent") && access.role == Some(Role::Practitioner) {
-            return Err(forbidden("practitioners do not read the audit trail"));
+        // guard confines them to their own record), and Backend Services
+        // clients (whose token's subject is the client itself).
+        if what.resource_type() == Some("AuditEvent") {
+            let client_token = access.role.is_none() && access.subject == access.client_id;
+            if !(client_token || matches!(access.role, Some(Role::Admin | Role::Patient))) {
+                return Err(forbidden("only administrators read the audit trail"));
+            }
         }
         match what {
             Interaction::Capabilities => Ok(()),
@@ -305,6 +309,20 @@ struct ScopeGuard {
     patient: Option<String>,
 }
 
+/// Whether some grant reaches the type of every target of a Provenance.
+fn targets_reachable(scopes: &ScopeSet, permission: Permission, provenance: &Value) -> bool {
+    provenance["target"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t["reference"].as_str())
+        .all(|reference| {
+            let path = reference.split("/_history/").next().unwrap_or(reference);
+            let target_type = path.rsplit('/').nth(1).unwrap_or_default();
+            !scopes.grants_for(target_type, permission).is_empty()
+        })
+}
+
 /// Whether the scopes let `permission` touch this resource: some grant for its
 /// type whose compartment (for `patient/`) and restrictions it satisfies.
 fn admits(
@@ -316,6 +334,11 @@ fn admits(
     let Some(resource_type) = resource.get("resourceType").and_then(Value::as_str) else {
         return false;
     };
+    // A Provenance tells about its targets: it is open only to callers whose
+    // scopes reach the targets' types.
+    if resource_type == "Provenance" && !targets_reachable(scopes, permission, resource) {
+        return false;
+    }
     scopes
         .grants_for(resource_type, permission)
         .iter()
@@ -357,6 +380,12 @@ impl ContentGuard for ScopeGuard {
         ContentRule::Only(ContentFilter::new(move |resource| {
             admits(&scopes, patient.as_deref(), permission, resource)
         }))
+    }
+
+    fn confinement(&self, resource_type: &str, permission: Permission) -> Option<String> {
+        let grants = self.scopes.grants_for(resource_type, permission);
+        let confined = !grants.is_empty() && grants.iter().all(|g| g.context == Context::Patient);
+        confined.then(|| self.patient.clone()).flatten()
     }
 }
 

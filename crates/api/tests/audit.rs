@@ -444,7 +444,7 @@ async fn a_search_is_audited_with_its_query_and_the_ids_returned_one_event_per_p
         .unwrap();
     assert_eq!(
         String::from_utf8(query).unwrap(),
-        "/fhir/Observation?status=final"
+        "Observation?status=final"
     );
     assert!(references(by_patient["Patient/b"]).contains(&"Observation/ob/_history/1".to_owned()));
     // A backend client has no user: the client is the requestor.
@@ -573,7 +573,11 @@ async fn a_transaction_gets_a_provenance_per_entry_and_keeps_the_clients_own_lin
 
     let provenances = h.provenances().await;
     let server: Vec<&Value> = provenances.iter().filter(|p| server_made(p)).collect();
-    assert_eq!(server.len(), 2, "one per entry but the client's Provenance");
+    assert_eq!(
+        server.len(),
+        3,
+        "one per entry, the client's Provenance too"
+    );
     let client: Vec<&Value> = provenances.iter().filter(|p| !server_made(p)).collect();
     assert_eq!(client.len(), 1, "the client's Provenance is kept");
     assert_eq!(
@@ -640,8 +644,9 @@ async fn a_batch_records_each_written_entry_and_the_batch_itself() {
             )
         })
         .collect();
-    assert!(by.contains(&("update", "U".into())), "{by:?}");
-    assert!(by.contains(&("create", "C".into())), "{by:?}");
+    // The PUT created Observation/x: both writes are creates.
+    let creates = by.iter().filter(|b| **b == ("create", "C".into())).count();
+    assert_eq!(creates, 2, "{by:?}");
     let batch: Vec<&Value> = events.iter().filter(|e| subtype(e) == "batch").collect();
     assert!(!batch.is_empty());
     let listed: Vec<String> = batch.iter().flat_map(|e| references(e)).collect();
@@ -652,6 +657,101 @@ async fn a_batch_records_each_written_entry_and_the_batch_itself() {
     );
     let created = h.provenances().await.len();
     assert_eq!(created, 3, "Patient a, Observation x, the new Patient");
+}
+
+#[tokio::test]
+async fn no_client_may_write_the_marks_of_a_server_made_provenance() {
+    let h = spawn().await;
+    let system = h.system_token("system/*.cruds").await;
+    h.put(&system, &patient("a", "Shaw")).await;
+    let forged = json!({
+        "resourceType": "Provenance",
+        "meta": {"tag": [{"system": "urn:haven:provenance", "code": "server"}]},
+        "target": [{"reference": "Patient/a"}],
+        "recorded": "2026-01-01T00:00:00Z",
+        "agent": [{"who": {"display": "someone"}}],
+    });
+    let reply = h
+        .send(
+            Method::POST,
+            "/fhir/Provenance",
+            Some(&system),
+            Some(&forged),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{:#}", reply.body);
+    let mut extension = forged.clone();
+    extension.as_object_mut().unwrap().remove("meta");
+    extension["extension"] = json!([{
+        "url": "urn:haven:provenance-target-patient",
+        "valueReference": {"reference": "Patient/a"},
+    }]);
+    let reply = h
+        .send(
+            Method::POST,
+            "/fhir/Provenance",
+            Some(&system),
+            Some(&extension),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN);
+    let mut plain = forged.clone();
+    plain.as_object_mut().unwrap().remove("meta");
+    let kept = h
+        .send(
+            Method::POST,
+            "/fhir/Provenance",
+            Some(&system),
+            Some(&plain),
+        )
+        .await;
+    assert_eq!(
+        kept.status,
+        StatusCode::CREATED,
+        "a client's own Provenance is kept"
+    );
+}
+
+#[tokio::test]
+async fn searches_by_post_and_in_bundles_are_audited_with_their_query() {
+    let h = spawn().await;
+    let system = h.system_token("system/*.cruds").await;
+    h.put(&system, &patient("a", "Shaw")).await;
+    let reply = h
+        .router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/fhir/Patient/_search")
+                .header("authorization", format!("Bearer {system}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-request-id", "post-search-1")
+                .body(Body::from("family=Shaw"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), StatusCode::OK);
+    let events = h.events_of("post-search-1").await;
+    let query = events[0]["entity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| e["query"].as_str())
+        .expect("a query entity");
+    let query = base64::engine::general_purpose::STANDARD
+        .decode(query)
+        .unwrap();
+    assert_eq!(String::from_utf8(query).unwrap(), "Patient?family=Shaw");
+
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "GET", "url": "AuditEvent?outcome=0"}}
+    ]});
+    let refused = h
+        .send(Method::POST, "/fhir", Some(&system), Some(&bundle))
+        .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
 }
 
 #[tokio::test]
@@ -778,6 +878,13 @@ async fn a_patient_sees_who_read_their_record_and_no_one_elses_log() {
             .status,
         StatusCode::OK
     );
+    let search = h
+        .get(
+            "/fhir/Observation?subject=Patient/a,Patient/b",
+            Some(&practitioner),
+        )
+        .await;
+    assert_eq!(search.body["total"], 2);
 
     let amy = h.user_token("amy", "patient/*.rs", Some("a")).await;
     let log = h
@@ -808,6 +915,15 @@ async fn a_patient_sees_who_read_their_record_and_no_one_elses_log() {
     for e in all.body["entry"].as_array().into_iter().flatten() {
         // About amy's record, or made by amy herself.
         let e = &e["resource"];
+        // Not even through a query someone else made.
+        assert!(
+            e["entity"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|x| x.get("query").is_none()),
+            "{e:#}"
+        );
         assert!(
             patient_of(e).as_deref() == Some("Patient/a")
                 || e["agent"][0]["who"]["reference"] == "Patient/a",
@@ -866,11 +982,11 @@ async fn an_administrator_searches_the_trail_by_date_agent_entity_outcome_action
     assert_eq!(count("agent=Practitioner/dr&outcome=4").await, 1);
     assert_eq!(count("entity=Patient/a&action=R").await, 1);
     assert_eq!(count("entity=Patient/a/_history/1&action=R").await, 1);
-    assert_eq!(count("entity=Patient/a&action=U").await, 1, "the write");
+    assert_eq!(count("entity=Patient/a&action=C").await, 1, "the write");
     // The administrator's own searches of Patient/a's events are about Patient/a too.
     assert!(count("entity=Patient/a").await >= 2);
     assert_eq!(
-        count("type=rest&action=U").await,
+        count("type=rest&action=C").await,
         1,
         "the PUT that created Patient/a"
     );
@@ -902,32 +1018,53 @@ async fn provenance_is_searched_by_target_agent_recorded_and_patient_under_its_t
         .await;
     assert_eq!(by_target.status, StatusCode::OK, "{:#}", by_target.body);
     assert_eq!(total(&by_target), 1);
-    let by_agent = h
-        .get(
-            &format!("/fhir/Provenance?agent:identifier={}", h.backend),
-            Some(&system),
+    let practitioner = h.user_token("drwho", "user/*.cruds", None).await;
+    let created = h
+        .send(
+            Method::POST,
+            "/fhir/Observation",
+            Some(&practitioner),
+            Some(&observation("new", "a")),
         )
         .await;
-    // `agent` is a reference parameter; a client id is found through its identifier.
-    assert!(matches!(
-        by_agent.status,
-        StatusCode::OK | StatusCode::BAD_REQUEST
-    ));
+    assert_eq!(created.status, StatusCode::CREATED);
+    let by_agent = h
+        .get("/fhir/Provenance?agent=Practitioner/dr", Some(&system))
+        .await;
+    assert_eq!(total(&by_agent), 1, "{:#}", by_agent.body);
     let recorded = h
         .get("/fhir/Provenance?recorded=2026-06-01", Some(&system))
         .await;
-    assert_eq!(total(&recorded), 4);
+    assert_eq!(total(&recorded), 5);
     let none = h
         .get("/fhir/Provenance?recorded=lt2026-01-01", Some(&system))
         .await;
     assert_eq!(total(&none), 0);
-    let of_a = h.get("/fhir/Provenance?patient=a", Some(&system)).await;
-    assert_eq!(total(&of_a), 2, "the Patient's and the Observation's");
+    let of_a = h
+        .get(
+            "/fhir/Provenance?patient=Patient/a/_history/1",
+            Some(&system),
+        )
+        .await;
+    assert_eq!(total(&of_a), 3, "the Patient's and the two Observations'");
 
     let amy = h.user_token("amy", "patient/*.rs", Some("a")).await;
     let mine = h.get("/fhir/Provenance", Some(&amy)).await;
     assert_eq!(mine.status, StatusCode::OK);
-    assert_eq!(total(&mine), 2);
+    assert_eq!(total(&mine), 3);
+    // Provenance tells of its target: a scope for Provenance alone does not reach it.
+    let provenance_only = h
+        .user_token("drwho", "user/Provenance.rs user/Patient.rs", None)
+        .await;
+    let hidden = h
+        .get("/fhir/Provenance?patient=a", Some(&provenance_only))
+        .await;
+    assert_eq!(hidden.status, StatusCode::OK);
+    assert_eq!(
+        total(&hidden),
+        1,
+        "only the Patient's, not the Observations'"
+    );
     let of_b = h
         .provenances()
         .await

@@ -108,7 +108,8 @@ pub enum Entity {
 pub struct AuditFacts {
     /// The FHIR restful interaction code: read, vread, update, patch, delete,
     /// history-instance, history-type, history-system, create, search-type,
-    /// search-system, capabilities, transaction, batch or operation.
+    /// search-system, capabilities, transaction, batch or operation; empty
+    /// for a request that was not understood (no subtype then).
     pub interaction: String,
     pub action: Action,
     pub outcome: Outcome,
@@ -131,9 +132,15 @@ pub struct AuditFacts {
 /// Builds the AuditEvent of one FHIR request (BALP RESTful patterns): type
 /// `rest`, the interaction as subtype.
 pub fn audit_event(facts: &AuditFacts) -> Value {
+    // A request that was not understood has no interaction to name.
+    let subtype = if facts.interaction.is_empty() {
+        Vec::new()
+    } else {
+        vec![json!({"system": RESTFUL_INTERACTION, "code": facts.interaction})]
+    };
     let mut event = header(
         coding(AUDIT_EVENT_TYPE, "rest", "Restful Operation"),
-        vec![json!({"system": RESTFUL_INTERACTION, "code": facts.interaction})],
+        subtype,
         facts.action,
         facts.outcome,
         facts.outcome_description.as_deref(),
@@ -294,7 +301,9 @@ fn header(
     let mut event = Map::new();
     event.insert("resourceType".into(), json!("AuditEvent"));
     event.insert("type".into(), event_type);
-    event.insert("subtype".into(), Value::Array(subtype));
+    if !subtype.is_empty() {
+        event.insert("subtype".into(), Value::Array(subtype));
+    }
     event.insert("action".into(), json!(action.code()));
     event.insert("recorded".into(), json!(format_instant(recorded)));
     event.insert("outcome".into(), json!(outcome.code()));

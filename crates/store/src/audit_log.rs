@@ -32,8 +32,9 @@ const GROUP_LIMIT: usize = 512;
 /// Callers wait to queue once this many events are waiting (back pressure).
 const QUEUE_LIMIT: usize = 8192;
 
+/// One caller's events: they are appended in the same group, all or none.
 struct Queued {
-    event: Value,
+    events: Vec<Value>,
     answer: oneshot::Sender<Result<()>>,
 }
 
@@ -67,15 +68,24 @@ impl AuditWriter {
     /// Queues one event and waits until the group holding it is committed;
     /// an error means it was not stored.
     pub async fn append(&self, event: Value) -> Result<()> {
+        self.append_all(vec![event]).await
+    }
+
+    /// Queues events that belong together (one request's) and waits until the
+    /// group holding them is committed: all of them are stored, or none is.
+    pub async fn append_all(&self, events: Vec<Value>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
         // Checked here so that one malformed event cannot fail the others of its group.
-        if !event.is_object() {
+        if !events.iter().all(Value::is_object) {
             return Err(StoreError::Database(
                 "an AuditEvent must be a JSON object".into(),
             ));
         }
         let (answer, answered) = oneshot::channel();
         self.queue
-            .send(Queued { event, answer })
+            .send(Queued { events, answer })
             .await
             .map_err(|_| stopped())?;
         // A dropped answer means the task ended before committing: never Ok.
@@ -89,19 +99,35 @@ fn stopped() -> StoreError {
 
 async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
     let mut group = Vec::with_capacity(GROUP_LIMIT);
-    // Waits for one event, then takes whatever else is already queued.
+    // Waits for one caller, then takes whoever else is already queued.
     while queued.recv_many(&mut group, GROUP_LIMIT).await > 0 {
-        let (events, answers): (Vec<_>, Vec<_>) = group
-            .drain(..)
-            .map(|queued| (queued.event, queued.answer))
-            .unzip();
+        let callers: Vec<Queued> = std::mem::take(&mut group);
+        let events: Vec<Value> = callers.iter().flat_map(|c| c.events.clone()).collect();
         let result = store.audit_log().append(events).await;
-        if let Err(error) = &result {
-            tracing::error!(%error, events = answers.len(), "audit events were not stored");
-        }
-        for answer in answers {
-            // A caller that stopped waiting needs no answer.
-            let _ = answer.send(result.clone());
+        match result {
+            Ok(()) => {
+                for caller in callers {
+                    // A caller that stopped waiting needs no answer.
+                    let _ = caller.answer.send(Ok(()));
+                }
+            }
+            Err(error) if callers.len() > 1 => {
+                // One caller's bad event must not fail the others: each alone.
+                tracing::warn!(%error, callers = callers.len(), "an audit group failed; appending its callers one by one");
+                for caller in callers {
+                    let result = store.audit_log().append(caller.events).await;
+                    if let Err(error) = &result {
+                        tracing::error!(%error, "audit events were not stored");
+                    }
+                    let _ = caller.answer.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "audit events were not stored");
+                for caller in callers {
+                    let _ = caller.answer.send(Err(error.clone()));
+                }
+            }
         }
     }
 }
@@ -211,17 +237,35 @@ fn unversioned(reference: &str) -> &str {
         .map_or(reference, |at| &reference[..at])
 }
 
+/// The longest index value kept, in bytes; longer ones are cut at a character.
+const INDEX_VALUE_LIMIT: usize = 512;
+
+fn bounded(text: &str) -> String {
+    let mut value: String = text.chars().filter(|c| *c != '\0').collect();
+    if value.len() > INDEX_VALUE_LIMIT {
+        let mut end = INDEX_VALUE_LIMIT;
+        while !value.is_char_boundary(end) {
+            end -= 1;
+        }
+        value.truncate(end);
+    }
+    value
+}
+
 /// The values [`AuditQuery`] searches, taken from an event.
 pub(crate) fn index_entries(event: &Value) -> Vec<IndexEntry> {
     let mut entries: Vec<IndexEntry> = Vec::new();
     let mut add = |param: &'static str, system: &str, value: &str| {
+        // Values come partly from callers (a typed username, a client id): no
+        // NUL, which PostgreSQL text refuses, and no more than an index key holds.
+        let value = bounded(value);
         if value.is_empty() {
             return;
         }
         let entry = IndexEntry {
             param,
-            system: system.to_owned(),
-            value: value.to_owned(),
+            system: bounded(system),
+            value,
         };
         if !entries.contains(&entry) {
             entries.push(entry);
@@ -470,7 +514,7 @@ mod tests {
                 self.groups.lock().unwrap().push(events.len());
                 self.gate.acquire().await.unwrap().forget();
                 assert!(!self.panic.load(Ordering::SeqCst), "the log panics");
-                if self.fail.load(Ordering::SeqCst) {
+                if self.fail.load(Ordering::SeqCst) || events.iter().any(|e| e["bad"] == true) {
                     return Err(StoreError::Database("refused".into()));
                 }
                 Ok(())
@@ -594,12 +638,42 @@ mod tests {
             log.gate.add_permits(1);
             first.into_iter().next().unwrap().await.unwrap().unwrap();
             log.fail.store(true, Ordering::SeqCst);
-            log.gate.add_permits(1);
+            // The group, then each of its callers alone.
+            log.gate.add_permits(6);
             for answer in waiting {
                 let answer = answer.await.unwrap();
                 assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
             }
-            assert_eq!(*log.groups.lock().unwrap(), [1, 5]);
+            assert_eq!(*log.groups.lock().unwrap(), [1, 5, 1, 1, 1, 1, 1]);
+        }
+
+        #[tokio::test]
+        async fn one_callers_bad_event_fails_that_caller_alone() {
+            let (log, writer) = scripted().await;
+            let first = spawn_appends(&writer, 1);
+            until(|| log.groups.lock().unwrap().len() == 1).await;
+            let good = spawn_appends(&writer, 2);
+            let bad = {
+                let writer = writer.clone();
+                tokio::spawn(async move {
+                    writer
+                        .append_all(vec![json!({"bad": true}), json!({})])
+                        .await
+                })
+            };
+            until(|| QUEUE_LIMIT - writer.queue.capacity() == 3).await;
+            log.gate.add_permits(5);
+            first.into_iter().next().unwrap().await.unwrap().unwrap();
+            for answer in good {
+                answer.await.unwrap().unwrap();
+            }
+            let answer = bad.await.unwrap();
+            assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+            // The group of four events, then its three callers one by one.
+            let mut groups = log.groups.lock().unwrap().clone();
+            assert_eq!(groups[..2], [1, 4]);
+            groups[2..].sort_unstable();
+            assert_eq!(groups[2..], [1, 1, 2]);
         }
 
         #[tokio::test]

@@ -100,6 +100,11 @@ impl PostgresStore {
     }
 }
 
+/// Every transaction reads at READ COMMITTED whatever the site's default: the
+/// audit chain's head and the row locks are read after their locks are granted,
+/// which a snapshot taken earlier (REPEATABLE READ) would not see.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 #[async_trait]
 impl Store for PostgresStore {
     fn backend(&self) -> Backend {
@@ -107,7 +112,7 @@ impl Store for PostgresStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        let tx = self.pool.begin().await?;
+        let tx = self.pool.begin_with(BEGIN).await?;
         Ok(Box::new(PostgresTx {
             tx,
             clock: self.clock.clone(),
@@ -581,7 +586,7 @@ impl AuditLog for PostgresAuditLog {
             return Ok(());
         }
         let stamped = audit_log::stamp_events(events, self.clock.now())?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(BEGIN).await?;
         append_audit_on(&mut tx, stamped).await?;
         tx.commit().await?;
         Ok(())

@@ -105,14 +105,13 @@ fn parse_audit_search(
             "_id" => query.ids.extend(alternatives(name, value)?),
             "date" => query.date.extend(parse_date_bounds(value)?),
             "agent" => query.agent.extend(alternatives(name, value)?),
-            "patient" => query
-                .patient
-                .extend(alternatives(name, value)?.into_iter().map(|p| {
-                    match p.strip_prefix("Patient/") {
-                        Some(id) => format!("Patient/{id}"),
-                        None => format!("Patient/{p}"),
-                    }
-                })),
+            "patient" => {
+                for p in alternatives(name, value)? {
+                    let id = crate::smart::named_patient(&p)
+                        .ok_or_else(|| bad(format!("patient: '{p}' is not a Patient reference")))?;
+                    query.patient.push(format!("Patient/{id}"));
+                }
+            }
             "entity" => query.entity.extend(alternatives(name, value)?),
             "outcome" => {
                 for o in alternatives(name, value)? {

@@ -330,6 +330,13 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
         let resource_type = e.interaction.resource_type().map(str::to_owned);
         let locate = |err| locate_in_entry(err, index, resource_type.as_deref());
         exec.gate.admit(&e.interaction).await.map_err(locate)?;
+        if e.interaction.resource_type() == Some("AuditEvent") {
+            // The audit trail is not part of a transaction's snapshot.
+            return Err(locate(ApiError::invalid(
+                IssueCode::NotSupported,
+                "AuditEvents are read outside transactions",
+            )));
+        }
         match &e.interaction {
             Interaction::Create {
                 resource_type,
