@@ -93,6 +93,8 @@ pub struct RequestRecord<'a> {
     pub failure: Option<&'a str>,
     /// What the request touched, and whether its writes already recorded it.
     pub audit: &'a RequestAudit,
+    /// The answer's body (a batch-response tells how each entry ended).
+    pub body: Option<&'a serde_json::Value>,
 }
 
 /// Stage 2: verify the bearer token (pinned
@@ -388,6 +390,7 @@ pub(crate) async fn handle(State(state): State<AppState>, request: Request) -> R
             status: response.status,
             failure: failure.as_deref(),
             audit: &audit,
+            body: response.body.as_ref(),
         };
         if let Err(error) = state.security.recorder.record(&record).await {
             response = error_response(&error, &request_id);

@@ -378,6 +378,65 @@ impl AuditRecorder {
             .collect()
     }
 
+    /// One event per batch entry that was refused or failed: a batch answers
+    /// 200 whatever its entries did, so each refusal is recorded on its own.
+    fn failed_entries(&self, context: &EventContext, bundle: &Value, answer: &Value) -> Vec<Value> {
+        let requests = bundle["entry"].as_array().map_or(&[][..], Vec::as_slice);
+        let answers = answer["entry"].as_array().map_or(&[][..], Vec::as_slice);
+        requests
+            .iter()
+            .zip(answers)
+            .filter_map(|(request, answer)| {
+                let status: u16 = answer["response"]["status"]
+                    .as_str()?
+                    .split(' ')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let status = StatusCode::from_u16(status).ok()?;
+                if !status.is_client_error() && !status.is_server_error() {
+                    return None;
+                }
+                let method = request["request"]["method"].as_str().unwrap_or_default();
+                let url = request["request"]["url"].as_str().unwrap_or_default();
+                let path = url.split('?').next().unwrap_or(url);
+                let instance = path.split('/').filter(|s| !s.is_empty()).count() >= 2;
+                let (interaction, action) = match method {
+                    "GET" if instance => ("read", Action::Read),
+                    "GET" => ("search-type", Action::Execute),
+                    "POST" => ("create", Action::Create),
+                    "PUT" => ("update", Action::Update),
+                    "PATCH" => ("patch", Action::Update),
+                    "DELETE" => ("delete", Action::Delete),
+                    _ => ("", Action::Execute),
+                };
+                let entry_context = EventContext {
+                    interaction,
+                    action,
+                    query: (!instance && url.contains('?')).then(|| url.to_owned()),
+                    ..context.clone()
+                };
+                let named: Vec<Touched> = instance
+                    .then(|| Touched {
+                        reference: path.trim_matches('/').to_owned(),
+                        patients: Vec::new(),
+                    })
+                    .into_iter()
+                    .collect();
+                let description = answer["response"]["outcome"]["issue"][0]["diagnostics"]
+                    .as_str()
+                    .map_or_else(|| status.to_string(), |d| format!("batch entry: {d}"));
+                Some(self.events(
+                    &entry_context,
+                    outcome_of(status),
+                    Some(description),
+                    &named,
+                ))
+            })
+            .flatten()
+            .collect()
+    }
+
     /// Appends one request's events through the group committer, in one group,
     /// and waits for their commit.
     async fn append(&self, events: Vec<Value>) -> Result<(), ApiError> {
@@ -494,8 +553,13 @@ impl crate::pipeline::Recorder for AuditRecorder {
             // Its writes were committed with a success record; the answer then failed.
             description = description.map(|d| format!("{d} (after its changes were committed)"));
         }
-        self.append(self.events(&context, outcome, description, &touched))
-            .await
+        let mut events = self.events(&context, outcome, description, &touched);
+        if let (Some(Interaction::Batch { bundle }), Some(answer)) =
+            (record.interaction, record.body)
+        {
+            events.extend(self.failed_entries(&context, bundle, answer));
+        }
+        self.append(events).await
     }
 }
 

@@ -657,6 +657,11 @@ async fn a_batch_records_each_written_entry_and_the_batch_itself() {
     );
     let created = h.provenances().await.len();
     assert_eq!(created, 3, "Patient a, Observation x, the new Patient");
+    // The entry that failed is on the trail on its own.
+    let failed: Vec<&Value> = events.iter().filter(|e| e["outcome"] == "4").collect();
+    assert_eq!(failed.len(), 1, "{events:#?}");
+    assert_eq!(subtype(failed[0]), "read");
+    assert!(references(failed[0]).contains(&"Patient/missing".to_owned()));
 }
 
 #[tokio::test]
