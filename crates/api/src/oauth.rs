@@ -8,9 +8,19 @@
 //! With audit on, every sign-in, sign-out, authorization decision, token
 //! request, introspection, revocation and registration leaves an AuditEvent
 //! ([`audited`]), committed before the answer leaves; if it cannot be stored
-//! the caller gets a 500 instead of the answer (fail closed). Requests refused
-//! by the rate limit before they are read are not recorded, so a flood cannot
-//! grow the trail without bound.
+//! the caller gets a 500 instead of the answer (fail closed). So do the pages
+//! that show patient data: the picker's and the launcher's patient lists, the
+//! consent page naming the patient in context, the choice of a patient and an
+//! EHR launch. An auth event carries no entity references, so the Patients
+//! such an event is about are named in its description.
+//!
+//! Where an action can wait, it is recorded first and done after: a sign-out,
+//! the choice of a patient and a revocation the trail cannot hold do not
+//! happen. Token, code, launch and client registration are stored by
+//! `haven-auth` before what they hand out exists; they are recorded after, and
+//! when that fails nothing is handed out. Requests refused by the rate limit
+//! before they are read are not recorded, so a flood cannot grow the trail
+//! without bound.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -308,6 +318,14 @@ impl Origin {
     fn facts(&self) -> AuthEventFacts<'_> {
         let mut facts = AuthEventFacts::new(&self.request_id);
         facts.peer = self.peer;
+        facts
+    }
+
+    /// A successful event from this origin by a signed-in user.
+    fn facts_of<'a>(&'a self, user: &'a UserRecord) -> AuthEventFacts<'a> {
+        let mut facts = self.facts();
+        facts.username = Some(&user.username);
+        facts.fhir_user = user.fhir_user.as_deref();
         facts
     }
 }
@@ -802,19 +820,23 @@ async fn logout(State(state): State<AuthState>, origin: Origin, headers: HeaderM
         Some(session) => state.server.session_user(session).await,
         None => None,
     };
-    if let Some(session) = &session {
-        state.server.logout(session).await;
-    }
     let mut facts = origin.facts();
     facts.description = Some("logout".into());
     facts.username = user.as_ref().map(|u| u.username.as_str());
     facts.fhir_user = user.as_ref().and_then(|u| u.fhir_user.as_deref());
+    // Recorded first: a sign-out the trail cannot hold leaves the session as it was.
+    if let Err(withheld) = record(&state, AuthEventKind::Login, facts, Face::Page).await {
+        return withheld;
+    }
+    if let Some(session) = &session {
+        state.server.logout(session).await;
+    }
     let mut response = redirect("/auth/login");
     response.headers_mut().append(
         header::SET_COOKIE,
         cookie_header(&state, SESSION_COOKIE, "", 0),
     );
-    audited(&state, AuthEventKind::Login, facts, Face::Page, response).await
+    response
 }
 
 /// Patients for the picker and the launcher, optionally by name.
@@ -869,13 +891,32 @@ fn display_name(resource: &Value) -> String {
     }
 }
 
-/// The pending request for the patient picker: owned by this browser, and
-/// only practitioners pick patients.
+/// The description of a patient list shown on a page: the search typed, how
+/// many patients were listed, and which (an auth event carries no entity
+/// references, so they are named here).
+fn listed(search: &str, q: &str, list: &[PatientChoice]) -> String {
+    let count = match list.len() {
+        1 => "1 patient".to_owned(),
+        n => format!("{n} patients"),
+    };
+    let references: Vec<String> = list.iter().map(|p| format!("Patient/{}", p.id)).collect();
+    if references.is_empty() {
+        format!("{search} for {q:?}: {count} listed")
+    } else {
+        format!(
+            "{search} for {q:?}: {count} listed: {}",
+            references.join(", ")
+        )
+    }
+}
+
+/// The pending request for the patient picker and its user: owned by this
+/// browser, and only practitioners pick patients.
 async fn picking_pending(
     state: &AuthState,
     headers: &HeaderMap,
     id: Option<&str>,
-) -> Result<Pending, Response> {
+) -> Result<(Pending, UserRecord), Response> {
     let (pending, user) = owned_pending(state, headers, id).await?;
     if user.role == Role::Patient {
         return Err(error_page(
@@ -883,7 +924,7 @@ async fn picking_pending(
             "Patients cannot choose another record.",
         ));
     }
-    Ok(pending)
+    Ok((pending, user))
 }
 
 /// Whether `id` names a Patient that exists and is not deleted.
@@ -892,49 +933,82 @@ async fn patient_exists(store: &dyn Store, id: &str) -> bool {
         && matches!(store.read("Patient", id).await, Ok(Some(v)) if !v.is_deleted())
 }
 
+/// The picker page, whose patient list is recorded as an Authorize event.
 async fn patient_picker(
     State(state): State<AuthState>,
+    origin: Origin,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let pending =
+    let (pending, user) =
         match picking_pending(&state, &headers, query.get("request").map(String::as_str)).await {
-            Ok(pending) => pending,
+            Ok(found) => found,
             Err(response) => return response,
         };
     let q = query.get("q").map(String::as_str).unwrap_or_default();
     let list = patients(&*state.store, q).await;
-    html(
+    let page = html(
         StatusCode::OK,
         pages::patient_picker(&pending.id, &pending.client_name, q, &list),
-    )
+    );
+    let mut facts = origin.facts_of(&user);
+    facts.client_id = Some(&pending.client_id);
+    facts.description = Some(listed("patient picker search", q, &list));
+    audited(&state, AuthEventKind::Authorize, facts, Face::Page, page).await
 }
 
+/// The choice of the patient in context: an authorization decision, recorded
+/// with the chosen Patient before it is kept.
 async fn choose_patient(
     State(state): State<AuthState>,
+    origin: Origin,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let form: HashMap<String, String> = pairs(&body).into_iter().collect();
-    let pending =
+    let (pending, user) =
         match picking_pending(&state, &headers, form.get("request").map(String::as_str)).await {
-            Ok(pending) => pending,
+            Ok(found) => found,
             Err(response) => return response,
         };
+    let kind = AuthEventKind::Authorize;
+    let client_id = pending.client_id.clone();
+    let scopes = pending.scopes.to_string();
+    let mut facts = origin.facts_of(&user);
+    facts.client_id = Some(&client_id);
+    facts.scopes = Some(&scopes);
     let Some(patient) = form.get("patient") else {
-        return error_page(StatusCode::BAD_REQUEST, "Choose a patient.");
+        fail(&mut facts, Outcome::BadInput, "no patient chosen");
+        let answer = error_page(StatusCode::BAD_REQUEST, "Choose a patient.");
+        return audited(&state, kind, facts, Face::Page, answer).await;
     };
     if !patient_exists(&*state.store, patient).await {
-        return error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
+        let reason = format!("the patient chosen does not exist: {patient:?}");
+        fail(&mut facts, Outcome::BadInput, &reason);
+        let answer = error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
+        return audited(&state, kind, facts, Face::Page, answer).await;
+    }
+    let about = format!("patient chosen: Patient/{patient}");
+    facts.description = Some(about.clone());
+    // Recorded first: a choice the trail cannot hold is not kept.
+    if let Err(withheld) = record(&state, kind, facts.clone(), Face::Page).await {
+        return withheld;
     }
     match state.server.choose_patient(pending, patient).await {
         Ok(pending) => redirect(&format!("/auth/consent?request={}", pending.id)),
-        Err(e) => error_page(StatusCode::BAD_REQUEST, &e.description),
+        Err(e) => {
+            refuse(&mut facts, e.error, &format!("{about}: {}", e.description));
+            let answer = error_page(StatusCode::BAD_REQUEST, &e.description);
+            audited(&state, kind, facts, Face::Page, answer).await
+        }
     }
 }
 
+/// The consent page; when it names the patient in context it shows patient
+/// data, and is recorded as an Authorize event naming that Patient.
 async fn consent_form(
     State(state): State<AuthState>,
+    origin: Origin,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
@@ -962,7 +1036,7 @@ async fn consent_form(
         })
         .collect();
     let who = user.display_name.clone().unwrap_or(user.username.clone());
-    html(
+    let page = html(
         StatusCode::OK,
         pages::consent_page(
             &pending.id,
@@ -971,7 +1045,16 @@ async fn consent_form(
             patient.as_deref(),
             &choices,
         ),
-    )
+    );
+    let Some(id) = &pending.context.patient else {
+        return page;
+    };
+    let scopes = pending.scopes.to_string();
+    let mut facts = origin.facts_of(&user);
+    facts.client_id = Some(&pending.client_id);
+    facts.scopes = Some(&scopes);
+    facts.description = Some(format!("consent page showing Patient/{id}"));
+    audited(&state, AuthEventKind::Authorize, facts, Face::Page, page).await
 }
 
 /// The user's decision: recorded as an Authorize event, approved with the
@@ -1002,9 +1085,7 @@ async fn consent(
         .filter_map(|(_, v)| haven_auth::scope::Scope::parse(v))
         .collect();
     let granted = scope::narrow(&pending.scopes, &approved).to_string();
-    let mut facts = origin.facts();
-    facts.username = Some(&user.username);
-    facts.fhir_user = user.fhir_user.as_deref();
+    let mut facts = origin.facts_of(&user);
     facts.client_id = Some(&pending.client_id);
     let answer = if decision == Some("approve") {
         match state.server.approve(&pending, &approved).await {
@@ -1030,6 +1111,8 @@ async fn consent(
         facts.scopes = Some(&asked);
         redirect(&state.server.deny(&pending).await)
     };
+    // Recorded after: approval stores its code in haven-auth before the redirect
+    // exists; unrecorded, the redirect (and the code) is withheld.
     audited(&state, AuthEventKind::Authorize, facts, Face::Page, answer).await
 }
 
@@ -1049,8 +1132,10 @@ async fn signed_in_practitioner(
     }
 }
 
+/// The launcher page, whose patient list is recorded as an Authorize event.
 async fn launcher(
     State(state): State<AuthState>,
+    origin: Origin,
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
@@ -1073,29 +1158,58 @@ async fn launcher(
         })
         .collect();
     let who = user.display_name.clone().unwrap_or(user.username.clone());
-    html(StatusCode::OK, pages::launcher_page(&who, q, &list, &apps))
+    let page = html(StatusCode::OK, pages::launcher_page(&who, q, &list, &apps));
+    let mut facts = origin.facts_of(&user);
+    facts.description = Some(listed("EHR launcher patient search", q, &list));
+    audited(&state, AuthEventKind::Authorize, facts, Face::Page, page).await
 }
 
-async fn launch(State(state): State<AuthState>, headers: HeaderMap, body: Bytes) -> Response {
+/// An EHR launch, recorded as an Authorize event with the app and the Patient.
+async fn launch(
+    State(state): State<AuthState>,
+    origin: Origin,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let user = match signed_in_practitioner(&state, &headers).await {
         Ok(user) => user,
         Err(response) => return response,
     };
     let form: HashMap<String, String> = pairs(&body).into_iter().collect();
+    let kind = AuthEventKind::Authorize;
+    let mut facts = origin.facts_of(&user);
+    facts.client_id = form.get("client_id").map(String::as_str);
     let (Some(patient), Some(client_id)) = (form.get("patient"), form.get("client_id")) else {
-        return error_page(StatusCode::BAD_REQUEST, "Choose a patient and an app.");
+        fail(
+            &mut facts,
+            Outcome::BadInput,
+            "EHR launch without a patient or an app",
+        );
+        let answer = error_page(StatusCode::BAD_REQUEST, "Choose a patient and an app.");
+        return audited(&state, kind, facts, Face::Page, answer).await;
     };
     if !patient_exists(&*state.store, patient).await {
-        return error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
+        let reason = format!("EHR launch for a patient that does not exist: {patient:?}");
+        fail(&mut facts, Outcome::BadInput, &reason);
+        let answer = error_page(StatusCode::BAD_REQUEST, "That patient does not exist.");
+        return audited(&state, kind, facts, Face::Page, answer).await;
     }
+    let about = format!("EHR launch for Patient/{patient}");
+    facts.description = Some(about.clone());
     let context = LaunchContext {
         patient: Some(patient.clone()),
         encounter: None,
     };
-    match state.server.create_launch(&user, client_id, context).await {
+    let answer = match state.server.create_launch(&user, client_id, context).await {
         Ok(location) => redirect(&location),
-        Err(e) => error_page(StatusCode::BAD_REQUEST, &e.description),
-    }
+        Err(e) => {
+            refuse(&mut facts, e.error, &format!("{about}: {}", e.description));
+            error_page(StatusCode::BAD_REQUEST, &e.description)
+        }
+    };
+    // Recorded after: haven-auth stores the launch before its URL exists;
+    // unrecorded, the URL is withheld and the launch expires unused.
+    audited(&state, kind, facts, Face::Page, answer).await
 }
 
 // ----- Token, introspection, revocation, registration --------------------------------
@@ -1178,6 +1292,9 @@ async fn client_call(
         .map(|(id, _)| id.clone())
         .or_else(|| form.get("client_id").cloned());
     let basic_attempted = basic.is_some();
+    if matches!(call, ClientCall::Revoke) && !form.contains_key("client_assertion") {
+        return revoke_recorded_first(state, origin, &form, basic, claimed.as_deref()).await;
+    }
     let result = match call {
         ClientCall::Token => state.server.token(&form, basic).await.map(Some),
         ClientCall::Introspect => state.server.introspect(&form, basic).await.map(Some),
@@ -1232,7 +1349,48 @@ async fn client_call(
             oauth_response(e, basic_attempted)
         }
     };
+    // Recorded after: a token's grant is stored in haven-auth before the token
+    // exists (and a client's assertion is good for one check only); unrecorded,
+    // nothing is handed out.
     audited(state, kind, facts, Face::Json, answer).await
+}
+
+/// A revocation by a client that authenticates without an assertion: the
+/// client is checked, the revocation recorded, and only then done, so a
+/// revocation the trail cannot hold does not happen.
+async fn revoke_recorded_first(
+    state: &AuthState,
+    origin: &Origin,
+    form: &HashMap<String, String>,
+    basic: Option<(String, String)>,
+    claimed: Option<&str>,
+) -> Response {
+    let kind = AuthEventKind::Revocation;
+    let basic_attempted = basic.is_some();
+    let mut facts = origin.facts();
+    facts.client_id = claimed;
+    facts.token = form.get("token").map(String::as_str);
+    let client = match state.server.authenticate_client(form, basic.clone()).await {
+        Ok(client) => client,
+        Err(e) => {
+            refuse(&mut facts, e.error, &e.description);
+            let answer = oauth_response(&e, basic_attempted);
+            return audited(state, kind, facts, Face::Json, answer).await;
+        }
+    };
+    facts.client_id = Some(&client.client_id);
+    if let Err(withheld) = record(state, kind, facts.clone(), Face::Json).await {
+        return withheld;
+    }
+    match state.server.revoke(form, basic).await {
+        // RFC 7009 §2.2: a revocation answers 200 with no body.
+        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Err(e) => {
+            refuse(&mut facts, e.error, &e.description);
+            let answer = oauth_response(&e, basic_attempted);
+            audited(state, kind, facts, Face::Json, answer).await
+        }
+    }
 }
 
 async fn token(State(state): State<AuthState>, origin: Origin, request: Request) -> Response {
@@ -1292,6 +1450,8 @@ async fn register(State(state): State<AuthState>, origin: Origin, request: Reque
             oauth_response(e, false)
         }
     };
+    // Recorded after: haven-auth claims the initial token and stores the client
+    // before its id exists; unrecorded, the id and secret are withheld.
     audited(
         &state,
         AuthEventKind::ClientRegistration,

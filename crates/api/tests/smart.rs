@@ -2161,3 +2161,254 @@ async fn when_the_audit_trail_cannot_be_written_no_token_or_session_is_handed_ou
         "no session cookie is set"
     );
 }
+
+#[tokio::test]
+async fn the_pickers_patient_lists_the_choice_and_the_consent_page_are_recorded_with_the_patients_named(
+) {
+    let smart = spawn().await;
+    let reply = smart
+        .get(
+            &smart.authorize_url("launch/patient patient/*.rs", &[]),
+            None,
+        )
+        .await;
+    let request = query_of(reply.location())["request"].clone();
+    let session = smart
+        .login(&[
+            ("request", &request),
+            ("username", "drjones"),
+            ("password", PASSWORD),
+        ])
+        .await
+        .session();
+    let picker = format!("/auth/patient?request={request}");
+    let all = smart.get_with_cookie(&picker, &session).await;
+    assert_eq!(all.status, StatusCode::OK);
+    smart
+        .get_with_cookie(&format!("{picker}&q=Field"), &session)
+        .await;
+    let missing = smart
+        .post_form(
+            "/auth/patient",
+            form(&[("request", &request), ("patient", "nobody")]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    let chosen = smart
+        .post_form(
+            "/auth/patient",
+            form(&[("request", &request), ("patient", "b")]),
+            Some(&session),
+        )
+        .await;
+    let consent = chosen.location().to_string();
+    assert_eq!(
+        smart.get_with_cookie(&consent, &session).await.status,
+        StatusCode::OK
+    );
+
+    let events = smart.auth_events("authorize").await;
+    let reasons: Vec<&str> = events.iter().map(AuthEvent::reason).collect();
+    assert_eq!(reasons.len(), 5, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("patient picker search for \"\": 2 patients listed: ")
+            && reasons[0].contains("Patient/a")
+            && reasons[0].contains("Patient/b"),
+        "{}",
+        reasons[0]
+    );
+    assert_eq!(
+        reasons[1],
+        "patient picker search for \"Field\": 1 patient listed: Patient/b"
+    );
+    assert_eq!(reasons[2], "the patient chosen does not exist: \"nobody\"");
+    assert_eq!(events[2].outcome(), "4");
+    assert_eq!(reasons[3], "patient chosen: Patient/b");
+    assert_eq!(events[3].outcome(), "0");
+    assert_eq!(
+        events[3].detail("scope"),
+        Some("launch/patient patient/*.rs")
+    );
+    assert_eq!(reasons[4], "consent page showing Patient/b");
+    for event in [&events[0], &events[1], &events[3], &events[4]] {
+        assert_eq!(event.outcome(), "0");
+        let agents = event.agents();
+        assert!(
+            agents.contains(&"drjones") && agents.contains(&smart.app.as_str()),
+            "{agents:?}"
+        );
+    }
+    // The page's answer names the record of what it showed.
+    assert_eq!(Some(events[0].request_id()), all.header("x-request-id"));
+}
+
+#[tokio::test]
+async fn the_launchers_patient_list_and_an_ehr_launch_are_recorded_with_the_app_and_the_patient() {
+    let smart = spawn().await;
+    let session = smart
+        .login(&[("username", "drjones"), ("password", PASSWORD)])
+        .await
+        .session();
+    let page = smart
+        .get_with_cookie("/auth/launcher?q=Shaw", &session)
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    let nobody = smart
+        .post_form(
+            "/auth/launcher",
+            form(&[("patient", "nobody"), ("client_id", &smart.app)]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(nobody.status, StatusCode::BAD_REQUEST);
+    let launched = smart
+        .post_form(
+            "/auth/launcher",
+            form(&[("patient", "a"), ("client_id", &smart.app)]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(launched.status, StatusCode::SEE_OTHER);
+
+    let events = smart.auth_events("authorize").await;
+    assert_eq!(events.len(), 3);
+    assert_eq!(
+        events[0].reason(),
+        "EHR launcher patient search for \"Shaw\": 1 patient listed: Patient/a"
+    );
+    assert_eq!(events[0].outcome(), "0");
+    assert!(events[0].agents().contains(&"drjones"));
+    assert_eq!(events[1].outcome(), "4");
+    assert_eq!(
+        events[1].reason(),
+        "EHR launch for a patient that does not exist: \"nobody\""
+    );
+    let launch = &events[2];
+    assert_eq!(launch.outcome(), "0");
+    assert_eq!(launch.reason(), "EHR launch for Patient/a");
+    let agents = launch.agents();
+    assert!(
+        agents.contains(&"drjones") && agents.contains(&smart.app.as_str()),
+        "{agents:?}"
+    );
+    assert_eq!(Some(launch.request_id()), launched.header("x-request-id"));
+    // The launch handed out is not in the trail.
+    let launch_token = query_of(launched.location())["launch"].clone();
+    assert!(!smart.audit_text().await.contains(&launch_token));
+}
+
+#[tokio::test]
+async fn a_revocation_refused_to_an_unknown_client_is_recorded_once_and_revokes_nothing() {
+    let smart = spawn().await;
+    let token = smart.token("amy", "patient/*.rs", None).await;
+    let refused = smart
+        .post_form(
+            "/auth/revoke",
+            form(&[("token", &token), ("client_id", "nobody")]),
+            None,
+        )
+        .await;
+    assert_eq!(refused.json()["error"], "invalid_client");
+    let revocations = smart.auth_events("revocation").await;
+    assert_eq!(revocations.len(), 1);
+    assert_eq!(revocations[0].outcome(), "8");
+    assert!(revocations[0].agents().contains(&"nobody"));
+    assert!(smart.server.verify_access_token(&token).await.is_ok());
+}
+
+#[tokio::test]
+async fn when_the_audit_trail_cannot_be_written_a_revocation_does_not_happen_and_the_token_still_works(
+) {
+    let smart = spawn_with(|store| Arc::new(UnrecordableStore(store))).await;
+    // Issued by the authorization server itself: its token endpoint would not
+    // hand out a token it cannot record.
+    let code = smart.code_for("amy", "patient/*.rs", None).await;
+    let exchange: HashMap<String, String> = [
+        ("grant_type", "authorization_code"),
+        ("code", code.as_str()),
+        ("redirect_uri", REDIRECT),
+        ("client_id", smart.app.as_str()),
+        ("code_verifier", VERIFIER),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let issued = smart.server.token(&exchange, None).await.unwrap();
+    let token = issued["access_token"].as_str().unwrap().to_owned();
+
+    let revoked = smart
+        .post_form(
+            "/auth/revoke",
+            form(&[("token", &token), ("client_id", &smart.app)]),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(revoked.json()["error"], "server_error");
+    let still = smart.server.verify_access_token(&token).await;
+    assert!(still.is_ok(), "the token was revoked: {still:?}");
+}
+
+#[tokio::test]
+async fn when_the_audit_trail_cannot_be_written_the_picker_shows_no_patient_and_neither_a_choice_nor_a_sign_out_takes_effect(
+) {
+    let smart = spawn_with(|store| Arc::new(UnrecordableStore(store))).await;
+    // Signed in by the authorization server itself: the sign-in page would not
+    // hand out a session it cannot record.
+    let (session, user) = smart
+        .server
+        .login("drjones", PASSWORD, "192.0.2.1")
+        .await
+        .unwrap();
+    let params = query_of(&smart.authorize_url("launch/patient patient/*.rs", &[]));
+    let pending = smart.server.begin_authorization(&params).await.unwrap();
+    let pending = smart
+        .server
+        .attach_user(pending, &user, &session)
+        .await
+        .unwrap();
+
+    let picker = smart
+        .get_with_cookie(&format!("/auth/patient?request={}", pending.id), &session)
+        .await;
+    assert_eq!(picker.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        !picker.text.contains("Pat Shaw") && !picker.text.contains("Pat Field"),
+        "{}",
+        picker.text
+    );
+    let launcher = smart.get_with_cookie("/auth/launcher", &session).await;
+    assert_eq!(launcher.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(!launcher.text.contains("Pat Shaw"), "{}", launcher.text);
+
+    let chosen = smart
+        .post_form(
+            "/auth/patient",
+            form(&[("request", &pending.id), ("patient", "b")]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(chosen.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let kept = smart.server.pending(&pending.id).await.unwrap();
+    assert_eq!(kept.context.patient, None, "the choice was kept");
+
+    let launched = smart
+        .post_form(
+            "/auth/launcher",
+            form(&[("patient", "a"), ("client_id", &smart.app)]),
+            Some(&session),
+        )
+        .await;
+    assert_eq!(launched.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(launched.header("location").is_none());
+
+    let out = smart
+        .post_form("/auth/logout", String::new(), Some(&session))
+        .await;
+    assert_eq!(out.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(
+        smart.server.session_user(&session).await.is_some(),
+        "the session ended without a record"
+    );
+}
