@@ -1,17 +1,19 @@
 //! The audit trail of the real binary: `haven audit verify` and
 //! `AuditEvent/$verify` on a trail left by real requests, untouched and then
-//! tampered with in the SQLite file by someone who can write to it, and
-//! `haven keys rotate` leaving its record.
+//! tampered with in the SQLite file by someone who can write to it, and the
+//! administration commands (`haven keys rotate`, `haven clients add`, `haven
+//! clients registration-token`, `haven users add`) leaving their records.
 //!
 //! The tampering goes through Python's `sqlite3` module, the SQLite client the
 //! CI machine is sure to have. Like an attacker with access to the file, it
 //! first drops the triggers that keep the audit tables append-only.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use haven_e2e::{run_haven, spawn_haven, Haven, HavenOptions};
+use haven_e2e::{haven_binary, run_haven, spawn_haven, Haven, HavenOptions};
 use serde_json::{json, Value};
 
 const SCOPE: &str = "system/Patient.cruds system/AuditEvent.rs";
@@ -341,6 +343,223 @@ fn rotating_the_signing_key_is_recorded_and_refused_when_it_cannot_be() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+/// Runs `haven` with `stdin` as its standard input (a password).
+fn run_haven_with_input(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(haven_binary().unwrap())
+        .args(args)
+        .env_remove("HAVEN_DATABASE_URL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn succeeded(output: &Output) -> Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The recorded events with Haven's subtype `code`, oldest first.
+fn events_of(db: &Path, code: &str) -> Vec<Value> {
+    stored_events(db)
+        .into_iter()
+        .map(|(_, e)| e)
+        .filter(|e| {
+            e["subtype"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|c| c["system"] == "urn:haven:audit-event-subtype" && c["code"] == code)
+        })
+        .collect()
+}
+
+/// The `who.identifier.value` of every agent of an event.
+fn agents(event: &Value) -> Vec<&str> {
+    event["agent"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a["who"]["identifier"]["value"].as_str())
+        .collect()
+}
+
+#[test]
+fn adding_a_client_issuing_a_registration_token_and_adding_a_user_are_recorded_in_a_trail_that_verifies(
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let db = dir.path().join("haven.db");
+    let password = "a-password-only-drjones-knows-4711";
+
+    let client = succeeded(
+        &run_haven(&[
+            "clients",
+            "add",
+            "--data-dir",
+            data_dir,
+            "--name",
+            "Growth Chart",
+            "--redirect-uri",
+            "https://app.test/callback",
+            "--scope",
+            "launch/patient patient/*.rs",
+            "--public",
+        ])
+        .unwrap(),
+    );
+    let client_id = client["client_id"].as_str().unwrap();
+    let issued = succeeded(
+        &run_haven(&[
+            "clients",
+            "registration-token",
+            "--data-dir",
+            data_dir,
+            "--hours",
+            "2",
+        ])
+        .unwrap(),
+    );
+    let initial = issued["initial_access_token"].as_str().unwrap();
+    let user = succeeded(&run_haven_with_input(
+        &[
+            "users",
+            "add",
+            "--data-dir",
+            data_dir,
+            "--username",
+            "drjones",
+            "--role",
+            "practitioner",
+        ],
+        &format!("{password}\n"),
+    ));
+    assert_eq!(user["username"], "drjones");
+
+    let registrations = events_of(&db, "client-registration");
+    assert_eq!(registrations.len(), 3, "{registrations:?}");
+    let added = &registrations[0];
+    assert_eq!(added["outcome"], "0");
+    assert_eq!(
+        added["outcomeDesc"],
+        format!("client added: {client_id} (Growth Chart)").as_str()
+    );
+    assert!(agents(added).contains(&"haven-cli"), "{added}");
+    assert!(agents(added).contains(&client_id), "{added}");
+
+    let token = &registrations[1];
+    assert_eq!(
+        token["outcomeDesc"],
+        "initial access token issued for dynamic registration, usable for 2 hours"
+    );
+    let fingerprint: String = ring::digest::digest(&ring::digest::SHA256, initial.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert!(token.to_string().contains(&fingerprint), "{token}");
+
+    let user_added = &registrations[2];
+    assert_eq!(user_added["outcome"], "0");
+    assert_eq!(
+        user_added["outcomeDesc"],
+        "user added: drjones (practitioner)"
+    );
+    assert!(agents(user_added).contains(&"haven-cli"), "{user_added}");
+
+    let (code, printed) = verify(&db);
+    assert_eq!(code, 0, "{printed}");
+    assert!(
+        printed.starts_with("audit trail verified: 3 records"),
+        "{printed}"
+    );
+    let trail = serde_json::to_string(&stored_events(&db)).unwrap();
+    assert!(!trail.contains(password), "the password is in the trail");
+    assert!(
+        !trail.contains(initial),
+        "the initial access token is in the trail"
+    );
+}
+
+#[test]
+fn adding_a_user_or_a_client_fails_and_prints_no_secret_when_the_trail_refuses_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let db = dir.path().join("haven.db");
+    // Listing the clients creates the database, and records nothing.
+    succeeded(&run_haven(&["clients", "list", "--data-dir", data_dir]).unwrap());
+    // A trail that refuses new records, as a full disk would.
+    tamper_script(
+        &db,
+        &[
+            "exec",
+            "CREATE TRIGGER refuse_all BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'disk full'); END",
+        ],
+    );
+
+    let user = run_haven_with_input(
+        &[
+            "users",
+            "add",
+            "--data-dir",
+            data_dir,
+            "--username",
+            "nurse",
+            "--role",
+            "practitioner",
+        ],
+        "another-password-0815\n",
+    );
+    assert!(!user.status.success());
+    let message = String::from_utf8_lossy(&user.stderr);
+    assert!(
+        message.contains("the user nurse was added, but the addition could not be recorded"),
+        "{message}"
+    );
+
+    let client = run_haven(&[
+        "clients",
+        "add",
+        "--data-dir",
+        data_dir,
+        "--name",
+        "Confidential",
+        "--redirect-uri",
+        "https://app.test/callback",
+        "--scope",
+        "patient/*.rs",
+        "--secret",
+    ])
+    .unwrap();
+    assert!(!client.status.success());
+    assert!(
+        String::from_utf8_lossy(&client.stderr).contains("could not be recorded"),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    assert!(
+        client.stdout.is_empty(),
+        "something was printed: {}",
+        String::from_utf8_lossy(&client.stdout)
+    );
+    let token = run_haven(&["clients", "registration-token", "--data-dir", data_dir]).unwrap();
+    assert!(!token.status.success());
+    assert!(token.stdout.is_empty());
 }
 
 #[test]

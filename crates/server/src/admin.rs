@@ -1,6 +1,11 @@
 //! Administration commands: `haven clients ...`, `haven users add`, `haven keys
 //! rotate`, `haven audit verify`. They work on the database directly (the
 //! server may be running); the first three print what they created as JSON.
+//!
+//! Every change they make (a client added, an initial access token issued, a
+//! user added, a key rotated) appends an AuditEvent by [`CLI_USER`] before
+//! anything is printed; when it cannot be stored the command fails and prints
+//! no secret.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -8,11 +13,13 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use haven_audit::{auth_event, AuthEventKind, AuthFacts, BreakKind, Outcome, Who};
+use haven_audit::{
+    auth_event, token_fingerprint, AuthEventKind, AuthFacts, BreakKind, Outcome, Who,
+};
 use haven_auth::registry::{ClientAuth, Role};
 use haven_auth::server::ClientSpec;
 use haven_auth::{AuthConfig, AuthServer};
-use haven_model::clock::{Clock, SystemClock};
+use haven_model::clock::Clock;
 use haven_model::id::new_id;
 use haven_store::Store;
 use serde_json::{json, Value};
@@ -157,25 +164,97 @@ async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn St
         .context("opening the database")
 }
 
-/// The authorization server over the configured database and keys.
-pub async fn auth_server(config: &Config) -> Result<AuthServer> {
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+/// The authorization server over the configured database and keys, and that
+/// database.
+async fn auth_server(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+) -> Result<(AuthServer, Arc<dyn Store>)> {
     let store = open_store(config, clock.clone()).await?;
     let (keys, _) = signing_keys::ensure(&config.data_dir, clock.now())?;
-    Ok(AuthServer::new(
+    let server = AuthServer::new(
         AuthConfig::new(&fhir_base(config)),
-        store,
+        store.clone(),
         clock,
         keys,
-    ))
+    );
+    Ok((server, store))
 }
 
 fn refused(e: haven_auth::OAuthError) -> anyhow::Error {
     anyhow!("{}", e.description)
 }
 
-pub async fn clients(config: &Config, command: ClientsCommand) -> Result<Value> {
-    let server = auth_server(config).await?;
+/// The name changes made on the command line are recorded under: it has no
+/// signed-in user.
+const CLI_USER: &str = "haven-cli";
+
+/// What the AuditEvent of one change made on the command line says.
+struct CliChange<'a> {
+    kind: AuthEventKind,
+    /// What was done, in words.
+    description: String,
+    client_id: Option<String>,
+    scopes: Option<String>,
+    /// A token handed out; only its fingerprint is recorded.
+    token: Option<&'a str>,
+}
+
+impl CliChange<'_> {
+    fn new(kind: AuthEventKind, description: String) -> Self {
+        Self {
+            kind,
+            description,
+            client_id: None,
+            scopes: None,
+            token: None,
+        }
+    }
+}
+
+/// Appends the AuditEvent of a change made on the command line and waits for
+/// it; when it cannot be stored the command fails with `unrecorded`, which
+/// says what was done all the same.
+async fn record_change(
+    store: &dyn Store,
+    config: &Config,
+    clock: &dyn Clock,
+    change: CliChange<'_>,
+    unrecorded: impl FnOnce() -> String,
+) -> Result<()> {
+    let base = fhir_base(config);
+    let event = auth_event(
+        change.kind,
+        &AuthFacts {
+            outcome: Outcome::Success,
+            outcome_description: Some(change.description),
+            recorded: clock.now(),
+            user: Some(Who {
+                username: CLI_USER.into(),
+                fhir_user: None,
+            }),
+            client_id: change.client_id,
+            server: base.clone(),
+            source_observer: observer(&base),
+            network_address: None,
+            request_id: new_id(),
+            scopes: change.scopes,
+            token_fingerprint: change.token.map(token_fingerprint),
+        },
+    );
+    store
+        .audit_log()
+        .append(vec![event])
+        .await
+        .with_context(unrecorded)
+}
+
+pub async fn clients(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: ClientsCommand,
+) -> Result<Value> {
+    let (server, store) = auth_server(config, clock.clone()).await?;
     match command {
         ClientsCommand::Add(args) => {
             let jwks = match &args.jwks {
@@ -209,6 +288,20 @@ pub async fn clients(config: &Config, command: ClientsCommand) -> Result<Value> 
                 contacts: args.contacts,
             };
             let (record, secret) = server.add_client(spec).await.map_err(refused)?;
+            let mut change = CliChange::new(
+                AuthEventKind::ClientRegistration,
+                format!("client added: {} ({})", record.client_id, record.name),
+            );
+            change.client_id = Some(record.client_id.clone());
+            change.scopes = Some(record.scopes.to_string());
+            record_change(&*store, config, &*clock, change, || {
+                format!(
+                    "the client {} was added, but the addition could not be recorded in the \
+                     audit trail, so its details are not shown",
+                    record.client_id
+                )
+            })
+            .await?;
             let mut out = record.public_view();
             if let Some(secret) = secret {
                 out["client_secret"] = json!(secret);
@@ -229,12 +322,23 @@ pub async fn clients(config: &Config, command: ClientsCommand) -> Result<Value> 
                 .issue_registration_token(time::Duration::hours(hours))
                 .await
                 .map_err(refused)?;
+            let mut change = CliChange::new(
+                AuthEventKind::ClientRegistration,
+                format!("initial access token issued for dynamic registration, usable for {hours} hours"),
+            );
+            change.token = Some(&token);
+            record_change(&*store, config, &*clock, change, || {
+                "an initial access token was issued, but it could not be recorded in the audit \
+                 trail, so it is not shown and will expire unused"
+                    .to_owned()
+            })
+            .await?;
             Ok(json!({"initial_access_token": token, "expires_in": hours * 3600}))
         }
     }
 }
 
-pub async fn users(config: &Config, command: UsersCommand) -> Result<Value> {
+pub async fn users(config: &Config, clock: Arc<dyn Clock>, command: UsersCommand) -> Result<Value> {
     let UsersCommand::Add(args) = command;
     let role = Role::parse(&args.role)
         .ok_or_else(|| anyhow!("--role must be patient, practitioner or admin"))?;
@@ -243,7 +347,7 @@ pub async fn users(config: &Config, command: UsersCommand) -> Result<Value> {
         .read_to_string(&mut password)
         .context("reading the password from standard input")?;
     let password = password.trim_end_matches(['\r', '\n']);
-    let server = auth_server(config).await?;
+    let (server, store) = auth_server(config, clock.clone()).await?;
     let user = server
         .add_user(
             &args.username,
@@ -254,42 +358,35 @@ pub async fn users(config: &Config, command: UsersCommand) -> Result<Value> {
         )
         .await
         .map_err(refused)?;
+    // There is no kind for user administration; ClientRegistration is the
+    // Security Configuration event that creates something.
+    let change = CliChange::new(
+        AuthEventKind::ClientRegistration,
+        format!("user added: {} ({})", user.username, user.role.as_str()),
+    );
+    record_change(&*store, config, &*clock, change, || {
+        format!(
+            "the user {} was added, but the addition could not be recorded in the audit trail",
+            user.username
+        )
+    })
+    .await?;
     Ok(user.public_view())
 }
 
-/// The name key rotations are recorded under: the command line has no
-/// signed-in user.
-const CLI_USER: &str = "haven-cli";
-
-pub async fn keys(config: &Config, command: KeysCommand) -> Result<Value> {
+pub async fn keys(config: &Config, clock: Arc<dyn Clock>, command: KeysCommand) -> Result<Value> {
     let KeysCommand::Rotate = command;
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // Opened first, so an unreachable database fails before the key changes.
     let store = open_store(config, clock.clone()).await?;
     let kid = signing_keys::rotate(&config.data_dir, clock.now())?;
-    let base = fhir_base(config);
-    let event = auth_event(
+    let change = CliChange::new(
         AuthEventKind::KeyRotation,
-        &AuthFacts {
-            outcome: Outcome::Success,
-            outcome_description: Some(format!("new token signing key {kid}")),
-            recorded: clock.now(),
-            user: Some(Who {
-                username: CLI_USER.into(),
-                fhir_user: None,
-            }),
-            client_id: None,
-            server: base.clone(),
-            source_observer: observer(&base),
-            network_address: None,
-            request_id: new_id(),
-            scopes: None,
-            token_fingerprint: None,
-        },
+        format!("new token signing key {kid}"),
     );
-    store.audit_log().append(vec![event]).await.with_context(|| {
+    record_change(&*store, config, &*clock, change, || {
         format!("the signing key was rotated to {kid}, but the rotation could not be recorded in the audit trail")
-    })?;
+    })
+    .await?;
     Ok(json!({"kid": kid}))
 }
 
@@ -299,9 +396,13 @@ pub enum TrailCheck {
     Broken(String),
 }
 
-pub async fn audit(config: &Config, command: AuditCommand) -> Result<TrailCheck> {
+pub async fn audit(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: AuditCommand,
+) -> Result<TrailCheck> {
     let AuditCommand::Verify = command;
-    let store = open_store(config, Arc::new(SystemClock)).await?;
+    let store = open_store(config, clock).await?;
     let report = haven_api::verify_trail(store.audit_log())
         .await
         .context("reading the audit trail")?;

@@ -8,10 +8,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use haven_model::clock::{Clock, SystemClock};
 use tracing_subscriber::EnvFilter;
 
 mod admin;
@@ -220,11 +222,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // The one time source every command takes its timestamps from.
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     match cli.command {
         Command::Serve(args) => {
             let config = config::load(args.database.config.as_deref(), &env, args.layer())?;
             init_logging(config.log_format, &config.log)?;
-            runtime.block_on(serve::run(config))?;
+            runtime.block_on(serve::run(config, clock))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate(args) => {
@@ -236,26 +240,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Clients { database, command } => {
             let config = config::load(database.config.as_deref(), &env, database.layer())?;
             init_logging(config.log_format, "warn")?;
-            print_json(&runtime.block_on(admin::clients(&config, command))?);
+            print_json(&runtime.block_on(admin::clients(&config, clock, command))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Users { database, command } => {
             let config = config::load(database.config.as_deref(), &env, database.layer())?;
             init_logging(config.log_format, "warn")?;
-            print_json(&runtime.block_on(admin::users(&config, command))?);
+            print_json(&runtime.block_on(admin::users(&config, clock, command))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Keys { database, command } => {
             let config = config::load(database.config.as_deref(), &env, database.layer())?;
             init_logging(config.log_format, "warn")?;
-            print_json(&runtime.block_on(admin::keys(&config, command))?);
+            print_json(&runtime.block_on(admin::keys(&config, clock, command))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { database, command } => {
             let checked = config::load(database.config.as_deref(), &env, database.layer())
                 .and_then(|config| {
                     init_logging(config.log_format, "warn")?;
-                    runtime.block_on(admin::audit(&config, command))
+                    runtime.block_on(admin::audit(&config, clock, command))
                 });
             Ok(match checked {
                 Ok(admin::TrailCheck::Verified(report)) => {

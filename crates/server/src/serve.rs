@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use haven_model::clock::{Clock, SystemClock};
+use haven_model::clock::Clock;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -56,7 +56,7 @@ fn derived_public_url(scheme: &str, bound: SocketAddr) -> String {
     format!("{scheme}://{host}:{}", bound.port())
 }
 
-pub async fn run(config: Config) -> Result<()> {
+pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     if config.insecure_http {
         check_loopback(config.listen)?;
     }
@@ -72,7 +72,8 @@ pub async fn run(config: Config) -> Result<()> {
         let (cert, key) = match &config.tls {
             Some((cert, key)) => (cert.clone(), key.clone()),
             None => {
-                let (files, created) = tls::ensure_local_ca(&config.data_dir.join("tls"))?;
+                let (files, created) =
+                    tls::ensure_local_ca(&config.data_dir.join("tls"), clock.now())?;
                 let verb = if created { "created" } else { "using" };
                 println!(
                     "haven {verb} its local certificate authority; clients trust it with: {}",
@@ -85,7 +86,6 @@ pub async fn run(config: Config) -> Result<()> {
         Some(TlsAcceptor::from(Arc::new(server_config)))
     };
 
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let store = haven_store::connect(&config.database_url, clock.clone())
         .await
         .with_context(|| format!("opening the database {}", redact(&config.database_url)))?;

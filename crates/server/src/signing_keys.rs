@@ -87,11 +87,14 @@ pub fn rotate(data_dir: &Path, now: OffsetDateTime) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use time::macros::datetime;
+
+    const NOW: OffsetDateTime = datetime!(2026-05-01 09:00 UTC);
 
     #[test]
     fn the_first_start_creates_a_key_and_later_starts_reuse_it() {
         let dir = tempfile::tempdir().unwrap();
-        let now = OffsetDateTime::now_utc();
+        let now = NOW;
         let (first, created) = ensure(dir.path(), now).unwrap();
         assert!(created);
         let (second, created) = ensure(dir.path(), now).unwrap();
@@ -111,7 +114,7 @@ mod tests {
     #[test]
     fn rotation_keeps_the_old_public_key_until_its_tokens_expire() {
         let dir = tempfile::tempdir().unwrap();
-        let now = OffsetDateTime::now_utc();
+        let now = NOW;
         let (old, _) = ensure(dir.path(), now).unwrap();
         let new_kid = rotate(dir.path(), now).unwrap();
         assert_ne!(new_kid, old.kid());

@@ -20,6 +20,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::version::{TLS12, TLS13};
 use rustls::ServerConfig;
+use time::OffsetDateTime;
 
 /// The files of the generated local certificate authority and server certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +44,7 @@ impl LocalCa {
 
 /// The subject of the local CA; the same on every start so that a server certificate
 /// re-issued from the stored CA key chains to the stored CA certificate.
-fn ca_params() -> Result<CertificateParams> {
+fn ca_params(now: OffsetDateTime) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut name = DistinguishedName::new();
     name.push(DnType::CommonName, "Haven local CA");
@@ -55,13 +56,12 @@ fn ca_params() -> Result<CertificateParams> {
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     params.not_after = now + time::Duration::days(10 * 365);
     Ok(params)
 }
 
-fn server_params() -> Result<CertificateParams> {
+fn server_params(now: OffsetDateTime) -> Result<CertificateParams> {
     let mut params = CertificateParams::new(vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
@@ -77,7 +77,6 @@ fn server_params() -> Result<CertificateParams> {
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
-    let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::days(1);
     // Below the 825 days some clients accept for a server certificate.
     params.not_after = now + time::Duration::days(800);
@@ -85,8 +84,9 @@ fn server_params() -> Result<CertificateParams> {
 }
 
 /// Creates the local CA and the `localhost` certificate if they are missing and
-/// returns their paths. Existing files are reused untouched.
-pub fn ensure_local_ca(tls_dir: &Path) -> Result<(LocalCa, bool)> {
+/// returns their paths; `now` (from the clock) starts their validity. Existing
+/// files are reused untouched.
+pub fn ensure_local_ca(tls_dir: &Path, now: OffsetDateTime) -> Result<(LocalCa, bool)> {
     let files = LocalCa::in_dir(tls_dir);
     if files.ca_cert.is_file()
         && files.ca_key.is_file()
@@ -105,18 +105,18 @@ pub fn ensure_local_ca(tls_dir: &Path) -> Result<(LocalCa, bool)> {
             .with_context(|| format!("reading {}", files.ca_key.display()))?;
         let key = KeyPair::from_pem(&pem)
             .with_context(|| format!("parsing {}", files.ca_key.display()))?;
-        let cert = ca_params()?.self_signed(&key)?;
+        let cert = ca_params(now)?.self_signed(&key)?;
         (key, cert)
     } else {
         let key = KeyPair::generate()?;
-        let cert = ca_params()?.self_signed(&key)?;
+        let cert = ca_params(now)?.self_signed(&key)?;
         write_private(&files.ca_key, &key.serialize_pem())?;
         write_public(&files.ca_cert, &cert.pem())?;
         (key, cert)
     };
 
     let server_key = KeyPair::generate()?;
-    let server_cert = server_params()?.signed_by(&server_key, &ca_cert, &ca_key)?;
+    let server_cert = server_params(now)?.signed_by(&server_key, &ca_cert, &ca_key)?;
     write_private(&files.server_key, &server_key.serialize_pem())?;
     write_public(&files.server_cert, &server_cert.pem())?;
     Ok((files, true))
@@ -166,6 +166,11 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use haven_model::clock::{Clock, SystemClock};
+
+    fn ensure_local_ca(tls_dir: &Path) -> Result<(LocalCa, bool)> {
+        super::ensure_local_ca(tls_dir, SystemClock.now())
+    }
 
     fn mode(path: &Path) -> u32 {
         fs::metadata(path).unwrap().permissions().mode() & 0o777
