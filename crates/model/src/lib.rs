@@ -13,12 +13,15 @@
 //! generated into the crate: they stay reviewable in diffs, and the crate compiles
 //! fast. [`registry`] answers questions about resource types, search parameters and
 //! compartments; [`structure`] regroups the element tables for [`validate`], which
-//! checks resources against the base definitions.
+//! checks resources against the base definitions. [`search_value`] evaluates the
+//! FHIRPath of search parameters, and [`search_index`] turns what they select into
+//! typed index entries (a dateTime without a zone is read as UTC there).
 
 pub mod clock;
 pub mod id;
 pub mod outcome;
 pub mod registry;
+pub mod search_index;
 pub mod search_value;
 pub mod structure;
 pub mod validate;

@@ -2,14 +2,17 @@
 //! Patient compartments the resource is in, and whether it meets search criteria.
 //!
 //! R4 search parameters locate their values with FHIRPath (searchparameter.html).
-//! [`extract`] evaluates the subset their definitions use: paths from the resource
-//! type, unions, `as`/`is`/`ofType()` on choice elements, `where()` with
-//! `resolve() is X` or an equality, and an indexer. Navigation is typed by the
-//! element tables of [`crate::structure`], so `Observation.value` finds
-//! `valueQuantity` and matching can tell a Coding from an Identifier. What the
-//! subset cannot evaluate (other functions, arithmetic, variables) yields nothing
-//! for its branch of the union instead of an error: one odd definition must not
-//! stop the others from being indexed.
+//! [`extract`] evaluates the subset their definitions use, and a little more:
+//! paths from the resource type, unions, `as`/`is`/`ofType()` on choice elements,
+//! `where()` with `resolve() is X` or an equality, an indexer, `%resource`,
+//! `extension(url)`, the existence and subsetting functions (`exists()`,
+//! `first()`, `last()`, ...), `select()`, `iif()` and a few string tests.
+//! Navigation is typed by the element tables of [`crate::structure`], so
+//! `Observation.value` finds `valueQuantity` and matching can tell a Coding from
+//! an Identifier. What the subset cannot evaluate (other functions, arithmetic)
+//! yields nothing for its branch of the union instead of an error: one odd
+//! definition must not stop the others from being indexed. The same evaluator
+//! feeds the search indexes of [`crate::search_index`].
 
 use std::fmt;
 
@@ -483,7 +486,7 @@ fn reference_matches(query: &str, value: &Value) -> bool {
 }
 
 /// The reference string of a Reference, or a canonical/uri value itself.
-fn reference_text(value: &Value) -> Option<&str> {
+pub(crate) fn reference_text(value: &Value) -> Option<&str> {
     match value {
         Value::String(text) => Some(text),
         Value::Object(object) => object.get("reference").and_then(Value::as_str),
@@ -493,23 +496,25 @@ fn reference_text(value: &Value) -> Option<&str> {
 
 /// A literal reference taken apart (references.html#literal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Target<'a> {
+pub(crate) struct Target<'a> {
     /// The service base of an absolute reference.
-    base: Option<&'a str>,
-    kind: &'a str,
-    id: &'a str,
+    pub(crate) base: Option<&'a str>,
+    pub(crate) kind: &'a str,
+    pub(crate) id: &'a str,
+    /// The version a `/_history/` suffix names.
+    pub(crate) version: Option<&'a str>,
 }
 
 /// `Patient/1`, `Patient/1/_history/2` or `https://host/fhir/Patient/1`; `None`
 /// for contained (`#p1`), `urn:` and other references naming no resource type.
-fn parse_reference(reference: &str) -> Option<Target<'_>> {
+pub(crate) fn parse_reference(reference: &str) -> Option<Target<'_>> {
     if reference.starts_with('#') {
         return None;
     }
     // The version does not change whose resource it is.
-    let reference = match reference.find("/_history/") {
-        Some(at) => &reference[..at],
-        None => reference,
+    let (reference, version) = match reference.split_once("/_history/") {
+        Some((reference, version)) => (reference, Some(version)),
+        None => (reference, None),
     };
     let (rest, id) = reference.rsplit_once('/')?;
     let (base, kind) = match rest.rsplit_once('/') {
@@ -517,7 +522,12 @@ fn parse_reference(reference: &str) -> Option<Target<'_>> {
         Some(_) => return None,
         None => (None, rest),
     };
-    (registry::is_resource_type(kind) && is_valid_id(id)).then_some(Target { base, kind, id })
+    (registry::is_resource_type(kind) && is_valid_id(id)).then_some(Target {
+        base,
+        kind,
+        id,
+        version,
+    })
 }
 
 /// Splits at each `separator` not escaped with a backslash (search.html#escaping).
@@ -559,9 +569,9 @@ fn unescape(value: &str) -> String {
 
 /// The FHIR type of a value, when the element tables know it.
 #[derive(Debug, Clone, Copy)]
-struct Ty {
+pub(crate) struct Ty {
     /// The type code: `Quantity`, `string`, `BackboneElement`, `Patient`, ...
-    code: &'static str,
+    pub(crate) code: &'static str,
     /// Where the value's own children are defined: a type and a path in it.
     def: Option<&'static TypeDef>,
     path: &'static str,
@@ -570,6 +580,11 @@ struct Ty {
 impl Ty {
     fn children(self) -> Option<&'static Children> {
         self.def?.children.get(self.path)
+    }
+
+    /// Whether this type is `wanted` or derives from it (an `Age` is a `Quantity`).
+    pub(crate) fn is_a(self, wanted: &str) -> bool {
+        conforms(self.code, wanted)
     }
 }
 
@@ -622,14 +637,14 @@ fn choice_suffix_type(suffix: &str) -> Option<Ty> {
 
 /// A value inside the resource, with its type when known.
 #[derive(Debug, Clone, Copy)]
-struct Node<'a> {
-    value: &'a Value,
-    ty: Option<Ty>,
+pub(crate) struct Node<'a> {
+    pub(crate) value: &'a Value,
+    pub(crate) ty: Option<Ty>,
 }
 
 /// An item of a FHIRPath collection.
 #[derive(Debug, Clone)]
-enum Item<'a> {
+pub(crate) enum Item<'a> {
     Node(Node<'a>),
     Bool(bool),
     Text(String),
@@ -655,6 +670,15 @@ impl<'a> Item<'a> {
 
     fn is_a(&self, wanted: &str) -> bool {
         self.type_name().is_some_and(|code| conforms(code, wanted))
+    }
+
+    /// The text of a string value or a computed string.
+    fn text(&self) -> Option<&str> {
+        match self {
+            Item::Node(node) => node.value.as_str(),
+            Item::Text(text) => Some(text),
+            _ => None,
+        }
     }
 }
 
@@ -682,32 +706,202 @@ fn conforms(code: &str, wanted: &str) -> bool {
     false
 }
 
-/// Evaluates each top-level branch of `expression` on `resource` on its own, so a
-/// branch the subset cannot parse loses only its own values.
+/// Whether `name` names a type `is`, `as` and `ofType()` can test: a FHIR type
+/// (either case of its first letter) or a FHIRPath system type.
+fn is_known_type(name: &str) -> bool {
+    const SYSTEM_TYPES: [&str; 8] = [
+        "Boolean", "String", "Integer", "Decimal", "Date", "DateTime", "Time", "Quantity",
+    ];
+    let name = name.rsplit('.').next().unwrap_or(name);
+    if SYSTEM_TYPES.contains(&name) || STRUCTURES.types.contains_key(name) {
+        return true;
+    }
+    let mut lowered = name.to_owned();
+    if let Some(first) = lowered.get_mut(..1) {
+        first.make_ascii_lowercase();
+    }
+    STRUCTURES.types.contains_key(&lowered)
+}
+
+/// An expression parsed once, to be evaluated on many resources. Each top-level
+/// branch of a union is parsed on its own, so a branch the subset cannot read
+/// loses only its own values.
+#[derive(Debug, Clone)]
+pub(crate) struct Compiled {
+    branches: Vec<Expr>,
+}
+
+impl Compiled {
+    pub(crate) fn new(expression: &str) -> Compiled {
+        Compiled {
+            branches: union_branches(expression)
+                .into_iter()
+                .filter_map(parse)
+                .collect(),
+        }
+    }
+
+    /// The items selected from `resource`, computed ones (booleans, strings)
+    /// included, each value once.
+    pub(crate) fn evaluate<'a>(
+        &self,
+        resource: &'a Value,
+        resource_type: Option<&str>,
+    ) -> Vec<Item<'a>> {
+        let root = root_item(resource, resource_type);
+        self.evaluate_on(std::slice::from_ref(&root), &root)
+    }
+
+    /// The items selected from `focus`, with `resource` as `%resource`: how a
+    /// composite's components are evaluated on each value of the composite.
+    pub(crate) fn evaluate_on<'a>(&self, focus: &[Item<'a>], resource: &Item<'a>) -> Vec<Item<'a>> {
+        let env = Env {
+            resource: resource.clone(),
+        };
+        let mut found: Vec<Item<'a>> = Vec::new();
+        for expr in &self.branches {
+            for item in eval(expr, focus, &env) {
+                push_unique(&mut found, item);
+            }
+        }
+        found
+    }
+}
+
+/// The resource as the input of an expression, typed by `resource_type`.
+pub(crate) fn root_item<'a>(resource: &'a Value, resource_type: Option<&str>) -> Item<'a> {
+    Item::Node(Node {
+        value: resource,
+        ty: resource_type.and_then(named_type),
+    })
+}
+
+/// The values of the resource `expression` selects; computed items (booleans,
+/// strings) are not values of the resource and are left out.
 fn evaluate<'a>(
     resource: &'a Value,
     resource_type: Option<&str>,
     expression: &str,
 ) -> Vec<Node<'a>> {
-    let root = Item::Node(Node {
-        value: resource,
-        ty: resource_type.and_then(named_type),
-    });
-    let mut found: Vec<Item<'a>> = Vec::new();
-    for branch in union_branches(expression) {
-        let Some(expr) = parse(branch) else { continue };
-        for item in eval(&expr, std::slice::from_ref(&root)) {
-            push_unique(&mut found, item);
-        }
-    }
-    // Computed items (booleans, strings) are not values of the resource.
-    found
+    Compiled::new(expression)
+        .evaluate(resource, resource_type)
         .into_iter()
         .filter_map(|item| match item {
             Item::Node(node) => Some(node),
             _ => None,
         })
         .collect()
+}
+
+/// Why the evaluator cannot evaluate `expression` in full, or `None` when it
+/// can: a branch outside the grammar it parses, or a function, variable or type
+/// it does not know.
+pub fn why_unsupported(expression: &str) -> Option<String> {
+    union_branches(expression).into_iter().find_map(|branch| {
+        let Some(expr) = parse(branch) else {
+            return Some(format!("'{branch}' is outside the parsed grammar"));
+        };
+        unknown_in(&expr)
+    })
+}
+
+fn unknown_in(expr: &Expr) -> Option<String> {
+    match expr {
+        Expr::This | Expr::Literal(_) | Expr::Empty => None,
+        // An element name can be anything; a capitalised name is a type filter.
+        Expr::Name(name) => (name.starts_with(|c: char| c.is_ascii_uppercase())
+            && !is_known_type(name))
+        .then(|| format!("unknown type {name}")),
+        Expr::Variable(name) => {
+            (!VARIABLES.contains(&name.as_str())).then(|| format!("unknown variable %{name}"))
+        }
+        Expr::Member(base, _) => unknown_in(base),
+        Expr::Is(base, ty) | Expr::As(base, ty) => {
+            unknown_in(base).or_else(|| (!is_known_type(ty)).then(|| format!("unknown type {ty}")))
+        }
+        Expr::Call { target, name, args } => {
+            if !FUNCTIONS.contains(&(name.as_str(), args.len())) {
+                return Some(format!(
+                    "unknown function {name}() with {} argument(s)",
+                    args.len()
+                ));
+            }
+            if matches!(name.as_str(), "as" | "is" | "ofType") {
+                return match type_argument(&args[0]) {
+                    Some(ty) if is_known_type(ty) => target.as_deref().and_then(unknown_in),
+                    Some(ty) => Some(format!("unknown type {ty}")),
+                    None => Some(format!("{name}() needs a type name")),
+                };
+            }
+            target
+                .as_deref()
+                .and_then(unknown_in)
+                .or_else(|| args.iter().find_map(unknown_in))
+        }
+        Expr::Index(a, b) | Expr::Binary(_, a, b) => unknown_in(a).or_else(|| unknown_in(b)),
+    }
+}
+
+/// The functions [`call`] evaluates, by name and number of arguments.
+const FUNCTIONS: &[(&str, usize)] = &[
+    ("where", 1),
+    ("select", 1),
+    ("exists", 0),
+    ("exists", 1),
+    ("all", 1),
+    ("empty", 0),
+    ("not", 0),
+    ("first", 0),
+    ("last", 0),
+    ("tail", 0),
+    ("skip", 1),
+    ("take", 1),
+    ("single", 0),
+    ("count", 0),
+    ("distinct", 0),
+    ("hasValue", 0),
+    ("iif", 2),
+    ("iif", 3),
+    ("trace", 1),
+    ("resolve", 0),
+    ("extension", 1),
+    ("as", 1),
+    ("ofType", 1),
+    ("is", 1),
+    ("lower", 0),
+    ("upper", 0),
+    ("startsWith", 1),
+    ("endsWith", 1),
+    ("contains", 1),
+];
+
+/// The environment variables an expression may name (fhirpath.html#vars,
+/// fhir-path.html#variables). A search evaluates on the resource itself, so
+/// `%context` is the resource too.
+const VARIABLES: &[&str] = &[
+    "resource",
+    "rootResource",
+    "context",
+    "ucum",
+    "sct",
+    "loinc",
+];
+
+/// What `%resource` and its kin stand for during one evaluation.
+struct Env<'a> {
+    resource: Item<'a>,
+}
+
+impl<'a> Env<'a> {
+    fn variable(&self, name: &str) -> Vec<Item<'a>> {
+        match name {
+            "resource" | "rootResource" | "context" => vec![self.resource.clone()],
+            "ucum" => vec![Item::Text("http://unitsofmeasure.org".into())],
+            "sct" => vec![Item::Text("http://snomed.info/sct".into())],
+            "loinc" => vec![Item::Text("http://loinc.org".into())],
+            _ => Vec::new(),
+        }
+    }
 }
 
 fn push_unique<'a>(items: &mut Vec<Item<'a>>, item: Item<'a>) {
@@ -722,14 +916,16 @@ fn push_unique<'a>(items: &mut Vec<Item<'a>>, item: Item<'a>) {
     items.push(item);
 }
 
-fn eval<'a>(expr: &Expr, focus: &[Item<'a>]) -> Vec<Item<'a>> {
+fn eval<'a>(expr: &Expr, focus: &[Item<'a>], env: &Env<'a>) -> Vec<Item<'a>> {
     match expr {
         Expr::This => focus.to_vec(),
+        Expr::Empty => Vec::new(),
         Expr::Literal(item) => vec![match item {
             Literal::Bool(b) => Item::Bool(*b),
             Literal::Text(t) => Item::Text(t.clone()),
             Literal::Number(n) => Item::Number(*n),
         }],
+        Expr::Variable(name) => env.variable(name),
         Expr::Name(name) => {
             let mut out = Vec::new();
             for item in focus {
@@ -748,7 +944,7 @@ fn eval<'a>(expr: &Expr, focus: &[Item<'a>]) -> Vec<Item<'a>> {
         }
         Expr::Member(base, name) => {
             let mut out = Vec::new();
-            for item in eval(base, focus) {
+            for item in eval(base, focus, env) {
                 if let Item::Node(node) = item {
                     navigate(node, name, &mut out);
                 }
@@ -757,31 +953,31 @@ fn eval<'a>(expr: &Expr, focus: &[Item<'a>]) -> Vec<Item<'a>> {
         }
         Expr::Call { target, name, args } => {
             let input = match target {
-                Some(target) => eval(target, focus),
+                Some(target) => eval(target, focus, env),
                 None => focus.to_vec(),
             };
-            call(name, args, input)
+            call(name, args, input, env)
         }
-        Expr::Index(base, index) => match eval(index, focus).as_slice() {
-            [Item::Number(n)] if *n >= 0.0 && n.fract() == 0.0 => eval(base, focus)
+        Expr::Index(base, index) => match eval(index, focus, env).as_slice() {
+            [Item::Number(n)] if *n >= 0.0 && n.fract() == 0.0 => eval(base, focus, env)
                 .into_iter()
                 .nth(*n as usize)
                 .into_iter()
                 .collect(),
             _ => Vec::new(),
         },
-        Expr::Is(operand, ty) => match eval(operand, focus).as_slice() {
+        Expr::Is(operand, ty) => match eval(operand, focus, env).as_slice() {
             [item] => vec![Item::Bool(item.is_a(ty))],
             _ => Vec::new(),
         },
         // Lenient like the R4 search definitions expect: `as` filters a
         // collection rather than failing on more than one item.
-        Expr::As(operand, ty) => eval(operand, focus)
+        Expr::As(operand, ty) => eval(operand, focus, env)
             .into_iter()
             .filter(|item| item.is_a(ty))
             .collect(),
         Expr::Binary(op, left, right) => {
-            let (left, right) = (eval(left, focus), eval(right, focus));
+            let (left, right) = (eval(left, focus, env), eval(right, focus, env));
             match op {
                 Op::Union => {
                     let mut out = Vec::new();
@@ -867,23 +1063,84 @@ fn push_values<'a>(value: &'a Value, ty: impl Fn(&Value) -> Option<Ty>, out: &mu
     }
 }
 
-fn call<'a>(name: &str, args: &[Expr], input: Vec<Item<'a>>) -> Vec<Item<'a>> {
+fn call<'a>(name: &str, args: &[Expr], input: Vec<Item<'a>>, env: &Env<'a>) -> Vec<Item<'a>> {
     let holds = |criteria: &Expr, item: &Item<'a>| {
-        truth(&eval(criteria, std::slice::from_ref(item))) == Some(true)
+        truth(&eval(criteria, std::slice::from_ref(item), env)) == Some(true)
+    };
+    // An argument that is not about each item (a count, a URL) is evaluated once.
+    let count_argument = |arg: &Expr| match eval(arg, &input, env).as_slice() {
+        [Item::Number(n)] if *n >= 0.0 && n.fract() == 0.0 => Some(*n as usize),
+        _ => None,
+    };
+    let text_argument = |arg: &Expr| match eval(arg, &input, env).as_slice() {
+        [item] => item.text().map(str::to_owned),
+        _ => None,
+    };
+    let single_text = || match input.as_slice() {
+        [item] => item.text(),
+        _ => None,
     };
     match (name, args) {
         ("where", [criteria]) => input
-            .into_iter()
+            .iter()
             .filter(|item| holds(criteria, item))
+            .cloned()
             .collect(),
+        ("select", [projection]) => {
+            let mut out = Vec::new();
+            for item in &input {
+                out.extend(eval(projection, std::slice::from_ref(item), env));
+            }
+            out
+        }
         ("exists", []) => vec![Item::Bool(!input.is_empty())],
         ("exists", [criteria]) => vec![Item::Bool(input.iter().any(|i| holds(criteria, i)))],
+        ("all", [criteria]) => vec![Item::Bool(input.iter().all(|i| holds(criteria, i)))],
         ("empty", []) => vec![Item::Bool(input.is_empty())],
         ("not", []) => match truth(&input) {
             Some(b) => vec![Item::Bool(!b)],
             None => Vec::new(),
         },
         ("first", []) => input.into_iter().take(1).collect(),
+        ("last", []) => input.into_iter().last().into_iter().collect(),
+        ("tail", []) => input.into_iter().skip(1).collect(),
+        ("skip", [n]) => match count_argument(n) {
+            Some(n) => input.into_iter().skip(n).collect(),
+            None => Vec::new(),
+        },
+        ("take", [n]) => match count_argument(n) {
+            Some(n) => input.into_iter().take(n).collect(),
+            None => Vec::new(),
+        },
+        // FHIRPath makes more than one item an error; no item is as close as it gets.
+        ("single", []) => match input.len() {
+            1 => input,
+            _ => Vec::new(),
+        },
+        ("count", []) => vec![Item::Number(input.len() as f64)],
+        ("distinct", []) => {
+            let mut out: Vec<Item<'a>> = Vec::new();
+            for item in input {
+                if !out.iter().any(|seen| same_value(seen, &item)) {
+                    out.push(item);
+                }
+            }
+            out
+        }
+        ("hasValue", []) => vec![Item::Bool(matches!(
+            input.as_slice(),
+            [Item::Node(node)] if matches!(node.value, Value::String(_) | Value::Bool(_) | Value::Number(_))
+        ))],
+        ("iif", [criterion, then, rest @ ..]) => {
+            if truth(&eval(criterion, &input, env)) == Some(true) {
+                eval(then, &input, env)
+            } else {
+                rest.first()
+                    .map(|otherwise| eval(otherwise, &input, env))
+                    .unwrap_or_default()
+            }
+        }
+        ("trace", [_]) => input,
         ("resolve", []) => input
             .iter()
             .filter_map(|item| match item {
@@ -892,6 +1149,26 @@ fn call<'a>(name: &str, args: &[Expr], input: Vec<Item<'a>>) -> Vec<Item<'a>> {
             })
             .map(|target| Item::Target(target.kind))
             .collect(),
+        ("extension", [url]) => {
+            let Some(url) = text_argument(url) else {
+                return Vec::new();
+            };
+            let extension_type = named_type("Extension");
+            let mut out = Vec::new();
+            for item in &input {
+                let Item::Node(node) = item else { continue };
+                let extensions = node.value.get("extension").and_then(Value::as_array);
+                for extension in extensions.into_iter().flatten() {
+                    if extension.get("url").and_then(Value::as_str) == Some(url.as_str()) {
+                        out.push(Item::Node(Node {
+                            value: extension,
+                            ty: extension_type,
+                        }));
+                    }
+                }
+            }
+            out
+        }
         ("as" | "ofType", [ty]) => match type_argument(ty) {
             Some(ty) => input.into_iter().filter(|item| item.is_a(ty)).collect(),
             None => Vec::new(),
@@ -900,6 +1177,24 @@ fn call<'a>(name: &str, args: &[Expr], input: Vec<Item<'a>>) -> Vec<Item<'a>> {
             (Some(ty), [item]) => vec![Item::Bool(item.is_a(ty))],
             _ => Vec::new(),
         },
+        ("lower", []) => single_text()
+            .map(|text| Item::Text(text.to_lowercase()))
+            .into_iter()
+            .collect(),
+        ("upper", []) => single_text()
+            .map(|text| Item::Text(text.to_uppercase()))
+            .into_iter()
+            .collect(),
+        ("startsWith" | "endsWith" | "contains", [part]) => {
+            match (single_text(), text_argument(part)) {
+                (Some(text), Some(part)) => vec![Item::Bool(match name {
+                    "startsWith" => text.starts_with(&part),
+                    "endsWith" => text.ends_with(&part),
+                    _ => text.contains(&part),
+                })],
+                _ => Vec::new(),
+            }
+        }
         _ => Vec::new(),
     }
 }
@@ -945,7 +1240,11 @@ fn same_value(a: &Item<'_>, b: &Item<'_>) -> bool {
 #[derive(Debug, Clone, PartialEq)]
 enum Expr {
     This,
+    /// `{}`, the empty collection.
+    Empty,
     Literal(Literal),
+    /// `%resource` and the other environment variables.
+    Variable(String),
     /// The first identifier of a path: a type name or an element of the focus.
     Name(String),
     Member(Box<Expr>, String),
@@ -984,6 +1283,8 @@ enum Token {
     Symbol(char),
     NotEqual,
     This,
+    Variable(String),
+    EmptySet,
 }
 
 /// Caps that keep the recursive parser and evaluator off the end of the stack
@@ -1094,6 +1395,32 @@ fn tokenize(source: &str) -> Option<Vec<Token>> {
                     return None;
                 }
                 tokens.push(Token::This);
+            }
+            '%' => {
+                i += 1;
+                let name = if chars.get(i) == Some(&'`') {
+                    let end = i + 1 + chars[i + 1..].iter().position(|&c| c == '`')?;
+                    let name: String = chars[i + 1..end].iter().collect();
+                    i = end + 1;
+                    name
+                } else {
+                    word(&mut i)
+                };
+                if name.is_empty() {
+                    return None;
+                }
+                tokens.push(Token::Variable(name));
+            }
+            '{' => {
+                i += 1;
+                while chars.get(i).is_some_and(|c| c.is_whitespace()) {
+                    i += 1;
+                }
+                if chars.get(i) != Some(&'}') {
+                    return None;
+                }
+                i += 1;
+                tokens.push(Token::EmptySet);
             }
             c if c.is_ascii_digit() => {
                 let start = i;
@@ -1262,6 +1589,8 @@ impl Parser {
             Token::Text(text) => Some(Expr::Literal(Literal::Text(text))),
             Token::Number(n) => Some(Expr::Literal(Literal::Number(n))),
             Token::This => Some(Expr::This),
+            Token::Variable(name) => Some(Expr::Variable(name)),
+            Token::EmptySet => Some(Expr::Empty),
             Token::Symbol('(') => {
                 let inner = self.expression()?;
                 self.eat(')').then_some(inner)
@@ -1540,6 +1869,144 @@ mod tests {
         }
         assert!(extract(&json!("not a resource"), "Patient.gender").is_empty());
         assert!(extract(&json!({"gender": "male"}), "Patient.gender").is_empty());
+    }
+
+    #[test]
+    fn an_extension_is_found_by_its_url_and_its_value_by_type() {
+        let patient = json!({
+            "resourceType": "Patient",
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/patient-birthPlace",
+                    "valueAddress": {"city": "Lyon"}
+                },
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+                    "valueString": "Dupont"
+                }
+            ]
+        });
+        assert_eq!(
+            extract(
+                &patient,
+                "Patient.extension('http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName').value"
+            ),
+            vec!["Dupont"]
+        );
+        assert_eq!(
+            extract(
+                &patient,
+                "Patient.extension('http://hl7.org/fhir/StructureDefinition/patient-birthPlace').value.ofType(Address).city"
+            ),
+            vec!["Lyon"]
+        );
+        assert!(extract(&patient, "Patient.extension('urn:none').value").is_empty());
+    }
+
+    #[test]
+    fn resource_variables_and_constants_name_the_resource_and_known_systems() {
+        let obs = lab_observation();
+        assert_eq!(extract(&obs, "%resource.status"), vec!["final"]);
+        assert_eq!(extract(&obs, "%rootResource.id | %context.id"), vec!["o1"]);
+        assert_eq!(
+            extract(&obs, "Observation.code.coding.where(system = %loinc).code"),
+            vec!["2339-0"]
+        );
+        assert!(extract(&obs, "%unknown.status").is_empty());
+    }
+
+    #[test]
+    fn subsetting_and_existence_functions_pick_and_test_items() {
+        let patient = patient();
+        for (expression, expected) in [
+            ("Patient.name.given.first()", vec!["Anna"]),
+            ("Patient.name.given.last()", vec!["Maria"]),
+            ("Patient.name.given.tail()", vec!["Maria"]),
+            ("Patient.telecom.skip(1).value", vec!["anna@example.org"]),
+            ("Patient.telecom.take(1).value", vec!["555-0100"]),
+            ("Patient.gender.single()", vec!["female"]),
+            ("Patient.name.given.single()", vec![]),
+            (
+                "Patient.name.where(given.exists()).family",
+                vec!["Van der Berg"],
+            ),
+            ("Patient.name.where(given.empty()).text", vec!["Ann Berg"]),
+            (
+                "Patient.telecom.where(value.startsWith('555')).system",
+                vec!["phone"],
+            ),
+            (
+                "Patient.telecom.where(value.contains('@')).system",
+                vec!["email"],
+            ),
+            (
+                "Patient.telecom.where(system.upper() = 'EMAIL').value",
+                vec!["anna@example.org"],
+            ),
+            (
+                "Patient.name.select(family | text)",
+                vec!["Van der Berg", "Ann Berg"],
+            ),
+            ("Patient.where(name.count() = 2).gender", vec!["female"]),
+            (
+                "Patient.where(telecom.all(value.exists())).gender",
+                vec!["female"],
+            ),
+            (
+                "Patient.where(telecom.exists(system = 'fax')).gender",
+                vec![],
+            ),
+            ("Patient.where(gender.hasValue()).id", vec!["p1"]),
+            (
+                "iif(Patient.active, Patient.gender, Patient.id)",
+                vec!["female"],
+            ),
+            ("iif(Patient.deceased, Patient.gender)", vec![]),
+            ("Patient.gender.trace('g')", vec!["female"]),
+            ("Patient.gender | {}", vec!["female"]),
+        ] {
+            let found: Vec<&str> = extract(&patient, expression)
+                .into_iter()
+                .filter_map(Value::as_str)
+                .collect();
+            assert_eq!(found, expected, "{expression}");
+        }
+        assert_eq!(extract(&patient, "Patient.link.other.distinct()").len(), 2);
+    }
+
+    #[test]
+    fn unsupported_expressions_are_named_with_a_reason() {
+        for supported in [
+            "Patient.name.family | Patient.name.given",
+            "(Observation.value as Quantity) | Observation.value.ofType(SampledData)",
+            "Patient.deceased.exists() and Patient.deceased != false",
+            "AuditEvent.agent.who.where(resolve() is Patient)",
+            "Patient.extension('http://x').value as System.String",
+            "%resource.referenceSeq.chromosome",
+            "value.as(DateTime) | value.as(Period)",
+        ] {
+            assert_eq!(why_unsupported(supported), None, "{supported}");
+        }
+        for (unsupported, reason) in [
+            (
+                "Patient.name.family.substring(0, 1)",
+                "unknown function substring()",
+            ),
+            ("Patient.name.exists(a, b)", "unknown function exists()"),
+            ("%vs.code", "unknown variable %vs"),
+            ("Patient.value as Quantiti", "unknown type Quantiti"),
+            ("Patient.value.as(Foo)", "unknown type Foo"),
+            ("Patient.value.ofType('x')", "needs a type name"),
+            ("Foo.name", "unknown type Foo"),
+            ("Patient.birthDate + 1 year", "outside the parsed grammar"),
+            (
+                "Patient.name | Patient.birthDate > @2020",
+                "outside the parsed grammar",
+            ),
+        ] {
+            let why = why_unsupported(unsupported).unwrap_or_default();
+            assert!(why.contains(reason), "{unsupported}: {why}");
+        }
     }
 
     #[test]
