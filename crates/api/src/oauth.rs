@@ -990,6 +990,7 @@ async fn choose_patient(
     }
     let about = format!("patient chosen: Patient/{patient}");
     facts.description = Some(about.clone());
+    facts.patient = Some(patient);
     // Recorded first: a choice the trail cannot hold is not kept.
     if let Err(withheld) = record(&state, kind, facts.clone(), Face::Page).await {
         return withheld;
@@ -1054,6 +1055,7 @@ async fn consent_form(
     facts.client_id = Some(&pending.client_id);
     facts.scopes = Some(&scopes);
     facts.description = Some(format!("consent page showing Patient/{id}"));
+    facts.patient = Some(&id);
     audited(&state, AuthEventKind::Authorize, facts, Face::Page, page).await
 }
 
@@ -1196,6 +1198,7 @@ async fn launch(
     }
     let about = format!("EHR launch for Patient/{patient}");
     facts.description = Some(about.clone());
+    facts.patient = Some(patient);
     let context = LaunchContext {
         patient: Some(patient.clone()),
         encounter: None,

@@ -468,6 +468,7 @@ impl AuditRecorder {
             request_id: event.request_id.to_owned(),
             scopes: event.scopes.map(str::to_owned),
             token_fingerprint: event.token.map(haven_audit::token_fingerprint),
+            patient: event.patient.map(str::to_owned),
         };
         self.append(vec![auth_event(kind, &facts)]).await
     }
@@ -486,6 +487,8 @@ pub struct AuthEventFacts<'a> {
     pub scopes: Option<&'a str>,
     /// The token the event is about; only its SHA-256 is recorded.
     pub token: Option<&'a str>,
+    /// The id of the patient the event is about.
+    pub patient: Option<&'a str>,
 }
 
 impl<'a> AuthEventFacts<'a> {
@@ -501,6 +504,7 @@ impl<'a> AuthEventFacts<'a> {
             request_id,
             scopes: None,
             token: None,
+            patient: None,
         }
     }
 }

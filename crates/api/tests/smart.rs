@@ -2241,6 +2241,30 @@ async fn the_pickers_patient_lists_the_choice_and_the_consent_page_are_recorded_
     }
     // The page's answer names the record of what it showed.
     assert_eq!(Some(events[0].request_id()), all.header("x-request-id"));
+    // The choice and the consent page are in patient b's access log.
+    let about_b = smart
+        .store
+        .audit_log()
+        .search(&haven_store::AuditQuery {
+            patient: vec!["Patient/b".into()],
+            count: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let about_b: Vec<&str> = about_b
+        .records
+        .iter()
+        .filter_map(|r| r.event["outcomeDesc"].as_str())
+        .collect();
+    assert!(
+        about_b.contains(&"patient chosen: Patient/b"),
+        "{about_b:?}"
+    );
+    assert!(
+        about_b.contains(&"consent page showing Patient/b"),
+        "{about_b:?}"
+    );
 }
 
 #[tokio::test]

@@ -157,11 +157,7 @@ pub fn audit_event(facts: &AuditFacts) -> Value {
 
     let mut entities: Vec<Value> = facts.entities.iter().map(entity).collect();
     if let Some(patient) = &facts.patient {
-        entities.push(json!({
-            "what": {"reference": format!("Patient/{patient}")},
-            "type": coding(ENTITY_TYPE, "1", "Person"),
-            "role": coding(OBJECT_ROLE, "1", "Patient"),
-        }));
+        entities.push(patient_entity(patient));
     }
     entities.push(request_entity(&facts.request_id));
     event.insert("entity".into(), Value::Array(entities));
@@ -233,6 +229,9 @@ pub struct AuthFacts {
     pub scopes: Option<String>,
     /// A [`token_fingerprint`] of the token concerned; never the token itself.
     pub token_fingerprint: Option<String>,
+    /// The patient the event is about (one chosen, shown or launched for), so
+    /// the event is in that patient's access log.
+    pub patient: Option<String>,
 }
 
 /// Builds the AuditEvent of an authentication or authorization event. Logins
@@ -274,6 +273,9 @@ pub fn auth_event(kind: AuthEventKind, facts: &AuthFacts) -> Value {
             "description": "OAuth token",
             "detail": [{"type": "token-sha256", "valueString": fingerprint}],
         }));
+    }
+    if let Some(patient) = &facts.patient {
+        entities.push(patient_entity(patient));
     }
     entities.push(request_entity(&facts.request_id));
     event.insert("entity".into(), Value::Array(entities));
@@ -391,6 +393,14 @@ fn entity(entity: &Entity) -> Value {
     }
 }
 
+fn patient_entity(patient: &str) -> Value {
+    json!({
+        "what": {"reference": format!("Patient/{patient}")},
+        "type": coding(ENTITY_TYPE, "1", "Person"),
+        "role": coding(OBJECT_ROLE, "1", "Patient"),
+    })
+}
+
 fn request_entity(request_id: &str) -> Value {
     json!({
         "what": {"identifier": {"value": request_id}},
@@ -445,6 +455,7 @@ mod tests {
             request_id: "req-2".into(),
             scopes: Some("launch/patient patient/*.rs".into()),
             token_fingerprint: Some(token_fingerprint("secret-token")),
+            patient: None,
         }
     }
 

@@ -240,6 +240,7 @@ async fn record_change(
             request_id: new_id(),
             scopes: change.scopes,
             token_fingerprint: change.token.map(token_fingerprint),
+            patient: None,
         },
     );
     store
