@@ -1055,7 +1055,7 @@ async fn consent_form(
     facts.client_id = Some(&pending.client_id);
     facts.scopes = Some(&scopes);
     facts.description = Some(format!("consent page showing Patient/{id}"));
-    facts.patient = Some(&id);
+    facts.patient = Some(id);
     audited(&state, AuthEventKind::Authorize, facts, Face::Page, page).await
 }
 
