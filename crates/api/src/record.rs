@@ -843,7 +843,21 @@ impl RecordedTx {
         sources
     }
 
-    fn note_written(&mut self, version: &ResourceVersion, created: bool, patients: Vec<String>) {
+    /// Notes a written version; its patients are those of its own content
+    /// unless given (a deletion has none of its own).
+    fn note_written(
+        &mut self,
+        version: &ResourceVersion,
+        created: bool,
+        patients: Option<Vec<String>>,
+    ) {
+        let patients = patients.unwrap_or_else(|| {
+            version
+                .resource
+                .as_ref()
+                .map(patient_compartments)
+                .unwrap_or_default()
+        });
         self.written.push(Written {
             version: version.clone(),
             created,
@@ -929,12 +943,7 @@ impl StoreTx for RecordedTx {
             return Err(reserved());
         }
         let version = self.inner.create(resource_type, id, resource).await?;
-        let patients = version
-            .resource
-            .as_ref()
-            .map(patient_compartments)
-            .unwrap_or_default();
-        self.note_written(&version, true, patients);
+        self.note_written(&version, true, None);
         Ok(version)
     }
 
@@ -953,12 +962,7 @@ impl StoreTx for RecordedTx {
             .inner
             .update(resource_type, id, resource, expected_version)
             .await?;
-        let patients = version
-            .resource
-            .as_ref()
-            .map(patient_compartments)
-            .unwrap_or_default();
-        self.note_written(&version, created, patients);
+        self.note_written(&version, created, None);
         Ok((version, created))
     }
 
@@ -980,7 +984,7 @@ impl StoreTx for RecordedTx {
                 .and_then(|b| b.resource)
                 .map(|r| patient_compartments(&r))
                 .unwrap_or_default();
-            self.note_written(version, false, patients);
+            self.note_written(version, false, Some(patients));
         }
         Ok(deleted)
     }
