@@ -103,7 +103,7 @@ async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
     while queued.recv_many(&mut group, GROUP_LIMIT).await > 0 {
         let callers: Vec<Queued> = std::mem::take(&mut group);
         let events: Vec<Value> = callers.iter().flat_map(|c| c.events.clone()).collect();
-        let result = store.audit_log().append(events).await;
+        let result = append_guarded(&store, events).await;
         match result {
             Ok(()) => {
                 for caller in callers {
@@ -115,7 +115,7 @@ async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
                 // One caller's bad event must not fail the others: each alone.
                 tracing::warn!(%error, callers = callers.len(), "an audit group failed; appending its callers one by one");
                 for caller in callers {
-                    let result = store.audit_log().append(caller.events).await;
+                    let result = append_guarded(&store, caller.events).await;
                     if let Err(error) = &result {
                         tracing::error!(%error, "audit events were not stored");
                     }
@@ -128,6 +128,22 @@ async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
                     let _ = caller.answer.send(Err(error.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Appends on a task of its own, so that a panic in one append fails that
+/// append's callers instead of ending the writer (after which every request
+/// would fail).
+async fn append_guarded(store: &Arc<dyn Store>, events: Vec<Value>) -> Result<()> {
+    let store = store.clone();
+    match tokio::spawn(async move { store.audit_log().append(events).await }).await {
+        Ok(result) => result,
+        Err(panicked) => {
+            tracing::error!(error = %panicked, "an audit append panicked");
+            Err(StoreError::Database(
+                "the audit append failed unexpectedly".into(),
+            ))
         }
     }
 }
@@ -677,21 +693,31 @@ mod tests {
         }
 
         #[tokio::test]
-        async fn appends_fail_and_never_succeed_once_the_writer_task_is_gone() {
+        async fn a_panicking_append_fails_its_callers_and_the_writer_carries_on() {
             let (log, writer) = scripted().await;
             log.panic.store(true, Ordering::SeqCst);
             log.gate.add_permits(10);
             let answer = writer.append(json!({})).await;
+            assert!(matches!(answer, Err(StoreError::Database(_))), "{answer:?}");
+            log.panic.store(false, Ordering::SeqCst);
+            writer.append(json!({})).await.unwrap();
+            assert!(format!("{writer:?}").contains("stopped: false"));
+        }
+
+        #[tokio::test]
+        async fn appends_fail_and_never_succeed_once_the_writer_task_is_gone() {
+            let (_log, writer) = scripted().await;
+            // A writer whose task is gone: its queue has no receiver.
+            let (queue, queued) = mpsc::channel(1);
+            drop(queued);
+            let stopped = AuditWriter { queue };
+            let answer = stopped.append(json!({})).await;
             assert!(
                 matches!(answer, Err(StoreError::Unavailable(_))),
                 "{answer:?}"
             );
-            let answer = writer.append(json!({})).await;
-            assert!(
-                matches!(answer, Err(StoreError::Unavailable(_))),
-                "{answer:?}"
-            );
-            assert!(format!("{writer:?}").contains("stopped: true"));
+            assert!(format!("{stopped:?}").contains("stopped: true"));
+            drop(writer);
         }
 
         #[tokio::test]
