@@ -24,6 +24,7 @@ mod document;
 pub mod error;
 pub mod postgres;
 mod query;
+mod search_rows;
 pub mod sqlite;
 mod version;
 

@@ -21,6 +21,7 @@ use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
 use crate::auth_records::PostgresAuthRecords;
 use crate::document::{identifier_tokens, lead_with_stamped_fields};
 use crate::query::{self, Param, Sql};
+use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
     AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, Change, HistoryPage,
@@ -82,6 +83,7 @@ pub async fn migrate(database_url: &str) -> Result<()> {
 impl PostgresStore {
     pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Self> {
         let pool = open(database_url, MAX_CONNECTIONS).await?;
+        backfill_search_index(&pool).await?;
         let auth = PostgresAuthRecords {
             writer: pool.clone(),
             readers: pool.clone(),
@@ -374,6 +376,180 @@ async fn replace_tokens(
     Ok(())
 }
 
+/// Replaces the search index rows of one resource; `had_rows` is false when it
+/// was missing or deleted, so there is nothing to remove.
+async fn replace_index(
+    conn: &mut PgConnection,
+    resource_type: &str,
+    id: &str,
+    had_rows: bool,
+    resource: Option<&Value>,
+) -> Result<()> {
+    if had_rows {
+        delete_index(conn, &[resource_type.to_owned()], &[id.to_owned()]).await?;
+    }
+    if let Some(resource) = resource {
+        let mut rows = IndexRows::new();
+        rows.add(resource_type, id, resource);
+        insert_index(conn, &rows).await?;
+    }
+    Ok(())
+}
+
+/// Removes the index rows of the given resources, one statement per table.
+async fn delete_index(conn: &mut PgConnection, types: &[String], ids: &[String]) -> Result<()> {
+    for table in TABLES {
+        sqlx::query(&format!(
+            "DELETE FROM {table} t USING UNNEST($1::text[], $2::text[]) AS k (resource_type, id) \
+             WHERE t.resource_type = k.resource_type AND t.id = k.id"
+        ))
+        .bind(types)
+        .bind(ids)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Inserts index rows with one `UNNEST` statement per non-empty table.
+async fn insert_index(conn: &mut PgConnection, rows: &IndexRows) -> Result<()> {
+    for table in &rows.tables {
+        if table.len == 0 {
+            continue;
+        }
+        let arrays: Vec<String> = table
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, column)| {
+                let kind = match column {
+                    Column::Text(_) | Column::Json(_) => "text[]",
+                    Column::Real(_) => "float8[]",
+                    Column::Instant(_) => "timestamptz[]",
+                };
+                format!("${}::{kind}", i + 1)
+            })
+            .collect();
+        // JSON travels as text and is cast per row.
+        let selected: Vec<String> = table
+            .values
+            .iter()
+            .zip(table.columns)
+            .map(|(column, name)| match column {
+                Column::Json(_) => format!("{name}::jsonb"),
+                _ => (*name).to_owned(),
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO {} ({}) SELECT {} FROM UNNEST({}) AS r ({})",
+            table.name,
+            table.columns.join(", "),
+            selected.join(", "),
+            arrays.join(", "),
+            table.columns.join(", ")
+        );
+        let mut statement = sqlx::query(&sql);
+        for column in &table.values {
+            statement = match column {
+                Column::Text(values) => statement.bind(values),
+                Column::Real(values) => statement.bind(values),
+                Column::Instant(values) => statement.bind(values),
+                Column::Json(values) => statement.bind(values),
+            };
+        }
+        statement.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Serializes backfills of concurrently starting processes ("havensix").
+const SEARCH_INDEX_LOCK: i64 = 0x6861_7665_6e73_6978;
+
+/// Indexes every live resource when the index follows older rules than
+/// [`SEARCH_INDEX_VERSION`] (or none: a database written before the index
+/// existed). A session advisory lock lets one process do it while others wait
+/// and then find it done; each batch locks its resources' current rows, so a
+/// concurrent write of the same resource is either before (and read here) or
+/// after (and replaces these rows). An interrupted backfill runs again.
+async fn backfill_search_index(pool: &PgPool) -> Result<()> {
+    let (version,): (i64,) =
+        sqlx::query_as("SELECT version FROM search_index_state WHERE singleton = 1")
+            .fetch_one(pool)
+            .await?;
+    if version >= SEARCH_INDEX_VERSION {
+        return Ok(());
+    }
+    // A connection of its own, closed at the end, so the session lock never
+    // returns to the pool, not even on an error.
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(SEARCH_INDEX_LOCK)
+        .execute(&mut conn)
+        .await?;
+    let done = backfill_locked(&mut conn).await;
+    let _ = conn.close().await;
+    done
+}
+
+async fn backfill_locked(conn: &mut PgConnection) -> Result<()> {
+    let mut after = (String::new(), String::new());
+    loop {
+        let mut tx = conn.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            .execute(&mut *tx)
+            .await?;
+        let (version,): (i64,) =
+            sqlx::query_as("SELECT version FROM search_index_state WHERE singleton = 1 FOR UPDATE")
+                .fetch_one(&mut *tx)
+                .await?;
+        if version >= SEARCH_INDEX_VERSION {
+            // Another process finished it while this one waited for the lock.
+            tx.commit().await?;
+            return Ok(());
+        }
+        let keys: Vec<(String, String)> = sqlx::query_as(
+            "SELECT resource_type, id FROM current_resources \
+             WHERE NOT deleted AND (resource_type, id) > ($1, $2) \
+             ORDER BY resource_type, id LIMIT $3 FOR UPDATE",
+        )
+        .bind(&after.0)
+        .bind(&after.1)
+        .bind(BACKFILL_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = keys.last() else {
+            sqlx::query("UPDATE search_index_state SET version = $1 WHERE singleton = 1")
+                .bind(SEARCH_INDEX_VERSION)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        after = last.clone();
+        let (types, ids): (Vec<String>, Vec<String>) = keys.into_iter().unzip();
+        // Read after the locks are granted, so these are the committed versions.
+        let bodies: Vec<(String, String, Json<Value>)> = sqlx::query_as(
+            "SELECT c.resource_type, c.id, v.body \
+             FROM UNNEST($1::text[], $2::text[]) AS k (resource_type, id) \
+             JOIN current_resources c ON c.resource_type = k.resource_type AND c.id = k.id \
+             JOIN resource_versions v \
+             ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version \
+             WHERE NOT c.deleted AND v.body IS NOT NULL",
+        )
+        .bind(&types)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        delete_index(&mut tx, &types, &ids).await?;
+        let mut rows = IndexRows::new();
+        for (resource_type, id, Json(body)) in &bodies {
+            rows.add(resource_type, id, body);
+        }
+        insert_index(&mut tx, &rows).await?;
+        tx.commit().await?;
+    }
+}
+
 #[async_trait]
 impl StoreTx for PostgresTx {
     async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
@@ -396,6 +572,14 @@ impl StoreTx for PostgresTx {
         }
         insert_version(&mut self.tx, &version).await?;
         replace_tokens(
+            &mut self.tx,
+            resource_type,
+            id,
+            false,
+            version.resource.as_ref(),
+        )
+        .await?;
+        replace_index(
             &mut self.tx,
             resource_type,
             id,
@@ -446,6 +630,14 @@ impl StoreTx for PostgresTx {
             version.resource.as_ref(),
         )
         .await?;
+        replace_index(
+            &mut self.tx,
+            resource_type,
+            id,
+            was_live,
+            version.resource.as_ref(),
+        )
+        .await?;
         Ok((version, !was_live))
     }
 
@@ -465,6 +657,7 @@ impl StoreTx for PostgresTx {
         advance_current(&mut self.tx, &version, number).await?;
         insert_version(&mut self.tx, &version).await?;
         replace_tokens(&mut self.tx, resource_type, id, true, None).await?;
+        replace_index(&mut self.tx, resource_type, id, true, None).await?;
         Ok(Some(version))
     }
 

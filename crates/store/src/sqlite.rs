@@ -26,6 +26,7 @@ use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
 use crate::auth_records::SqliteAuthRecords;
 use crate::document::identifier_tokens;
 use crate::query::{self, Param, Sql};
+use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
     AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, Change, HistoryPage,
@@ -142,6 +143,7 @@ impl SqliteStore {
             )
             .await
             .map_err(unavailable)?;
+        backfill_search_index(&writer).await?;
         let auth = SqliteAuthRecords {
             writer: writer.clone(),
             readers: readers.clone(),
@@ -397,6 +399,125 @@ async fn replace_tokens(
     Ok(())
 }
 
+/// Replaces the search index rows of one resource; `had_rows` is false when it
+/// was missing or deleted, so there is nothing to remove.
+async fn replace_index(
+    conn: &mut SqliteConnection,
+    resource_type: &str,
+    id: &str,
+    had_rows: bool,
+    resource: Option<&Value>,
+) -> Result<()> {
+    if had_rows {
+        for table in TABLES {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE resource_type = ?1 AND id = ?2"
+            ))
+            .bind(resource_type)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    if let Some(resource) = resource {
+        let mut rows = IndexRows::new();
+        rows.add(resource_type, id, resource);
+        insert_index(conn, &rows).await?;
+    }
+    Ok(())
+}
+
+/// Bound variables per multi-row INSERT, under SQLite's limit of 32766.
+const INDEX_VARIABLES_PER_STATEMENT: usize = 30_000;
+
+/// Inserts index rows with one multi-row statement per table and chunk.
+async fn insert_index(conn: &mut SqliteConnection, rows: &IndexRows) -> Result<()> {
+    for table in &rows.tables {
+        let per_statement = INDEX_VARIABLES_PER_STATEMENT / table.columns.len();
+        let mut start = 0;
+        while start < table.len {
+            let end = (start + per_statement).min(table.len);
+            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
+                "INSERT INTO {} ({}) ",
+                table.name,
+                table.columns.join(", ")
+            ));
+            insert.push_values(start..end, |mut row, i| {
+                for column in &table.values {
+                    match column {
+                        Column::Text(values) => row.push_bind(values[i].clone()),
+                        Column::Real(values) => row.push_bind(values[i]),
+                        Column::Instant(values) => row.push_bind(format_instant(values[i])),
+                        Column::Json(values) => row.push_bind(values[i].clone()),
+                    };
+                }
+            });
+            insert.build().execute(&mut *conn).await?;
+            start = end;
+        }
+    }
+    Ok(())
+}
+
+/// Indexes every live resource when the index follows older rules than
+/// [`SEARCH_INDEX_VERSION`] (or none: a database written before the index
+/// existed). Each batch is its own write transaction and replaces its resources'
+/// rows, so an interrupted backfill simply runs again on the next connect.
+async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
+    let (version,): (i64,) =
+        sqlx::query_as("SELECT version FROM search_index_state WHERE singleton = 1")
+            .fetch_one(writer)
+            .await?;
+    if version >= SEARCH_INDEX_VERSION {
+        return Ok(());
+    }
+    let mut after = (String::new(), String::new());
+    loop {
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
+        let batch: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT c.resource_type, c.id, v.body FROM current_resources c \
+             JOIN resource_versions v \
+             ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version \
+             WHERE c.deleted = 0 AND (c.resource_type, c.id) > (?1, ?2) \
+             ORDER BY c.resource_type, c.id LIMIT ?3",
+        )
+        .bind(&after.0)
+        .bind(&after.1)
+        .bind(BACKFILL_BATCH)
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = batch.last() else {
+            sqlx::query("UPDATE search_index_state SET version = ?1 WHERE singleton = 1")
+                .bind(SEARCH_INDEX_VERSION)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        after = (last.0.clone(), last.1.clone());
+        let mut rows = IndexRows::new();
+        for (resource_type, id, body) in &batch {
+            for table in TABLES {
+                sqlx::query(&format!(
+                    "DELETE FROM {table} WHERE resource_type = ?1 AND id = ?2"
+                ))
+                .bind(resource_type)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            }
+            if let Some(body) = body {
+                let resource: Value = serde_json::from_str(body).map_err(|e| {
+                    StoreError::Database(format!("stored resource is not JSON: {e}"))
+                })?;
+                rows.add(resource_type, id, &resource);
+            }
+        }
+        insert_index(&mut tx, &rows).await?;
+        tx.commit().await?;
+    }
+}
+
 #[async_trait]
 impl StoreTx for SqliteTx {
     async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
@@ -429,6 +550,14 @@ impl StoreTx for SqliteTx {
         }
         insert_version(&mut self.tx, &version, body).await?;
         replace_tokens(
+            &mut self.tx,
+            resource_type,
+            id,
+            false,
+            version.resource.as_ref(),
+        )
+        .await?;
+        replace_index(
             &mut self.tx,
             resource_type,
             id,
@@ -494,6 +623,14 @@ impl StoreTx for SqliteTx {
             version.resource.as_ref(),
         )
         .await?;
+        replace_index(
+            &mut self.tx,
+            resource_type,
+            id,
+            was_live,
+            version.resource.as_ref(),
+        )
+        .await?;
         let created = !was_live;
         Ok((version, created))
     }
@@ -524,6 +661,7 @@ impl StoreTx for SqliteTx {
         .await?;
         insert_version(&mut self.tx, &version, body).await?;
         replace_tokens(&mut self.tx, resource_type, id, true, None).await?;
+        replace_index(&mut self.tx, resource_type, id, true, None).await?;
         Ok(Some(version))
     }
 

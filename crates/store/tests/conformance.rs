@@ -192,6 +192,12 @@ stories!(
     audit_search_finds_events_by_every_parameter,
     audit_search_pages_counts_and_applies_a_content_filter_first,
     an_audit_event_is_read_by_id,
+    a_created_patient_has_folded_string_rows,
+    an_observation_has_token_reference_date_and_quantity_rows,
+    an_update_replaces_the_index_rows_and_a_delete_removes_them,
+    a_dropped_transaction_leaves_no_index_rows,
+    connect_backfills_an_index_written_before_it_existed,
+    two_stores_connecting_at_once_backfill_once,
 );
 
 fn patient(family: &str) -> Value {
@@ -1279,6 +1285,9 @@ async fn verify_chain(store: &dyn Store) -> Result<u64, ChainBreak> {
     haven_audit::verify(&links)
 }
 
+/// Rows of text columns, as [`Direct::texts`] reads them.
+type TextRows = Vec<Vec<Option<String>>>;
+
 /// A direct connection to the story's database, outside the store.
 enum Direct {
     Sqlite(sqlx::SqliteConnection),
@@ -1316,6 +1325,52 @@ impl Direct {
             }
             Direct::Postgres(conn) => {
                 Box::pin(async move { conn.execute(sqlx::raw_sql(statements)).await.map(drop) })
+            }
+        }
+    }
+
+    /// Every row of a query, each column read as text (NULL as `None`), sorted.
+    fn texts<'a>(
+        &'a mut self,
+        query: &'a str,
+    ) -> Pin<Box<dyn Future<Output = TextRows> + Send + 'a>> {
+        use sqlx::Row;
+        fn decode<R: Row>(rows: Vec<R>) -> TextRows
+        where
+            for<'r> Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            usize: sqlx::ColumnIndex<R>,
+        {
+            let mut rows: TextRows = rows
+                .iter()
+                .map(|row| {
+                    (0..row.len())
+                        .map(|i| row.try_get::<Option<String>, _>(i).expect("text column"))
+                        .collect()
+                })
+                .collect();
+            rows.sort();
+            rows
+        }
+        match self {
+            Direct::Sqlite(conn) => {
+                Box::pin(
+                    async move { decode(sqlx::query(query).fetch_all(conn).await.expect(query)) },
+                )
+            }
+            Direct::Postgres(conn) => {
+                Box::pin(
+                    async move { decode(sqlx::query(query).fetch_all(conn).await.expect(query)) },
+                )
+            }
+        }
+    }
+
+    /// An instant column as text in the store's `format_instant` form.
+    fn instant(&self, column: &str) -> String {
+        match self {
+            Direct::Sqlite(_) => column.to_owned(),
+            Direct::Postgres(_) => {
+                format!("to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
             }
         }
     }
@@ -2162,4 +2217,299 @@ async fn an_audit_event_is_read_by_id(world: World) {
         assert_eq!(read.as_ref(), Some(record));
     }
     assert_eq!(world.store.audit_log().read("unknown").await.unwrap(), None);
+}
+
+/// How many index rows of every table a resource has.
+async fn index_row_count(direct: &mut Direct, resource_type: &str, id: &str) -> usize {
+    let mut total = 0;
+    for table in [
+        "search_string",
+        "search_token",
+        "search_token_of_type",
+        "search_reference",
+        "search_date",
+        "search_number",
+        "search_quantity",
+        "search_uri",
+        "search_composite",
+    ] {
+        total += direct
+            .texts(&format!(
+                "SELECT param FROM {table} WHERE resource_type = '{resource_type}' AND id = '{id}'"
+            ))
+            .await
+            .len();
+    }
+    total
+}
+
+fn texts(row: &[&str]) -> Vec<Option<String>> {
+    row.iter().map(|t| Some((*t).to_owned())).collect()
+}
+
+async fn family_rows(direct: &mut Direct, id: &str) -> TextRows {
+    direct
+        .texts(&format!(
+            "SELECT normalized, exact FROM search_string \
+             WHERE resource_type = 'Patient' AND id = '{id}' AND param = 'family'"
+        ))
+        .await
+}
+
+async fn a_created_patient_has_folded_string_rows(world: World) {
+    create(&world, "Patient", "p1", patient("Müller-Łopez")).await;
+    let mut direct = Direct::open(&world).await;
+    assert_eq!(
+        family_rows(&mut direct, "p1").await,
+        [texts(&["muller-łopez", "Müller-Łopez"])]
+    );
+    // The name parts also feed the `name` string parameter.
+    let name = direct
+        .texts(
+            "SELECT normalized FROM search_string \
+             WHERE resource_type = 'Patient' AND id = 'p1' AND param = 'name'",
+        )
+        .await;
+    assert!(name.contains(&texts(&["muller-łopez"])), "{name:?}");
+}
+
+fn observation(subject: &str, code: &str, value: i64) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": code, "display": "Heart rate"}]},
+        "subject": {"reference": subject},
+        "effectiveDateTime": "2021-03-04",
+        "valueQuantity": {
+            "value": value,
+            "unit": "beats/minute",
+            "system": "http://unitsofmeasure.org",
+            "code": "/min"
+        }
+    })
+}
+
+async fn an_observation_has_token_reference_date_and_quantity_rows(world: World) {
+    create(&world, "Patient", "p1", patient("P")).await;
+    create(
+        &world,
+        "Observation",
+        "o1",
+        observation("Patient/p1", "8867-4", 72),
+    )
+    .await;
+    let mut direct = Direct::open(&world).await;
+    let codes = direct
+        .texts(
+            "SELECT system, code, text FROM search_token \
+             WHERE resource_type = 'Observation' AND id = 'o1' AND param = 'code'",
+        )
+        .await;
+    assert_eq!(
+        codes,
+        [texts(&["http://loinc.org", "8867-4", "heart rate"])]
+    );
+    let subject = direct
+        .texts(
+            "SELECT param, target_type, target_id FROM search_reference \
+             WHERE resource_type = 'Observation' AND id = 'o1' \
+             AND param IN ('subject', 'patient')",
+        )
+        .await;
+    assert_eq!(
+        subject,
+        [
+            texts(&["patient", "Patient", "p1"]),
+            texts(&["subject", "Patient", "p1"])
+        ]
+    );
+    let (low, high) = (direct.instant("low"), direct.instant("high"));
+    let dates = direct
+        .texts(&format!(
+            "SELECT {low}, {high} FROM search_date \
+             WHERE resource_type = 'Observation' AND id = 'o1' AND param = 'date'"
+        ))
+        .await;
+    assert_eq!(
+        dates,
+        [texts(&[
+            "2021-03-04T00:00:00.000000Z",
+            "2021-03-05T00:00:00.000000Z"
+        ])]
+    );
+    let quantities = direct
+        .texts(
+            "SELECT CAST(value_low AS TEXT), CAST(value_high AS TEXT), system, code, unit \
+             FROM search_quantity \
+             WHERE resource_type = 'Observation' AND id = 'o1' AND param = 'value-quantity'",
+        )
+        .await;
+    assert_eq!(
+        quantities,
+        [texts(&[
+            "71.5",
+            "72.5",
+            "http://unitsofmeasure.org",
+            "/min",
+            "beats/minute"
+        ])]
+    );
+    // Index dates compare with the store's own instants.
+    let earlier = direct
+        .texts(
+            "SELECT d.id FROM search_date d JOIN current_resources c \
+             ON c.resource_type = d.resource_type AND c.id = d.id \
+             WHERE d.param = 'date' AND d.high <= c.last_updated",
+        )
+        .await;
+    assert_eq!(earlier, [texts(&["o1"])]);
+}
+
+async fn an_update_replaces_the_index_rows_and_a_delete_removes_them(world: World) {
+    create(&world, "Patient", "p1", patient("Alpha")).await;
+    let before = {
+        let mut direct = Direct::open(&world).await;
+        index_row_count(&mut direct, "Patient", "p1").await
+    };
+    update(&world, "Patient", "p1", patient("Beta")).await;
+    let mut direct = Direct::open(&world).await;
+    assert_eq!(
+        family_rows(&mut direct, "p1").await,
+        [texts(&["beta", "Beta"])]
+    );
+    assert_eq!(index_row_count(&mut direct, "Patient", "p1").await, before);
+    create(
+        &world,
+        "Observation",
+        "o1",
+        observation("Patient/p1", "1", 1),
+    )
+    .await;
+    update(
+        &world,
+        "Observation",
+        "o1",
+        observation("Patient/p2", "2", 2),
+    )
+    .await;
+    let codes = direct
+        .texts(
+            "SELECT code FROM search_token \
+             WHERE resource_type = 'Observation' AND id = 'o1' AND param = 'code'",
+        )
+        .await;
+    assert_eq!(codes, [texts(&["2"])]);
+
+    delete(&world, "Patient", "p1").await;
+    assert_eq!(index_row_count(&mut direct, "Patient", "p1").await, 0);
+    assert!(index_row_count(&mut direct, "Observation", "o1").await > 0);
+    // Recreated after the delete, it is indexed again.
+    update(&world, "Patient", "p1", patient("Gamma")).await;
+    assert_eq!(
+        family_rows(&mut direct, "p1").await,
+        [texts(&["gamma", "Gamma"])]
+    );
+}
+
+async fn a_dropped_transaction_leaves_no_index_rows(world: World) {
+    create(&world, "Patient", "kept", patient("Kept")).await;
+    {
+        let mut tx = world.store.begin().await.unwrap();
+        tx.create("Patient", "dropped", patient("Dropped"))
+            .await
+            .unwrap();
+        tx.update("Patient", "kept", patient("Changed"), None)
+            .await
+            .unwrap();
+    }
+    let mut direct = Direct::open(&world).await;
+    assert_eq!(index_row_count(&mut direct, "Patient", "dropped").await, 0);
+    assert_eq!(
+        family_rows(&mut direct, "kept").await,
+        [texts(&["kept", "Kept"])]
+    );
+}
+
+async fn connect_backfills_an_index_written_before_it_existed(world: World) {
+    create(&world, "Patient", "p1", patient("Ödön")).await;
+    create(
+        &world,
+        "Observation",
+        "o1",
+        observation("Patient/p1", "8867-4", 72),
+    )
+    .await;
+    create(&world, "Patient", "gone", patient("Gone")).await;
+    delete(&world, "Patient", "gone").await;
+    let mut direct = Direct::open(&world).await;
+    let before = (
+        index_row_count(&mut direct, "Patient", "p1").await,
+        index_row_count(&mut direct, "Observation", "o1").await,
+    );
+    assert!(before.0 > 0 && before.1 > 0);
+    // As a database written before the index: no rows and no recorded version.
+    direct
+        .must(
+            "DELETE FROM search_string; DELETE FROM search_token; \
+             DELETE FROM search_token_of_type; DELETE FROM search_reference; \
+             DELETE FROM search_date; DELETE FROM search_number; \
+             DELETE FROM search_quantity; DELETE FROM search_uri; \
+             DELETE FROM search_composite; UPDATE search_index_state SET version = 0;",
+        )
+        .await;
+    assert_eq!(index_row_count(&mut direct, "Patient", "p1").await, 0);
+
+    let reopened = haven_store::connect(&world.url, world.clock.clone())
+        .await
+        .expect("reconnect");
+    let after = (
+        index_row_count(&mut direct, "Patient", "p1").await,
+        index_row_count(&mut direct, "Observation", "o1").await,
+    );
+    assert_eq!(after, before);
+    assert_eq!(
+        family_rows(&mut direct, "p1").await,
+        [texts(&["odon", "Ödön"])]
+    );
+    assert_eq!(index_row_count(&mut direct, "Patient", "gone").await, 0);
+    assert_eq!(
+        direct
+            .texts("SELECT CAST(version AS TEXT) FROM search_index_state")
+            .await,
+        [texts(&["1"])]
+    );
+    // A second connect finds the index current and leaves the rows as they are.
+    drop(reopened);
+    let _again = haven_store::connect(&world.url, world.clock.clone())
+        .await
+        .expect("reconnect again");
+    assert_eq!(
+        (
+            index_row_count(&mut direct, "Patient", "p1").await,
+            index_row_count(&mut direct, "Observation", "o1").await,
+        ),
+        before
+    );
+}
+
+async fn two_stores_connecting_at_once_backfill_once(world: World) {
+    for i in 0..30 {
+        create(&world, "Patient", &format!("p{i}"), patient("Ånge")).await;
+    }
+    let mut direct = Direct::open(&world).await;
+    let before = index_row_count(&mut direct, "Patient", "p7").await;
+    direct
+        .must("DELETE FROM search_string; UPDATE search_index_state SET version = 0;")
+        .await;
+    let (first, second) = tokio::join!(
+        haven_store::connect(&world.url, world.clock.clone()),
+        haven_store::connect(&world.url, world.clock.clone()),
+    );
+    first.expect("first connect");
+    second.expect("second connect");
+    assert_eq!(index_row_count(&mut direct, "Patient", "p7").await, before);
+    let families = direct
+        .texts("SELECT id FROM search_string WHERE param = 'family'")
+        .await;
+    assert_eq!(families.len(), 30, "one row per patient, none twice");
 }
