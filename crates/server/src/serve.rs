@@ -130,8 +130,11 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     let app = haven_api::router(state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The handlers are installed before "listening" is announced, so a signal
+    // sent as soon as the server says it listens is never missed.
+    let signals = ShutdownSignals::install();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!("shutdown requested; finishing open requests");
         let _ = shutdown_tx.send(true);
     });
@@ -292,23 +295,34 @@ async fn serve_connection<S>(
     }
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+/// SIGINT and SIGTERM, listened for from the moment of installing.
+struct ShutdownSignals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        Self {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
         }
-    };
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    }
+
+    async fn wait(mut self) {
+        async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = terminate => {},
+        tokio::select! {
+            _ = next(self.interrupt.as_mut()) => {},
+            _ = next(self.terminate.as_mut()) => {},
+        }
     }
 }
 
