@@ -277,6 +277,17 @@ pub enum TokenRejection {
     Unavailable,
 }
 
+/// A new client id. It never starts with `-`, which command lines (`haven load
+/// --client-id <id>`) would take for an option.
+fn new_client_id() -> String {
+    loop {
+        let id = random_token(16);
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
 /// A grant: what one authorization (or one client-credentials request) produced.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct GrantRecord {
@@ -671,7 +682,7 @@ impl AuthServer {
         }
         let secret = auth.uses_secret().then(|| random_token(32));
         let record = ClientRecord {
-            client_id: random_token(16),
+            client_id: new_client_id(),
             name: spec.name.trim().to_string(),
             redirect_uris: spec.redirect_uris,
             scopes,
@@ -2073,4 +2084,16 @@ fn unverified_claims(jwt: &str) -> Option<Value> {
         .decode(payload)
         .ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_never_look_like_command_line_options() {
+        for _ in 0..2000 {
+            assert!(!new_client_id().starts_with('-'));
+        }
+    }
 }
