@@ -16,9 +16,9 @@ use tower::ServiceExt;
 use crate::setup::Dataset;
 
 /// Latencies are kept in microseconds, from 1 µs to 60 s, to 3 significant digits.
-const LOWEST_MICROS: u64 = 1;
-const HIGHEST_MICROS: u64 = 60_000_000;
-const SIGNIFICANT_DIGITS: u8 = 3;
+pub const LOWEST_MICROS: u64 = 1;
+pub const HIGHEST_MICROS: u64 = 60_000_000;
+pub const SIGNIFICANT_DIGITS: u8 = 3;
 
 /// What one request asks for, chosen per request by [`pick`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,7 +157,7 @@ pub async fn run(router: &Router, token: &str, load: Load) -> Result<Sample> {
 /// User plus system CPU time of this process, from `/proc/self/stat` (Linux);
 /// `None` elsewhere. It tells whether a configuration is limited by the cores
 /// or by waiting.
-fn process_cpu() -> Option<Duration> {
+pub fn process_cpu() -> Option<Duration> {
     parse_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?)
 }
 

@@ -5,16 +5,21 @@
 //! AuditEvents to be committed (in groups) before it is answered. Requests go
 //! through the router in process: no TLS, no sockets, no HTTP parsing, so what
 //! differs between the two runs is the audit trail alone.
+//!
+//! `read-heavy search` is the search benchmark ([`search`]): the same server
+//! with audit on, a fixed mix of searches over the Synthea patients loaded once
+//! and ten times over.
 
 mod load;
 mod report;
+mod search;
 mod setup;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use haven_store::Backend;
 use tracing_subscriber::EnvFilter;
 
@@ -30,8 +35,25 @@ const OBSERVATIONS_PER_PATIENT: u32 = 3;
 #[derive(Debug, Parser)]
 #[command(
     name = "read-heavy",
-    about = "Haven's read-heavy throughput with audit off and on, side by side"
+    about = "Haven's read-heavy throughput with audit off and on, side by side",
+    args_conflicts_with_subcommands = true
 )]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    read_heavy: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Search throughput and p50/p99 latency for a fixed mix of searches over
+    /// the Synthea patients, loaded once and then ten times over, audit on.
+    Search(search::Args),
+}
+
+/// The read-heavy benchmark's flags (no subcommand).
+#[derive(Debug, clap::Args)]
 struct Args {
     /// `sqlite:<path>` or `postgres://...`; default: a fresh SQLite file in a
     /// temporary directory, removed at the end.
@@ -62,7 +84,11 @@ async fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Search(args)) = cli.command {
+        return search::run(args).await;
+    }
+    let args = cli.read_heavy;
     ensure!(args.duration_secs > 0, "--duration-secs must be at least 1");
     ensure!(args.concurrency > 0, "--concurrency must be at least 1");
     ensure!(args.patients > 0, "--patients must be at least 1");

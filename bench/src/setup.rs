@@ -16,7 +16,7 @@ use haven_store::{AuditQuery, Store};
 use serde_json::{json, Value};
 
 /// The FHIR base the tokens are issued for; requests never leave the process.
-const BASE: &str = "https://localhost/fhir";
+pub const BASE: &str = "https://localhost/fhir";
 /// Names this server in `AuditEvent.source.observer`.
 const OBSERVER: &str = "haven-bench";
 /// Read-only system access: everything the load sends and nothing more.
@@ -116,14 +116,24 @@ impl Bench {
         Ok(())
     }
 
-    /// A fresh Backend Services access token, minted as the token endpoint would
-    /// for a signed client assertion.
+    /// A fresh `system/*.rs` Backend Services access token, minted as the token
+    /// endpoint would for a signed client assertion.
     pub async fn token(&self) -> Result<String> {
+        self.backend_token(&self.client_id, &self.key, SCOPE).await
+    }
+
+    /// A Backend Services access token for another registered client of this
+    /// server (see [`Bench::server`]), minted the same way.
+    pub async fn backend_token(
+        &self,
+        client_id: &str,
+        key: &ClientKey,
+        scope: &str,
+    ) -> Result<String> {
         let token_url = self.server.config().token_endpoint();
-        let assertion = self
-            .key
+        let assertion = key
             .client_assertion(
-                &self.client_id,
+                client_id,
                 &token_url,
                 self.clock.now(),
                 &uuid::Uuid::new_v4().to_string(),
@@ -136,7 +146,7 @@ impl Bench {
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             ),
             ("client_assertion", assertion.as_str()),
-            ("scope", SCOPE),
+            ("scope", scope),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -150,6 +160,12 @@ impl Bench {
             .as_str()
             .map(str::to_owned)
             .ok_or_else(|| anyhow!("the token answer has no access_token"))
+    }
+
+    /// The authorization server both routers verify tokens with, for benchmarks
+    /// that need clients or users of their own.
+    pub fn server(&self) -> &Arc<AuthServer> {
+        &self.server
     }
 
     /// How many AuditEvents the store holds.
