@@ -20,15 +20,21 @@ use time::OffsetDateTime;
 
 mod audit_log;
 mod auth_records;
+mod criteria;
 mod document;
 pub mod error;
 pub mod postgres;
 mod query;
 mod search_rows;
+mod search_sql;
 pub mod sqlite;
 mod version;
 
 pub use audit_log::AuditWriter;
+pub use criteria::{
+    Access, AccessRule, BothAccess, Criterion, IndexKind, Prefix, Range, SortBy, SortKey,
+    StringMatch, TypeAccess, UriMatch,
+};
 pub use error::StoreError;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -85,18 +91,10 @@ pub struct InstantBound {
 /// One value of a token search: `system|code`, `|code` (no system), `system|`, or `code`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenValue {
-    /// `None`: any system. `Some("")`: the identifier must have no system.
+    /// `None`: any system. `Some("")`: the value must have no system.
     pub system: Option<String>,
     /// `None`: any code in the system.
     pub code: Option<String>,
-}
-
-/// A token criterion; the values are alternatives (OR).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TokenFilter {
-    /// The search parameter code; this store indexes `identifier`.
-    pub parameter: String,
-    pub values: Vec<TokenValue>,
 }
 
 /// A condition on a resource's content that the database cannot evaluate (an
@@ -129,33 +127,37 @@ impl PartialEq for ContentFilter {
 
 impl Eq for ContentFilter {}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SortOrder {
-    /// Oldest change first, then id: stable for paging.
-    #[default]
-    LastUpdatedAscending,
-    LastUpdatedDescending,
-}
-
-/// A search over current, non-deleted resources. Criteria are combined with AND.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// A search over current, non-deleted resources.
+#[derive(Debug, Clone, Default)]
 pub struct SearchQuery {
-    /// `None` searches every type (system search).
-    pub resource_type: Option<String>,
-    /// `_id`: any of these ids; empty means no restriction.
-    pub ids: Vec<String>,
-    /// `_lastUpdated`: every bound must hold.
-    pub last_updated: Vec<InstantBound>,
-    pub tokens: Vec<TokenFilter>,
-    pub sort: SortOrder,
+    /// The types searched; empty searches every type (system search).
+    pub types: Vec<String>,
+    /// What a resource must meet; see [`Criterion`].
+    pub criterion: Criterion,
+    /// `_sort`; empty sorts by `_lastUpdated`, oldest first. Ties are broken
+    /// by type and id, so the order is total and pages are stable.
+    pub sort: Vec<SortKey>,
     /// Page size; 0 returns no resources (for counts).
     pub count: u32,
     /// How many matches to skip.
     pub offset: u64,
     /// Whether to count every match.
     pub total: bool,
-    /// Only resources it admits match.
+    /// Only resources it admits match; evaluated row by row, so it scans.
     pub filter: Option<ContentFilter>,
+    /// The caller's access, compiled into the query (see [`AccessRule`]);
+    /// `None` is unrestricted.
+    pub access: Option<Access>,
+}
+
+impl SearchQuery {
+    /// A search of one type.
+    pub fn of_type(resource_type: &str) -> Self {
+        Self {
+            types: vec![resource_type.to_owned()],
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -219,6 +221,22 @@ pub trait Store: Send + Sync + Debug {
     ) -> Result<Option<ResourceVersion>>;
 
     async fn search(&self, query: &SearchQuery) -> Result<SearchPage>;
+
+    /// The type and id of the first `limit` matches of a search, in its order
+    /// (its `count` and `offset` are not used): what a stable result set is
+    /// made of.
+    async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
+        let mut whole = query.clone();
+        whole.count = limit;
+        whole.offset = 0;
+        whole.total = false;
+        let page = self.search(&whole).await?;
+        Ok(page
+            .resources
+            .into_iter()
+            .map(|v| (v.resource_type, v.id))
+            .collect())
+    }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage>;
 

@@ -22,6 +22,7 @@ use crate::auth_records::PostgresAuthRecords;
 use crate::document::{identifier_tokens, lead_with_stamped_fields};
 use crate::query::{self, Param, Sql};
 use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
+use crate::search_sql;
 use crate::version::{change_from_name, change_name, check_expected, new_version};
 use crate::{
     AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, Change, HistoryPage,
@@ -150,6 +151,28 @@ impl Store for PostgresStore {
         search_on(&mut conn, query).await
     }
 
+    async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
+        if query.filter.is_some() {
+            // A content filter needs each body; the bodies' search does that.
+            let mut whole = query.clone();
+            whole.count = limit;
+            whole.offset = 0;
+            whole.total = false;
+            let page = self.search(&whole).await?;
+            return Ok(page
+                .resources
+                .into_iter()
+                .map(|v| (v.resource_type, v.id))
+                .collect());
+        }
+        let sql = search_sql::keys(query::POSTGRES, query, limit)?;
+        let mut conn = self.pool.acquire().await?;
+        let rows = bind_all(&sql).fetch_all(&mut *conn).await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+    }
+
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
         let (page, count) = query::history(query::POSTGRES, query)?;
         let mut conn = self.pool.acquire().await?;
@@ -196,6 +219,7 @@ fn bind_all<'q>(
         statement = match param {
             Param::Text(text) => statement.bind(text.as_str()),
             Param::Instant(instant) => statement.bind(*instant),
+            Param::Real(value) => statement.bind(*value),
         };
     }
     statement
@@ -208,7 +232,7 @@ async fn fetch_count(conn: &mut PgConnection, sql: &Sql) -> Result<u64> {
 }
 
 async fn search_on(conn: &mut PgConnection, query: &SearchQuery) -> Result<SearchPage> {
-    let (page, count) = query::search(query::POSTGRES, query)?;
+    let (page, count) = search_sql::search(query::POSTGRES, query)?;
     let rows = if query.count > 0 || query.filter.is_some() {
         bind_all(&page).fetch_all(&mut *conn).await?
     } else {

@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use crate::{
     Comparator, HistoryPage, HistoryQuery, InstantBound, ResourceVersion, Result, SearchPage,
-    SearchQuery, SortOrder, StoreError,
+    SearchQuery, StoreError,
 };
 
 /// The few spots where the two SQL dialects differ.
@@ -18,16 +18,41 @@ pub(crate) struct Dialect {
     /// The predicate for a live (not deleted) row of `current_resources c`;
     /// spelled as in the partial indexes so the planner uses them.
     pub live: &'static str,
+    /// PostgreSQL rather than SQLite, where JSON access and collation differ.
+    pub postgres: bool,
+}
+
+impl Dialect {
+    /// The live-row predicate for another alias of `current_resources`.
+    pub(crate) fn live_of(&self, alias: &str) -> String {
+        if self.postgres {
+            format!("NOT {alias}.deleted")
+        } else {
+            format!("{alias}.deleted = 0")
+        }
+    }
+
+    /// Makes text order bytewise on PostgreSQL, as it always is on SQLite, so
+    /// both backends sort alike whatever the database's collation.
+    pub(crate) fn bytewise(&self) -> &'static str {
+        if self.postgres {
+            " COLLATE \"C\""
+        } else {
+            ""
+        }
+    }
 }
 
 pub(crate) const SQLITE: Dialect = Dialect {
     placeholder: '?',
     live: "c.deleted = 0",
+    postgres: false,
 };
 
 pub(crate) const POSTGRES: Dialect = Dialect {
     placeholder: '$',
     live: "NOT c.deleted",
+    postgres: true,
 };
 
 /// A value to bind; each backend chooses how instants are stored.
@@ -35,6 +60,7 @@ pub(crate) const POSTGRES: Dialect = Dialect {
 pub(crate) enum Param {
     Text(String),
     Instant(OffsetDateTime),
+    Real(f64),
 }
 
 /// SQL text with its parameters in order.
@@ -42,7 +68,7 @@ pub(crate) enum Param {
 pub(crate) struct Sql {
     pub text: String,
     pub params: Vec<Param>,
-    dialect: Dialect,
+    pub dialect: Dialect,
 }
 
 impl Sql {
@@ -72,109 +98,8 @@ impl Sql {
 }
 
 /// Columns of a version row, in the order the backends decode them.
-const VERSION_COLUMNS: &str =
+pub(crate) const VERSION_COLUMNS: &str =
     "v.seq, v.resource_type, v.id, v.version, v.last_updated, v.change, v.body";
-
-/// The page query and, when asked for, the count query of a search.
-pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Option<Sql>)> {
-    let mut page = Sql::new(
-        dialect,
-        &format!(
-            "SELECT {VERSION_COLUMNS} FROM current_resources c JOIN resource_versions v \
-             ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version"
-        ),
-    );
-    search_criteria(&mut page, query)?;
-    let direction = match query.sort {
-        SortOrder::LastUpdatedAscending => "ASC",
-        SortOrder::LastUpdatedDescending => "DESC",
-    };
-    let _ = write!(
-        page.text,
-        " ORDER BY c.last_updated {direction}, c.resource_type {direction}, c.id {direction}"
-    );
-    // A content filter pages and counts after filtering, so every candidate is read.
-    if query.filter.is_some() {
-        return Ok((page, None));
-    }
-    let _ = write!(
-        page.text,
-        " LIMIT {} OFFSET {}",
-        u64::from(query.count) + 1,
-        query.offset
-    );
-
-    let count = if query.total {
-        let mut count = Sql::new(dialect, "SELECT COUNT(*) FROM current_resources c");
-        search_criteria(&mut count, query)?;
-        Some(count)
-    } else {
-        None
-    };
-    Ok((page, count))
-}
-
-fn search_criteria(sql: &mut Sql, query: &SearchQuery) -> Result<()> {
-    let live = sql.dialect.live;
-    sql.push(" WHERE ").push(live);
-    if let Some(resource_type) = &query.resource_type {
-        sql.push(" AND c.resource_type = ")
-            .bind(Param::Text(resource_type.clone()));
-    }
-    if !query.ids.is_empty() {
-        sql.push(" AND c.id IN (");
-        for (n, id) in query.ids.iter().enumerate() {
-            if n > 0 {
-                sql.push(", ");
-            }
-            sql.bind(Param::Text(id.clone()));
-        }
-        sql.push(")");
-    }
-    for bound in &query.last_updated {
-        instant_bound(sql, "c.last_updated", bound);
-    }
-    for filter in &query.tokens {
-        if filter.parameter != "identifier" {
-            return Err(StoreError::Unsupported(format!(
-                "search parameter {} is not indexed",
-                filter.parameter
-            )));
-        }
-        if filter.values.is_empty() {
-            continue;
-        }
-        sql.push(
-            " AND EXISTS (SELECT 1 FROM identifier_tokens t \
-             WHERE t.resource_type = c.resource_type AND t.id = c.id AND (",
-        );
-        for (n, token) in filter.values.iter().enumerate() {
-            if n > 0 {
-                sql.push(" OR ");
-            }
-            match (&token.system, &token.code) {
-                (Some(system), Some(code)) => {
-                    sql.push("(t.system = ")
-                        .bind(Param::Text(system.clone()))
-                        .push(" AND t.value = ")
-                        .bind(Param::Text(code.clone()))
-                        .push(")");
-                }
-                (Some(system), None) => {
-                    sql.push("t.system = ").bind(Param::Text(system.clone()));
-                }
-                (None, Some(code)) => {
-                    sql.push("t.value = ").bind(Param::Text(code.clone()));
-                }
-                (None, None) => {
-                    sql.push("1 = 1");
-                }
-            }
-        }
-        sql.push("))");
-    }
-    Ok(())
-}
 
 /// Stored instants have microsecond precision; a bound finer than that is
 /// rounded so that the comparison keeps its meaning.

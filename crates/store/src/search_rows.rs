@@ -4,17 +4,18 @@
 
 use haven_model::clock::format_instant;
 use haven_model::search_index::{index_values, IndexValue};
+use haven_model::search_value::patient_compartments;
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 /// The version of the indexing rules; raising it makes connect re-index everything.
-pub(crate) const SEARCH_INDEX_VERSION: i64 = 1;
+pub(crate) const SEARCH_INDEX_VERSION: i64 = 2;
 
 /// Resources indexed per backfill transaction.
 pub(crate) const BACKFILL_BATCH: i64 = 500;
 
 /// Every index table, for deleting a resource's rows.
-pub(crate) const TABLES: [&str; 9] = [
+pub(crate) const TABLES: [&str; 10] = [
     "search_string",
     "search_token",
     "search_token_of_type",
@@ -24,6 +25,7 @@ pub(crate) const TABLES: [&str; 9] = [
     "search_quantity",
     "search_uri",
     "search_composite",
+    "search_compartment",
 ];
 
 /// One column's values, one per row.
@@ -97,7 +99,7 @@ impl TableRows {
 
 /// The index rows of a set of resources, table by table.
 pub(crate) struct IndexRows {
-    pub tables: [TableRows; 9],
+    pub tables: [TableRows; 10],
 }
 
 impl IndexRows {
@@ -173,6 +175,11 @@ impl IndexRows {
                     &["resource_type", "id", "param", "parts"],
                     b"tttj",
                 ),
+                TableRows::new(
+                    "search_compartment",
+                    &["resource_type", "id", "param", "target_id"],
+                    b"tttt",
+                ),
             ],
         }
     }
@@ -182,10 +189,17 @@ impl IndexRows {
         for value in index_values(resource) {
             self.push(resource_type, id, value);
         }
+        // Compartment membership is stored as computed, so a search confined to
+        // a patient's compartment asks exactly what a read's check asks.
+        let compartment = &mut self.tables[9];
+        for patient in patient_compartments(resource) {
+            compartment.key(resource_type, id, "Patient");
+            compartment.text(3, Some(patient));
+        }
     }
 
     fn push(&mut self, resource_type: &str, id: &str, value: IndexValue) {
-        let [string, token, of_type, reference, date, number, quantity, uri, composite] =
+        let [string, token, of_type, reference, date, number, quantity, uri, composite, _] =
             &mut self.tables;
         match value {
             IndexValue::String {

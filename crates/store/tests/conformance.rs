@@ -12,8 +12,9 @@ use haven_audit::canonical::canonical_json;
 use haven_audit::{link_hash, BreakKind, ChainBreak, StoredLink, GENESIS};
 use haven_model::clock::{format_instant, Clock, ManualClock};
 use haven_store::{
-    AuditQuery, AuditRecord, AuditWriter, Backend, Change, Comparator, ContentFilter, HistoryQuery,
-    InstantBound, SearchQuery, SortOrder, Store, StoreError, TokenFilter, TokenValue,
+    AuditQuery, AuditRecord, AuditWriter, Backend, Change, Comparator, ContentFilter, Criterion,
+    HistoryQuery, InstantBound, Prefix, Range, SearchQuery, SortBy, SortKey, Store, StoreError,
+    TokenValue,
 };
 use serde_json::{json, Value};
 use time::macros::datetime;
@@ -235,7 +236,7 @@ fn ids(page: &haven_store::SearchPage) -> Vec<String> {
 
 fn search(resource_type: Option<&str>) -> SearchQuery {
     SearchQuery {
-        resource_type: resource_type.map(str::to_owned),
+        types: resource_type.map(str::to_owned).into_iter().collect(),
         count: 100,
         ..SearchQuery::default()
     }
@@ -244,17 +245,17 @@ fn search(resource_type: Option<&str>) -> SearchQuery {
 /// A token search value as `(system, code)`.
 type Token<'a> = (Option<&'a str>, Option<&'a str>);
 
-fn identifier(values: &[Token<'_>]) -> TokenFilter {
-    TokenFilter {
-        parameter: "identifier".into(),
-        values: values
+fn identifier(values: &[Token<'_>]) -> Criterion {
+    Criterion::Any(
+        values
             .iter()
-            .map(|(system, code)| TokenValue {
+            .map(|(system, code)| Criterion::Token {
+                param: "identifier".into(),
                 system: system.map(str::to_owned),
                 code: code.map(str::to_owned),
             })
             .collect(),
-    }
+    )
 }
 
 fn history(resource_type: Option<&str>, id: Option<&str>) -> HistoryQuery {
@@ -550,7 +551,7 @@ async fn a_transaction_dropped_without_commit_leaves_nothing(world: World) {
     let kept = world.store.read("Patient", "kept").await.unwrap().unwrap();
     assert_eq!(kept.version, 1);
     let mut query = search(Some("Patient"));
-    query.tokens = vec![identifier(&[(Some("s"), Some("v"))])];
+    query.criterion = identifier(&[(Some("s"), Some("v"))]);
     assert!(ids(&world.store.search(&query).await.unwrap()).is_empty());
     let all = world.store.history(&history(None, None)).await.unwrap();
     assert_eq!(versions(&all), [("kept".to_owned(), 1)]);
@@ -594,47 +595,50 @@ async fn search_filters_by_type_id_and_last_updated(world: World) {
     assert_eq!(everything.resources.len(), 4);
 
     let mut by_id = search(Some("Patient"));
-    by_id.ids = vec!["c".into(), "a".into(), "zzz".into(), "gone".into()];
+    by_id.criterion = Criterion::Id(vec!["c".into(), "a".into(), "zzz".into(), "gone".into()]);
     assert_eq!(ids(&world.store.search(&by_id).await.unwrap()), ["a", "c"]);
 
+    // `_lastUpdated` at a precision of seconds: the second from START + 1s.
     let second = START + Duration::seconds(1);
+    let within = |prefix| Range {
+        prefix,
+        low: second,
+        high: second + Duration::seconds(1),
+        value: second,
+    };
     let cases = [
-        (Comparator::Lt, second, vec!["a"]),
-        (Comparator::Le, second, vec!["a", "b"]),
-        (Comparator::Gt, second, vec!["c"]),
-        (Comparator::Ge, second, vec!["b", "c"]),
-        // Finer than microseconds: still exact.
-        (
-            Comparator::Lt,
-            second + Duration::nanoseconds(1),
-            vec!["a", "b"],
-        ),
-        (Comparator::Ge, second + Duration::nanoseconds(1), vec!["c"]),
+        (Prefix::Lt, vec!["a"]),
+        (Prefix::Le, vec!["a", "b"]),
+        (Prefix::Gt, vec!["c"]),
+        (Prefix::Ge, vec!["b", "c"]),
+        (Prefix::Eq, vec!["b"]),
+        (Prefix::Ne, vec!["a", "c"]),
     ];
-    for (comparator, instant, expected) in cases {
+    for (prefix, expected) in cases {
         let mut query = search(Some("Patient"));
-        query.last_updated = vec![InstantBound {
-            comparator,
-            instant,
-        }];
+        query.criterion = Criterion::LastUpdated(within(prefix));
         assert_eq!(
             ids(&world.store.search(&query).await.unwrap()),
             expected,
-            "{comparator:?}"
+            "{prefix:?}"
         );
     }
     let mut range = search(Some("Patient"));
-    range.last_updated = vec![
-        InstantBound {
-            comparator: Comparator::Ge,
-            instant: START,
-        },
-        InstantBound {
-            comparator: Comparator::Lt,
-            instant: START + Duration::seconds(2),
-        },
-    ];
-    range.ids = vec!["b".into(), "c".into()];
+    range.criterion = Criterion::All(vec![
+        Criterion::LastUpdated(Range {
+            prefix: Prefix::Ge,
+            low: START,
+            high: START,
+            value: START,
+        }),
+        Criterion::LastUpdated(Range {
+            prefix: Prefix::Lt,
+            low: START + Duration::seconds(2),
+            high: START + Duration::seconds(2),
+            value: START + Duration::seconds(2),
+        }),
+        Criterion::Id(vec!["b".into(), "c".into()]),
+    ]);
     assert_eq!(ids(&world.store.search(&range).await.unwrap()), ["b"]);
 }
 
@@ -684,7 +688,10 @@ async fn search_sorts_by_last_updated_both_ways(world: World) {
         ids(&world.store.search(&query).await.unwrap()),
         ["a", "c", "b"]
     );
-    query.sort = SortOrder::LastUpdatedDescending;
+    query.sort = vec![SortKey {
+        by: SortBy::LastUpdated,
+        descending: true,
+    }];
     assert_eq!(
         ids(&world.store.search(&query).await.unwrap()),
         ["b", "c", "a"]
@@ -740,7 +747,7 @@ async fn search_by_identifier_follows_token_semantics(world: World) {
     ];
     for (values, expected) in cases {
         let mut query = search(Some("Patient"));
-        query.tokens = vec![identifier(&values)];
+        query.criterion = identifier(&values);
         let mut found = ids(&world.store.search(&query).await.unwrap());
         found.sort();
         assert_eq!(found, expected, "{values:?}");
@@ -748,24 +755,25 @@ async fn search_by_identifier_follows_token_semantics(world: World) {
 
     // Two filters must both hold.
     let mut query = search(Some("Patient"));
-    query.tokens = vec![
+    query.criterion = Criterion::All(vec![
         identifier(&[(Some("urn:mrn"), Some("100"))]),
         identifier(&[(Some("urn:ssn"), Some("200"))]),
-    ];
+    ]);
     assert_eq!(ids(&world.store.search(&query).await.unwrap()), ["both"]);
 
     // Without a type, every type is searched.
     let mut query = search(None);
-    query.tokens = vec![identifier(&[(Some("urn:mrn"), Some("100"))])];
+    query.criterion = identifier(&[(Some("urn:mrn"), Some("100"))]);
     let mut found = ids(&world.store.search(&query).await.unwrap());
     found.sort();
     assert_eq!(found, ["both", "org"]);
 
     let mut unknown = search(Some("Patient"));
-    unknown.tokens = vec![TokenFilter {
-        parameter: "code".into(),
-        values: vec![],
-    }];
+    // A criterion the store cannot evaluate is refused, never ignored.
+    unknown.criterion = Criterion::Composite {
+        param: "code-value".into(),
+        parts: vec![Criterion::Id(vec!["x".into()])],
+    };
     assert!(matches!(
         world.store.search(&unknown).await,
         Err(StoreError::Unsupported(_))
@@ -774,7 +782,7 @@ async fn search_by_identifier_follows_token_semantics(world: World) {
 
 async fn search_inside_a_transaction_sees_its_own_writes(world: World) {
     let mut query = search(Some("Patient"));
-    query.tokens = vec![identifier(&[(Some("urn:mrn"), Some("7"))])];
+    query.criterion = identifier(&[(Some("urn:mrn"), Some("7"))]);
     query.total = true;
 
     let mut tx = world.store.begin().await.unwrap();
@@ -825,7 +833,7 @@ async fn deleted_and_replaced_identifiers_no_longer_match(world: World) {
     delete(&world, "Patient", "p2").await;
     let find = |value: &'static str| {
         let mut query = search(Some("Patient"));
-        query.tokens = vec![identifier(&[(Some("s"), Some(value))])];
+        query.criterion = identifier(&[(Some("s"), Some(value))]);
         query
     };
     assert!(ids(&world.store.search(&find("old")).await.unwrap()).is_empty());
@@ -2454,7 +2462,8 @@ async fn connect_backfills_an_index_written_before_it_existed(world: World) {
              DELETE FROM search_token_of_type; DELETE FROM search_reference; \
              DELETE FROM search_date; DELETE FROM search_number; \
              DELETE FROM search_quantity; DELETE FROM search_uri; \
-             DELETE FROM search_composite; UPDATE search_index_state SET version = 0;",
+             DELETE FROM search_composite; DELETE FROM search_compartment; \
+             UPDATE search_index_state SET version = 0;",
         )
         .await;
     assert_eq!(index_row_count(&mut direct, "Patient", "p1").await, 0);
@@ -2476,7 +2485,7 @@ async fn connect_backfills_an_index_written_before_it_existed(world: World) {
         direct
             .texts("SELECT CAST(version AS TEXT) FROM search_index_state")
             .await,
-        [texts(&["1"])]
+        [texts(&["2"])]
     );
     // A second connect finds the index current and leaves the rows as they are.
     drop(reopened);

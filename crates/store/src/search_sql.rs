@@ -1,0 +1,803 @@
+//! Compiles a [`SearchQuery`] to SQL over `current_resources` and the search
+//! index tables, on both backends. The caller's access ([`AccessRule`]) is part
+//! of the WHERE clause of the query itself and of every nested query (chained
+//! targets, `_has` sources), so counts, pages and chains see only what the
+//! caller may read. Values are always bound; only table and column names, which
+//! come from this file, and integers are written into the text.
+
+use std::fmt::Write;
+
+use time::OffsetDateTime;
+
+use crate::criteria::{Criterion, IndexKind, Prefix, Range, SortBy, StringMatch, UriMatch};
+use crate::query::{Dialect, Param, Sql, VERSION_COLUMNS};
+use crate::{Access, Result, SearchQuery, StoreError, TypeAccess};
+
+/// How deep criteria may nest (chains, `_has`, access rules within them).
+const MAX_DEPTH: usize = 12;
+
+/// The page query and, when asked for, the count query of a search.
+pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Option<Sql>)> {
+    let mut page = Compiler::new(
+        dialect,
+        query.access.as_ref(),
+        &format!(
+            "SELECT {VERSION_COLUMNS} FROM current_resources c JOIN resource_versions v \
+             ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version"
+        ),
+    );
+    page.root(query)?;
+    page.order(query)?;
+    let mut page = page.sql;
+    // A content filter pages and counts after filtering, so every candidate is read.
+    if query.filter.is_some() {
+        return Ok((page, None));
+    }
+    let _ = write!(
+        page.text,
+        " LIMIT {} OFFSET {}",
+        u64::from(query.count) + 1,
+        query.offset
+    );
+    let count = if query.total {
+        let mut count = Compiler::new(
+            dialect,
+            query.access.as_ref(),
+            "SELECT COUNT(*) FROM current_resources c",
+        );
+        count.root(query)?;
+        Some(count.sql)
+    } else {
+        None
+    };
+    Ok((page, count))
+}
+
+/// The `(type, id)` of the first `limit` matches, in the search's order.
+pub(crate) fn keys(dialect: Dialect, query: &SearchQuery, limit: u32) -> Result<Sql> {
+    let mut keys = Compiler::new(
+        dialect,
+        query.access.as_ref(),
+        "SELECT c.resource_type, c.id FROM current_resources c",
+    );
+    keys.root(query)?;
+    keys.order(query)?;
+    let _ = write!(keys.sql.text, " LIMIT {limit}");
+    Ok(keys.sql)
+}
+
+/// Where a value criterion reads its columns: a row of an index table, or one
+/// part of a composite's JSON array.
+enum Source<'a> {
+    Row(&'a str),
+    Part(&'a str, usize),
+}
+
+#[derive(Clone, Copy)]
+enum ColumnType {
+    Text,
+    Real,
+    Instant,
+}
+
+struct Compiler<'q> {
+    sql: Sql,
+    access: Option<&'q Access>,
+    aliases: u32,
+}
+
+impl<'q> Compiler<'q> {
+    fn new(dialect: Dialect, access: Option<&'q Access>, head: &str) -> Self {
+        Self {
+            sql: Sql::new(dialect, head),
+            access,
+            aliases: 0,
+        }
+    }
+
+    fn alias(&mut self, prefix: &str) -> String {
+        self.aliases += 1;
+        format!("{prefix}{}", self.aliases)
+    }
+
+    fn push(&mut self, text: &str) {
+        self.sql.push(text);
+    }
+
+    fn text(&mut self, value: &str) {
+        self.sql.bind(Param::Text(value.to_owned()));
+    }
+
+    fn real(&mut self, value: f64) {
+        self.sql.bind(Param::Real(value));
+    }
+
+    /// The WHERE clause of the outermost query over `current_resources c`.
+    fn root(&mut self, query: &SearchQuery) -> Result<()> {
+        let live = self.sql.dialect.live;
+        self.push(" WHERE ");
+        self.push(live);
+        self.push(" AND ");
+        self.types_with_access("c", &query.types, 0)?;
+        self.push(" AND ");
+        let single = match query.types.as_slice() {
+            [one] => Some(one.as_str()),
+            _ => None,
+        };
+        self.criterion(&query.criterion, "c", single, 0)
+    }
+
+    /// Restricts `alias` to the types (all, when empty) and, per type, to what
+    /// the access admits.
+    fn types_with_access(&mut self, alias: &str, types: &[String], depth: usize) -> Result<()> {
+        let Some(access) = self.access else {
+            match types {
+                [] => self.push("1 = 1"),
+                [one] => {
+                    let _ = write!(self.sql.text, "{alias}.resource_type = ");
+                    self.text(one);
+                }
+                many => {
+                    let _ = write!(self.sql.text, "{alias}.resource_type IN (");
+                    self.list(many);
+                    self.push(")");
+                }
+            }
+            return Ok(());
+        };
+        let types: Vec<String> = if types.is_empty() {
+            haven_model::registry::resource_types()
+                .map(str::to_owned)
+                .collect()
+        } else {
+            types.to_vec()
+        };
+        let mut open = Vec::new();
+        let mut restricted = Vec::new();
+        for resource_type in types {
+            match access.for_type(&resource_type) {
+                TypeAccess::All => open.push(resource_type),
+                TypeAccess::Only(criterion) => restricted.push((resource_type, criterion)),
+                TypeAccess::Nothing => {}
+            }
+        }
+        if open.is_empty() && restricted.is_empty() {
+            self.push("1 = 0");
+            return Ok(());
+        }
+        self.push("(");
+        let mut first = true;
+        if !open.is_empty() {
+            let _ = write!(self.sql.text, "{alias}.resource_type IN (");
+            self.list(&open);
+            self.push(")");
+            first = false;
+        }
+        for (resource_type, criterion) in restricted {
+            if !first {
+                self.push(" OR ");
+            }
+            first = false;
+            let _ = write!(self.sql.text, "({alias}.resource_type = ");
+            self.text(&resource_type);
+            self.push(" AND ");
+            self.criterion(&criterion, alias, Some(&resource_type), depth + 1)?;
+            self.push(")");
+        }
+        self.push(")");
+        Ok(())
+    }
+
+    fn list(&mut self, values: &[String]) {
+        for (n, value) in values.iter().enumerate() {
+            if n > 0 {
+                self.push(", ");
+            }
+            self.text(value);
+        }
+    }
+
+    /// `criterion` holds for the resource `alias` (of `resource_type` when known).
+    fn criterion(
+        &mut self,
+        criterion: &Criterion,
+        alias: &str,
+        resource_type: Option<&str>,
+        depth: usize,
+    ) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(StoreError::Unsupported(
+                "search criteria nest too deeply".into(),
+            ));
+        }
+        match criterion {
+            Criterion::Always => self.push("1 = 1"),
+            Criterion::Never => self.push("1 = 0"),
+            Criterion::All(all) if all.is_empty() => self.push("1 = 1"),
+            Criterion::Any(any) if any.is_empty() => self.push("1 = 0"),
+            Criterion::All(list) | Criterion::Any(list) => {
+                let joint = if matches!(criterion, Criterion::All(_)) {
+                    " AND "
+                } else {
+                    " OR "
+                };
+                self.push("(");
+                for (n, one) in list.iter().enumerate() {
+                    if n > 0 {
+                        self.push(joint);
+                    }
+                    self.criterion(one, alias, resource_type, depth + 1)?;
+                }
+                self.push(")");
+            }
+            Criterion::Not(inner) => {
+                self.push("NOT (");
+                self.criterion(inner, alias, resource_type, depth + 1)?;
+                self.push(")");
+            }
+            Criterion::Id(ids) if ids.is_empty() => self.push("1 = 0"),
+            Criterion::Id(ids) => {
+                let _ = write!(self.sql.text, "{alias}.id IN (");
+                self.list(ids);
+                self.push(")");
+            }
+            Criterion::Keys(keys) if keys.is_empty() => self.push("1 = 0"),
+            Criterion::Keys(keys) => {
+                self.push("(");
+                for (n, (key_type, id)) in keys.iter().enumerate() {
+                    if n > 0 {
+                        self.push(" OR ");
+                    }
+                    let _ = write!(self.sql.text, "({alias}.resource_type = ");
+                    self.text(key_type);
+                    let _ = write!(self.sql.text, " AND {alias}.id = ");
+                    self.text(id);
+                    self.push(")");
+                }
+                self.push(")");
+            }
+            Criterion::LastUpdated(range) => {
+                self.instant_point(&format!("{alias}.last_updated"), range);
+            }
+            Criterion::PatientCompartment(patient) => {
+                let row = self.member_open(alias, resource_type, "search_compartment", "Patient");
+                let _ = write!(self.sql.text, "{row}.target_id = ");
+                self.text(patient);
+                self.push(")");
+            }
+            Criterion::Missing {
+                param,
+                kind,
+                missing,
+            } => {
+                if *missing {
+                    self.push("NOT ");
+                }
+                let row = self.member_open(alias, resource_type, table_of_kind(*kind), param);
+                let _ = write!(self.sql.text, "{row}.param IS NOT NULL)");
+            }
+            Criterion::Composite { param, parts } => {
+                let row = self.member_open(alias, resource_type, "search_composite", param);
+                self.push("1 = 1");
+                for (index, part) in parts.iter().enumerate() {
+                    self.push(" AND ");
+                    self.value(part, &Source::Part(&row, index))?;
+                }
+                self.push(")");
+            }
+            Criterion::Chain { param, targets } => {
+                let row = self.member_open(alias, resource_type, "search_reference", param);
+                if targets.is_empty() {
+                    self.push("1 = 0");
+                }
+                for (n, (target_type, inner)) in targets.iter().enumerate() {
+                    if n > 0 {
+                        self.push(" OR ");
+                    }
+                    let target = self.alias("t");
+                    let _ = write!(self.sql.text, "({row}.target_type = ");
+                    self.text(target_type);
+                    let _ = write!(
+                        self.sql.text,
+                        " AND {row}.target_id IN (SELECT {target}.id FROM current_resources {target} WHERE {} AND ",
+                        self.sql.dialect.live_of(&target)
+                    );
+                    self.types_with_access(&target, std::slice::from_ref(target_type), depth + 1)?;
+                    self.push(" AND ");
+                    self.criterion(inner, &target, Some(target_type), depth + 1)?;
+                    self.push("))");
+                }
+                self.push(")");
+            }
+            Criterion::Has {
+                source_type,
+                param,
+                criterion: inner,
+            } => {
+                let row = self.alias("r");
+                let source = self.alias("s");
+                match resource_type {
+                    Some(own) => {
+                        let _ = write!(self.sql.text, "{alias}.id IN (SELECT {row}.target_id");
+                        self.has_from(&row, &source, source_type, param);
+                        let _ = write!(self.sql.text, " AND {row}.target_type = ");
+                        self.text(own);
+                    }
+                    None => {
+                        let _ = write!(
+                            self.sql.text,
+                            "EXISTS (SELECT 1 FROM search_reference {row} JOIN current_resources {source} \
+                             ON {source}.resource_type = {row}.resource_type AND {source}.id = {row}.id \
+                             WHERE {row}.resource_type = "
+                        );
+                        self.text(source_type);
+                        let _ = write!(self.sql.text, " AND {row}.param = ");
+                        self.text(param);
+                        let _ = write!(
+                            self.sql.text,
+                            " AND {row}.target_type = {alias}.resource_type AND {row}.target_id = {alias}.id"
+                        );
+                    }
+                }
+                let _ = write!(self.sql.text, " AND {}", self.sql.dialect.live_of(&source));
+                self.push(" AND ");
+                self.types_with_access(&source, std::slice::from_ref(source_type), depth + 1)?;
+                self.push(" AND ");
+                self.criterion(inner, &source, Some(source_type), depth + 1)?;
+                self.push(")");
+            }
+            value => {
+                let Some((table, param)) = table_of(value) else {
+                    return Err(StoreError::Unsupported(format!(
+                        "search criterion {value:?}"
+                    )));
+                };
+                let row = self.member_open(alias, resource_type, table, param);
+                self.value(value, &Source::Row(&row))?;
+                self.push(")");
+            }
+        }
+        Ok(())
+    }
+
+    /// The FROM and first conditions of a `_has` subquery over references.
+    fn has_from(&mut self, row: &str, source: &str, source_type: &str, param: &str) {
+        let _ = write!(
+            self.sql.text,
+            " FROM search_reference {row} JOIN current_resources {source} \
+             ON {source}.resource_type = {row}.resource_type AND {source}.id = {row}.id \
+             WHERE {row}.resource_type = "
+        );
+        self.text(source_type);
+        let _ = write!(self.sql.text, " AND {row}.param = ");
+        self.text(param);
+    }
+
+    /// Opens "the resource has a row of `table` for `param` such that ...":
+    /// the caller writes the row condition and closes the parenthesis. With the
+    /// type known, the subquery drives from the value index.
+    fn member_open(
+        &mut self,
+        alias: &str,
+        resource_type: Option<&str>,
+        table: &str,
+        param: &str,
+    ) -> String {
+        let row = self.alias("x");
+        match resource_type {
+            Some(own) => {
+                let _ = write!(
+                    self.sql.text,
+                    "{alias}.id IN (SELECT {row}.id FROM {table} {row} WHERE {row}.resource_type = "
+                );
+                self.text(own);
+            }
+            None => {
+                let _ = write!(
+                    self.sql.text,
+                    "EXISTS (SELECT 1 FROM {table} {row} WHERE {row}.resource_type = {alias}.resource_type \
+                     AND {row}.id = {alias}.id"
+                );
+            }
+        }
+        let _ = write!(self.sql.text, " AND {row}.param = ");
+        self.text(param);
+        self.push(" AND ");
+        row
+    }
+
+    fn column(&self, source: &Source<'_>, name: &str, kind: ColumnType) -> String {
+        match source {
+            Source::Row(row) => format!("{row}.{name}"),
+            Source::Part(row, index) if self.sql.dialect.postgres => match kind {
+                ColumnType::Text => format!("({row}.parts->{index}->>'{name}')"),
+                ColumnType::Real => format!("(({row}.parts->{index}->>'{name}')::float8)"),
+                ColumnType::Instant => {
+                    format!("(({row}.parts->{index}->>'{name}')::timestamptz)")
+                }
+            },
+            Source::Part(row, index) => format!("json_extract({row}.parts, '$[{index}].{name}')"),
+        }
+    }
+
+    /// The condition one index row (or composite part) meets for a value criterion.
+    fn value(&mut self, criterion: &Criterion, source: &Source<'_>) -> Result<()> {
+        match criterion {
+            Criterion::String { value, how, .. } => match how {
+                StringMatch::StartsWith => {
+                    let column = self.column(source, "normalized", ColumnType::Text);
+                    let _ = write!(self.sql.text, "{column} LIKE ");
+                    self.text(&format!("{}%", escape_like(value)));
+                    self.push(" ESCAPE '\\'");
+                }
+                StringMatch::Contains => {
+                    let column = self.column(source, "normalized", ColumnType::Text);
+                    let _ = write!(self.sql.text, "{column} LIKE ");
+                    self.text(&format!("%{}%", escape_like(value)));
+                    self.push(" ESCAPE '\\'");
+                }
+                StringMatch::Exact => {
+                    let column = self.column(source, "exact", ColumnType::Text);
+                    let _ = write!(self.sql.text, "{column} = ");
+                    self.text(value);
+                }
+            },
+            Criterion::Token { system, code, .. } => {
+                let (system_column, code_column) = (
+                    self.column(source, "system", ColumnType::Text),
+                    self.column(source, "code", ColumnType::Text),
+                );
+                self.push("1 = 1");
+                match system.as_deref() {
+                    Some("") => {
+                        let _ = write!(self.sql.text, " AND {system_column} IS NULL");
+                    }
+                    Some(system) => {
+                        let _ = write!(self.sql.text, " AND {system_column} = ");
+                        self.text(system);
+                    }
+                    None => {}
+                }
+                if let Some(code) = code {
+                    let _ = write!(self.sql.text, " AND {code_column} = ");
+                    self.text(code);
+                }
+            }
+            Criterion::TokenText { text: wanted, .. } => {
+                let column = self.column(source, "text", ColumnType::Text);
+                let escaped = escape_like(wanted);
+                let _ = write!(self.sql.text, "({column} LIKE ");
+                self.text(&format!("{escaped}%"));
+                let _ = write!(self.sql.text, " ESCAPE '\\' OR {column} LIKE ");
+                self.text(&format!("% {escaped}%"));
+                self.push(" ESCAPE '\\')");
+            }
+            Criterion::TokenOfType {
+                type_system,
+                type_code,
+                value,
+                ..
+            } => {
+                let (s, c, v) = (
+                    self.column(source, "type_system", ColumnType::Text),
+                    self.column(source, "type_code", ColumnType::Text),
+                    self.column(source, "value", ColumnType::Text),
+                );
+                let _ = write!(self.sql.text, "{s} = ");
+                self.text(type_system);
+                let _ = write!(self.sql.text, " AND {c} = ");
+                self.text(type_code);
+                let _ = write!(self.sql.text, " AND {v} = ");
+                self.text(value);
+            }
+            Criterion::Reference {
+                target_type,
+                target_id,
+                url,
+                version,
+                ..
+            } => {
+                self.push("1 = 1");
+                for (name, wanted) in [
+                    ("target_type", target_type),
+                    ("target_id", target_id),
+                    ("url", url),
+                    ("version", version),
+                ] {
+                    if let Some(wanted) = wanted {
+                        let column = self.column(source, name, ColumnType::Text);
+                        let _ = write!(self.sql.text, " AND {column} = ");
+                        self.text(wanted);
+                    }
+                }
+            }
+            Criterion::Date { range, .. } => {
+                let low = self.column(source, "low", ColumnType::Instant);
+                let high = self.column(source, "high", ColumnType::Instant);
+                self.interval(&low, &high, range);
+            }
+            Criterion::Number { range, .. } => {
+                let low = self.column(source, "low", ColumnType::Real);
+                let high = self.column(source, "high", ColumnType::Real);
+                self.point(&format!("(({low} + {high}) / 2)"), range);
+            }
+            Criterion::Quantity {
+                range,
+                system,
+                code,
+                ..
+            } => {
+                let low = self.column(source, "value_low", ColumnType::Real);
+                let high = self.column(source, "value_high", ColumnType::Real);
+                let point = format!("((COALESCE({low}, {high}) + COALESCE({high}, {low})) / 2)");
+                self.point(&point, range);
+                let (system_column, code_column, unit_column) = (
+                    self.column(source, "system", ColumnType::Text),
+                    self.column(source, "code", ColumnType::Text),
+                    self.column(source, "unit", ColumnType::Text),
+                );
+                match (system.as_deref().filter(|s| !s.is_empty()), code) {
+                    (Some(system), code) => {
+                        let _ = write!(self.sql.text, " AND {system_column} = ");
+                        self.text(system);
+                        if let Some(code) = code {
+                            let _ = write!(self.sql.text, " AND {code_column} = ");
+                            self.text(code);
+                        }
+                    }
+                    (None, Some(code)) => {
+                        let _ = write!(self.sql.text, " AND ({code_column} = ");
+                        self.text(code);
+                        let _ = write!(self.sql.text, " OR {unit_column} = ");
+                        self.text(code);
+                        self.push(")");
+                    }
+                    (None, None) => {}
+                }
+            }
+            Criterion::Uri { uri, how, .. } => {
+                let column = self.column(source, "uri", ColumnType::Text);
+                match how {
+                    UriMatch::Exact => {
+                        let _ = write!(self.sql.text, "{column} = ");
+                        self.text(uri);
+                    }
+                    UriMatch::Below => {
+                        let length = uri.chars().count();
+                        let _ = write!(self.sql.text, "substr({column}, 1, {length}) = ");
+                        self.text(uri);
+                    }
+                    UriMatch::Above => {
+                        let _ = write!(self.sql.text, "length({column}) > 0 AND substr(CAST(");
+                        self.text(uri);
+                        let _ = write!(self.sql.text, " AS TEXT), 1, length({column})) = {column}");
+                    }
+                }
+            }
+            other => {
+                return Err(StoreError::Unsupported(format!(
+                    "{other:?} inside a composite"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `NOT? (column operator value AND ...)`.
+    fn conditions<T: Copy>(
+        &mut self,
+        negate: bool,
+        conditions: &[(&str, &str, T)],
+        bind: fn(&mut Self, T),
+    ) {
+        if negate {
+            self.push("NOT ");
+        }
+        self.push("(");
+        for (n, (column, operator, value)) in conditions.iter().enumerate() {
+            if n > 0 {
+                self.push(" AND ");
+            }
+            let _ = write!(self.sql.text, "{column} {operator} ");
+            bind(self, *value);
+        }
+        self.push(")");
+    }
+
+    /// A date interval `[low, high)` against a search range (search.html#prefix).
+    fn interval(&mut self, low: &str, high: &str, range: &Range<OffsetDateTime>) {
+        let (negate, conditions): (bool, Vec<(&str, &str, OffsetDateTime)>) = match range.prefix {
+            Prefix::Eq => (
+                false,
+                vec![(low, ">=", range.low), (high, "<=", range.high)],
+            ),
+            Prefix::Ne => (true, vec![(low, ">=", range.low), (high, "<=", range.high)]),
+            Prefix::Gt => (false, vec![(high, ">", range.high)]),
+            Prefix::Lt => (false, vec![(low, "<", range.low)]),
+            Prefix::Ge => (false, vec![(high, ">", range.low)]),
+            Prefix::Le => (false, vec![(low, "<", range.high)]),
+            Prefix::Sa => (false, vec![(low, ">=", range.high)]),
+            Prefix::Eb => (false, vec![(high, "<=", range.low)]),
+            Prefix::Ap => (false, vec![(low, "<", range.high), (high, ">", range.low)]),
+        };
+        self.conditions(negate, &conditions, bind_instant);
+    }
+
+    /// An instant that is a point in time (`_lastUpdated`) against a search range.
+    fn instant_point(&mut self, column: &str, range: &Range<OffsetDateTime>) {
+        let within = vec![(column, ">=", range.low), (column, "<", range.high)];
+        let (negate, conditions) = match range.prefix {
+            Prefix::Eq | Prefix::Ap => (false, within),
+            Prefix::Ne => (true, within),
+            Prefix::Gt | Prefix::Sa => (false, vec![(column, ">=", range.high)]),
+            Prefix::Lt | Prefix::Eb => (false, vec![(column, "<", range.low)]),
+            Prefix::Ge => (false, vec![(column, ">=", range.low)]),
+            Prefix::Le => (false, vec![(column, "<", range.high)]),
+        };
+        self.conditions(negate, &conditions, bind_instant);
+    }
+
+    /// A number (the midpoint of its stored precision interval) against a
+    /// search range: `eq`/`ne`/`ap` by the search value's interval, the
+    /// comparisons by the value itself, with a tolerance for the midpoint's
+    /// rounding.
+    fn point(&mut self, point: &str, range: &Range<f64>) {
+        let tolerance = range.value.abs().max(1.0) * 1e-12;
+        let within = vec![
+            (point, ">=", range.low - tolerance),
+            (point, "<", range.high - tolerance),
+        ];
+        let (negate, conditions) = match range.prefix {
+            Prefix::Eq | Prefix::Ap => (false, within),
+            Prefix::Ne => (true, within),
+            Prefix::Gt | Prefix::Sa => (false, vec![(point, ">", range.value + tolerance)]),
+            Prefix::Lt | Prefix::Eb => (false, vec![(point, "<", range.value - tolerance)]),
+            Prefix::Ge => (false, vec![(point, ">=", range.value - tolerance)]),
+            Prefix::Le => (false, vec![(point, "<=", range.value + tolerance)]),
+        };
+        self.conditions(negate, &conditions, Self::real);
+    }
+
+    /// ORDER BY: the `_sort` keys, then type and id so the order is total.
+    fn order(&mut self, query: &SearchQuery) -> Result<()> {
+        let bytewise = self.sql.dialect.bytewise();
+        self.push(" ORDER BY ");
+        if query.sort.is_empty() {
+            self.push("c.last_updated ASC, ");
+        }
+        for key in &query.sort {
+            let direction = if key.descending { "DESC" } else { "ASC" };
+            match &key.by {
+                SortBy::Id => {
+                    let _ = write!(self.sql.text, "c.id{bytewise} {direction}, ");
+                }
+                SortBy::LastUpdated => {
+                    let _ = write!(self.sql.text, "c.last_updated {direction}, ");
+                }
+                SortBy::Param { param, kind } => {
+                    let (column, is_text) = match (kind, key.descending) {
+                        (IndexKind::String, _) => ("normalized", true),
+                        (IndexKind::Token, _) => ("code", true),
+                        (IndexKind::Reference, _) => ("target_id", true),
+                        (IndexKind::Uri, _) => ("uri", true),
+                        (IndexKind::Date, false) => ("low", false),
+                        (IndexKind::Date, true) => ("high", false),
+                        (IndexKind::Number, _) => ("low", false),
+                        (IndexKind::Quantity, _) => ("value_low", false),
+                        (IndexKind::Composite, _) => {
+                            return Err(StoreError::Unsupported(
+                                "sorting by a composite parameter".into(),
+                            ))
+                        }
+                    };
+                    let aggregate = if key.descending { "MAX" } else { "MIN" };
+                    let row = self.alias("o");
+                    let table = table_of_kind(*kind);
+                    let collate = if is_text { bytewise } else { "" };
+                    let _ = write!(
+                        self.sql.text,
+                        "(SELECT {aggregate}({row}.{column}{collate}) FROM {table} {row} \
+                         WHERE {row}.resource_type = c.resource_type AND {row}.id = c.id AND {row}.param = "
+                    );
+                    self.text(param);
+                    let _ = write!(self.sql.text, ") {direction} NULLS LAST, ");
+                }
+            }
+        }
+        let _ = write!(
+            self.sql.text,
+            "c.resource_type{bytewise} ASC, c.id{bytewise} ASC"
+        );
+        Ok(())
+    }
+}
+
+/// The table and parameter of a value criterion.
+fn table_of(criterion: &Criterion) -> Option<(&'static str, &str)> {
+    Some(match criterion {
+        Criterion::String { param, .. } => ("search_string", param),
+        Criterion::Token { param, .. } | Criterion::TokenText { param, .. } => {
+            ("search_token", param)
+        }
+        Criterion::TokenOfType { param, .. } => ("search_token_of_type", param),
+        Criterion::Reference { param, .. } => ("search_reference", param),
+        Criterion::Date { param, .. } => ("search_date", param),
+        Criterion::Number { param, .. } => ("search_number", param),
+        Criterion::Quantity { param, .. } => ("search_quantity", param),
+        Criterion::Uri { param, .. } => ("search_uri", param),
+        _ => return None,
+    })
+}
+
+fn bind_instant(compiler: &mut Compiler<'_>, value: OffsetDateTime) {
+    compiler.sql.bind(Param::Instant(value));
+}
+
+fn table_of_kind(kind: IndexKind) -> &'static str {
+    match kind {
+        IndexKind::String => "search_string",
+        IndexKind::Token => "search_token",
+        IndexKind::Reference => "search_reference",
+        IndexKind::Date => "search_date",
+        IndexKind::Number => "search_number",
+        IndexKind::Quantity => "search_quantity",
+        IndexKind::Uri => "search_uri",
+        IndexKind::Composite => "search_composite",
+    }
+}
+
+/// Escapes LIKE's wildcards (with `\` as the escape character).
+fn escape_like(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::{POSTGRES, SQLITE};
+
+    #[test]
+    fn values_are_bound_and_never_written_into_the_text() {
+        let query = SearchQuery {
+            types: vec!["Patient".into()],
+            criterion: Criterion::String {
+                param: "name".into(),
+                value: "o'brien; drop table x".into(),
+                how: StringMatch::StartsWith,
+            },
+            count: 10,
+            ..SearchQuery::default()
+        };
+        for dialect in [SQLITE, POSTGRES] {
+            let (page, _) = search(dialect, &query).unwrap();
+            assert!(!page.text.contains("brien"), "{}", page.text);
+            assert_eq!(page.params.len(), 4);
+        }
+    }
+
+    #[test]
+    fn like_wildcards_in_values_are_escaped() {
+        assert_eq!(escape_like("50%_a\\b"), "50\\%\\_a\\\\b");
+    }
+
+    #[test]
+    fn criteria_nested_too_deeply_are_refused() {
+        let mut criterion = Criterion::Always;
+        for _ in 0..20 {
+            criterion = Criterion::Not(Box::new(criterion));
+        }
+        let query = SearchQuery {
+            types: vec!["Patient".into()],
+            criterion,
+            ..SearchQuery::default()
+        };
+        assert!(search(SQLITE, &query).is_err());
+    }
+}
