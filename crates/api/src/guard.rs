@@ -12,8 +12,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use haven_auth::scope::Permission;
 use haven_store::{
-    AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, ContentFilter, HistoryPage,
-    HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
+    Access, AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, BothAccess,
+    ContentFilter, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery,
+    Store, StoreError, StoreTx,
 };
 use serde_json::Value;
 
@@ -44,6 +45,14 @@ pub trait ContentGuard: Send + Sync + Debug {
     fn confinement(&self, _resource_type: &str, _permission: Permission) -> Option<String> {
         None
     }
+
+    /// The same rule as [`ContentGuard::rule`], as criteria the database
+    /// evaluates inside a search (so counts, pages, chains, `_has` and
+    /// includes see only what it admits). `None`: the guard has no such form,
+    /// and searches filter by content instead.
+    fn access(&self, _permission: Permission) -> Option<Access> {
+        None
+    }
 }
 
 /// A guard that admits everything.
@@ -70,6 +79,46 @@ fn combine(own: Option<ContentFilter>, rule: ContentRule) -> Option<ContentFilte
             Some(ContentFilter::new(move |r| a.admits(r) && b.admits(r)))
         }
     }
+}
+
+/// A search as the guard allows it: its access compiled into the query when
+/// the guard has that form, else its rule as a content filter. Returns the rule
+/// too, for [`recheck`].
+fn guarded_search(guard: &dyn ContentGuard, query: &SearchQuery) -> (SearchQuery, ContentRule) {
+    let mut query = query.clone();
+    let rule = guard.rule(Permission::Search);
+    if let ContentRule::Only(_) = &rule {
+        match guard.access(Permission::Search) {
+            Some(access) => {
+                query.access = Some(match query.access.take() {
+                    Some(own) => Arc::new(BothAccess(own, access)),
+                    None => access,
+                });
+            }
+            None => query.filter = combine(query.filter.take(), rule.clone()),
+        }
+    }
+    (query, rule)
+}
+
+/// Checks every returned resource against the content rule as well: the
+/// query's criteria and the rule are two forms of one policy, and should they
+/// ever disagree, nothing the rule refuses leaves the store.
+fn recheck(mut page: SearchPage, rule: &ContentRule) -> SearchPage {
+    if let ContentRule::Only(_) = rule {
+        page.resources.retain(|v| {
+            let admitted = v.resource.as_ref().is_some_and(|r| rule.admits(r));
+            if !admitted {
+                tracing::error!(
+                    resource_type = %v.resource_type,
+                    id = %v.id,
+                    "a search returned a resource its access rule refuses; left out"
+                );
+            }
+            admitted
+        });
+    }
+    page
 }
 
 /// Reading a version: its content must be readable. A deletion carries no
@@ -223,9 +272,14 @@ impl Store for GuardedStore {
     }
 
     async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
-        let mut query = query.clone();
-        query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
-        self.inner.search(&query).await
+        let (query, rule) = guarded_search(&*self.guard, query);
+        let page = self.inner.search(&query).await?;
+        Ok(recheck(page, &rule))
+    }
+
+    async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
+        let (query, _) = guarded_search(&*self.guard, query);
+        self.inner.search_keys(&query, limit).await
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {
@@ -339,9 +393,9 @@ impl StoreTx for GuardedTx {
     }
 
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
-        let mut query = query.clone();
-        query.filter = combine(query.filter.take(), self.guard.rule(Permission::Search));
-        self.inner.search(&query).await
+        let (query, rule) = guarded_search(&*self.guard, query);
+        let page = self.inner.search(&query).await?;
+        Ok(recheck(page, &rule))
     }
 
     async fn append_audit(&mut self, _: Vec<Value>) -> Result<()> {

@@ -85,6 +85,18 @@ pub enum Interaction {
         resource_type: Option<String>,
         params: Vec<(String, String)>,
     },
+    /// `GET [base]/Patient/[id]/[type]?...`: a search within one patient's
+    /// compartment.
+    CompartmentSearch {
+        patient: String,
+        resource_type: String,
+        params: Vec<(String, String)>,
+    },
+    /// `GET [base]/Patient/[id]/$everything`
+    Everything {
+        patient: String,
+        params: Vec<(String, String)>,
+    },
     /// `POST [base]` with a Bundle of type `batch`.
     Batch { bundle: Value },
     /// `POST [base]` with a Bundle of type `transaction`.
@@ -129,6 +141,8 @@ impl Interaction {
                 ..
             } => "search-type",
             Interaction::Search { .. } => "search-system",
+            Interaction::CompartmentSearch { .. } => "search-type",
+            Interaction::Everything { .. } => "$everything",
             Interaction::Batch { .. } => "batch",
             Interaction::Transaction { .. } => "transaction",
             Interaction::Validate { .. } => "$validate",
@@ -152,6 +166,8 @@ impl Interaction {
             | Interaction::ConditionalDelete { resource_type, .. }
             | Interaction::Validate { resource_type, .. } => Some(resource_type),
             Interaction::VerifyAuditTrail => Some("AuditEvent"),
+            Interaction::CompartmentSearch { resource_type, .. } => Some(resource_type),
+            Interaction::Everything { .. } => Some("Patient"),
             Interaction::History { resource_type, .. }
             | Interaction::Search { resource_type, .. } => resource_type.as_deref(),
         }
@@ -447,6 +463,20 @@ fn instance_level(
             },
         }),
         ["$validate"] => Err(Routing::NotAllowed),
+        ["$everything"] if get && resource_type == "Patient" => Ok(Interaction::Everything {
+            patient: id,
+            params: params(),
+        }),
+        [compartment_type]
+            if get && resource_type == "Patient" && is_resource_type(compartment_type) =>
+        {
+            Ok(Interaction::CompartmentSearch {
+                patient: id,
+                resource_type: (*compartment_type).to_owned(),
+                params: params(),
+            })
+        }
+        ["$everything"] | [_] if resource_type == "Patient" => Err(Routing::NotAllowed),
         _ => Err(ApiError::NotFound("no such endpoint".into()).into()),
     }
 }

@@ -43,7 +43,7 @@ use haven_auth::registry::{Role, UserRecord};
 use haven_auth::scope::{self, ScopeSet};
 use haven_auth::server::{AuthorizeError, LaunchContext, LoginError, Pending};
 use haven_auth::{AuthServer, OAuthError};
-use haven_store::{ContentFilter, SearchQuery, SortOrder, Store};
+use haven_store::{Criterion, SearchQuery, SortBy, SortKey, Store, StringMatch};
 use serde_json::{json, Value};
 use time::Duration;
 
@@ -842,15 +842,23 @@ async fn logout(State(state): State<AuthState>, origin: Origin, headers: HeaderM
 /// Patients for the picker and the launcher, optionally by name.
 async fn patients(store: &dyn Store, name: &str) -> Vec<PatientChoice> {
     let name = name.trim().to_string();
-    let filter = (!name.is_empty()).then(|| {
-        let wanted = vec![("name".to_string(), name.clone())];
-        ContentFilter::new(move |r| haven_model::search_value::matches(r, &wanted).unwrap_or(false))
-    });
+    // Any part of any name starting with each word typed.
+    let criterion = name
+        .split_whitespace()
+        .map(|word| Criterion::String {
+            param: "name".into(),
+            value: haven_model::search_index::normalize_string(word),
+            how: StringMatch::StartsWith,
+        })
+        .fold(Criterion::Always, Criterion::and);
     let query = SearchQuery {
-        resource_type: Some("Patient".into()),
+        types: vec!["Patient".into()],
+        criterion,
         count: 50,
-        sort: SortOrder::LastUpdatedDescending,
-        filter,
+        sort: vec![SortKey {
+            by: SortBy::LastUpdated,
+            descending: true,
+        }],
         ..SearchQuery::default()
     };
     let Ok(page) = store.search(&query).await else {

@@ -170,6 +170,8 @@ fn action_of(interaction: &Interaction) -> Action {
         Interaction::Delete { .. } | Interaction::ConditionalDelete { .. } => Action::Delete,
         Interaction::History { .. }
         | Interaction::Search { .. }
+        | Interaction::CompartmentSearch { .. }
+        | Interaction::Everything { .. }
         | Interaction::Batch { .. }
         | Interaction::Transaction { .. }
         | Interaction::Validate { .. }
@@ -181,7 +183,9 @@ fn action_of(interaction: &Interaction) -> Action {
 /// operations are all `operation`.
 fn interaction_code(interaction: &Interaction) -> &'static str {
     match interaction {
-        Interaction::Validate { .. } | Interaction::VerifyAuditTrail => "operation",
+        Interaction::Validate { .. }
+        | Interaction::VerifyAuditTrail
+        | Interaction::Everything { .. } => "operation",
         other => other.name(),
     }
 }
@@ -194,6 +198,14 @@ fn query_of(interaction: &Interaction) -> Option<String> {
             resource_type,
             params,
         } => (resource_type.clone().unwrap_or_default(), params),
+        Interaction::CompartmentSearch {
+            patient,
+            resource_type,
+            params,
+        } => (format!("Patient/{patient}/{resource_type}"), params),
+        Interaction::Everything { patient, params } => {
+            (format!("Patient/{patient}/$everything"), params)
+        }
         Interaction::History {
             resource_type,
             id: None,
@@ -249,7 +261,9 @@ fn named_by(interaction: &Interaction) -> Option<Touched> {
             resource_type: Some(resource_type),
             id: Some(id),
             ..
-        } => (resource_type, format!("{resource_type}/{id}")),
+        } => (resource_type.as_str(), format!("{resource_type}/{id}")),
+        Interaction::CompartmentSearch { patient, .. }
+        | Interaction::Everything { patient, .. } => ("Patient", format!("Patient/{patient}")),
         _ => return None,
     };
     let patients = if resource_type == "Patient" {
@@ -637,6 +651,11 @@ impl Store for RecordedStore {
         let page = self.inner.search(query).await?;
         self.shared.audit.note(Touched::all(&page.resources));
         Ok(page)
+    }
+
+    async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
+        // Keys return no content; the page read from them is recorded when read.
+        self.inner.search_keys(query, limit).await
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {

@@ -16,7 +16,7 @@ use haven_auth::scope::{Context, Permission, ScopeSet};
 use haven_auth::{AccessContext, AuthServer, TokenRejection};
 use haven_model::registry;
 use haven_model::search_value;
-use haven_store::ContentFilter;
+use haven_store::{Access, AccessRule, ContentFilter, Criterion, TypeAccess};
 use http::header::AUTHORIZATION;
 use serde_json::Value;
 
@@ -24,6 +24,7 @@ use crate::error::ApiError;
 use crate::guard::{ContentGuard, ContentRule, Unguarded};
 use crate::interaction::{Interaction, Target};
 use crate::pipeline::{Authenticator, Authorizer, Principal, RequestHead};
+use crate::search_params::{criterion_for, SearchContext};
 
 /// Stage 2: `Authorization: Bearer <token>` verified by the authorization server.
 #[derive(Debug, Clone)]
@@ -136,6 +137,22 @@ pub(crate) fn named_patient(value: &str) -> Option<&str> {
 
 /// A search that names another patient than the one in context is refused
 /// outright: answering it with an empty page would hide the refusal.
+/// A token confined to one patient may search only that patient's compartment.
+fn check_compartment_patient(
+    access: &AccessContext,
+    resource_type: &str,
+    patient: &str,
+) -> Result<(), ApiError> {
+    if confined_to_patient(access, resource_type, Permission::Search)
+        && access.patient.as_deref() != Some(patient)
+    {
+        return Err(forbidden(
+            "the token only gives access to the patient in context",
+        ));
+    }
+    Ok(())
+}
+
 fn check_named_patients(
     access: &AccessContext,
     resource_type: &str,
@@ -263,6 +280,21 @@ impl Authorizer for SmartAuthorizer {
                 require(access, resource_type, Permission::Search)?;
                 check_named_patients(access, resource_type, params)
             }
+            Interaction::CompartmentSearch {
+                patient,
+                resource_type,
+                params,
+            } => {
+                require(access, resource_type, Permission::Search)?;
+                check_compartment_patient(access, resource_type, patient)?;
+                check_named_patients(access, resource_type, params)
+            }
+            Interaction::Everything { patient, .. } => {
+                // The patient's record: the Patient must be readable; the guard
+                // keeps whatever else the scopes do not reach out of the result.
+                require(access, "Patient", Permission::Read)?;
+                check_compartment_patient(access, "Patient", patient)
+            }
             Interaction::History {
                 resource_type: None,
                 params,
@@ -386,6 +418,88 @@ impl ContentGuard for ScopeGuard {
         let grants = self.scopes.grants_for(resource_type, permission);
         let confined = !grants.is_empty() && grants.iter().all(|g| g.context == Context::Patient);
         confined.then(|| self.patient.clone()).flatten()
+    }
+
+    fn access(&self, permission: Permission) -> Option<Access> {
+        Some(Arc::new(ScopeAccess {
+            guard: self.clone(),
+            permission,
+        }))
+    }
+}
+
+/// A token's scopes as criteria per type: the same decision as [`admits`],
+/// in the form the store compiles into a search.
+#[derive(Debug)]
+struct ScopeAccess {
+    guard: ScopeGuard,
+    permission: Permission,
+}
+
+impl AccessRule for ScopeAccess {
+    fn for_type(&self, resource_type: &str) -> TypeAccess {
+        let scopes = &self.guard.scopes;
+        let grants = scopes.grants_for(resource_type, self.permission);
+        if grants.is_empty() {
+            return TypeAccess::Nothing;
+        }
+        let mut alternatives = Vec::new();
+        for grant in grants {
+            let compartment = match (grant.context, self.permission) {
+                (Context::Patient, _) => match &self.guard.patient {
+                    Some(patient) => Criterion::PatientCompartment(patient.clone()),
+                    None => Criterion::Never,
+                },
+                (Context::User | Context::System, _) => Criterion::Always,
+            };
+            // A restriction that cannot be compiled refuses (fail closed).
+            let restriction = if grant.restrictions.is_empty() {
+                Criterion::Always
+            } else {
+                criterion_for(resource_type, grant.restrictions, &restriction_context())
+                    .unwrap_or(Criterion::Never)
+            };
+            alternatives.push(compartment.and(restriction));
+        }
+        let mut criterion = if alternatives.contains(&Criterion::Always) {
+            Criterion::Always
+        } else {
+            Criterion::Any(alternatives)
+        };
+        if resource_type == "Provenance" {
+            // As in `targets_reachable`: every target's type must be reachable.
+            let unreachable: Vec<Criterion> = haven_model::registry::resource_types()
+                .filter(|t| scopes.grants_for(t, self.permission).is_empty())
+                .map(|t| Criterion::Reference {
+                    param: "target".into(),
+                    target_type: Some(t.to_owned()),
+                    target_id: None,
+                    url: None,
+                    version: None,
+                })
+                .collect();
+            if !unreachable.is_empty() {
+                criterion = criterion.and(Criterion::Not(Box::new(Criterion::Any(unreachable))));
+            }
+        }
+        match criterion {
+            Criterion::Always => TypeAccess::All,
+            Criterion::Never => TypeAccess::Nothing,
+            other => TypeAccess::Only(other),
+        }
+    }
+}
+
+/// The context scope restrictions are parsed in: they name no server URL, and
+/// an `ap` date in a scope is measured from a fixed instant rather than from
+/// the moment of each request.
+fn restriction_context() -> SearchContext<'static> {
+    SearchContext {
+        base_url: "",
+        now: time::OffsetDateTime::UNIX_EPOCH,
+        default_count: 0,
+        max_count: 0,
+        strict: true,
     }
 }
 

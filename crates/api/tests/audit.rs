@@ -306,7 +306,7 @@ impl Audited {
     async fn provenances(&self) -> Vec<Value> {
         self.store
             .search(&SearchQuery {
-                resource_type: Some("Provenance".into()),
+                types: vec!["Provenance".into()],
                 count: 10_000,
                 ..SearchQuery::default()
             })

@@ -10,9 +10,10 @@ use time::OffsetDateTime;
 
 /// One condition on a resource of a known type. A resource matches a value
 /// criterion when one of its index rows for the parameter does.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub enum Criterion {
     /// Every resource.
+    #[default]
     Always,
     /// No resource.
     Never,
@@ -108,12 +109,6 @@ pub enum Criterion {
     },
     /// One of these resources, by type and id (a page of a stored result set).
     Keys(Vec<(String, String)>),
-}
-
-impl Default for Criterion {
-    fn default() -> Self {
-        Criterion::Always
-    }
 }
 
 impl Criterion {

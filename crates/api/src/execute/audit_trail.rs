@@ -9,7 +9,7 @@ use http::header::{ETAG, LAST_MODIFIED};
 use serde_json::{json, Value};
 
 use super::result_bundle;
-use super::search::{ignored_outcome, page_links};
+use super::search::{ignored_outcome, offset_links};
 use crate::error::ApiError;
 use crate::interaction::Interaction;
 use crate::pipeline::Exec;
@@ -165,7 +165,7 @@ fn parse_audit_search(
 async fn search(exec: &Exec<'_>, params: &[(String, String)]) -> Result<FhirResponse, ApiError> {
     let parsed = parse_audit_search(exec, params)?;
     let page = exec.state.store.audit_log().search(&parsed.query).await?;
-    let links = page_links(
+    let links = offset_links(
         exec,
         "AuditEvent",
         &parsed.applied,

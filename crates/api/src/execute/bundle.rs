@@ -413,7 +413,7 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
             } => {
                 let mut id = None;
                 if let Some(criteria) = if_none_exist {
-                    match matching(tx.as_mut(), resource_type, criteria)
+                    match matching(exec, tx.as_mut(), resource_type, criteria)
                         .await
                         .map_err(locate)?
                     {
@@ -467,9 +467,10 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
                 resource,
                 if_match,
             } => {
-                let id = conditional_update_target(tx.as_mut(), resource_type, criteria, resource)
-                    .await
-                    .map_err(locate)?;
+                let id =
+                    conditional_update_target(exec, tx.as_mut(), resource_type, criteria, resource)
+                        .await
+                        .map_err(locate)?;
                 if let Some(full_url) = &e.full_url {
                     ids.insert(full_url.clone(), format!("{resource_type}/{id}"));
                 }
@@ -490,7 +491,7 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
                 let id = match target {
                     Target::Id(id) => id.clone(),
                     Target::Criteria(criteria) => {
-                        match matching(tx.as_mut(), resource_type, criteria)
+                        match matching(exec, tx.as_mut(), resource_type, criteria)
                             .await
                             .map_err(locate)?
                         {
@@ -541,7 +542,7 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
             }
         });
         for reference in wanted {
-            let target = resolve_conditional(tx.as_mut(), &reference)
+            let target = resolve_conditional(exec, tx.as_mut(), &reference)
                 .await
                 .map_err(locate)?;
             conditional.insert(reference, target);
@@ -616,7 +617,10 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
             Interaction::Search {
                 resource_type,
                 params,
-            } => search::search(exec, resource_type.as_deref(), params, Some(tx.as_mut())).await,
+            } => {
+                let scope = search::Scope::Types(resource_type.as_deref());
+                search::search(exec, scope, params, Some(tx.as_mut())).await
+            }
             Interaction::Capabilities => execute_one(exec, &e.interaction).await,
             _ => continue,
         };
@@ -647,7 +651,11 @@ fn is_conditional_reference(reference: &str) -> bool {
     }
 }
 
-async fn resolve_conditional(tx: &mut dyn StoreTx, reference: &str) -> Result<String, ApiError> {
+async fn resolve_conditional(
+    exec: &Exec<'_>,
+    tx: &mut dyn StoreTx,
+    reference: &str,
+) -> Result<String, ApiError> {
     let (resource_type, criteria) = reference.split_once('?').unwrap_or((reference, ""));
     if !is_resource_type(resource_type) {
         return Err(ApiError::invalid(
@@ -655,7 +663,7 @@ async fn resolve_conditional(tx: &mut dyn StoreTx, reference: &str) -> Result<St
             format!("the conditional reference '{reference}' names no resource type"),
         ));
     }
-    match matching(tx, resource_type, criteria).await? {
+    match matching(exec, tx, resource_type, criteria).await? {
         Matched::One(found) => Ok(format!("{resource_type}/{}", found.id)),
         Matched::None => Err(ApiError::precondition(
             IssueCode::NotFound,

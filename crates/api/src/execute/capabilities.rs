@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 use crate::ApiConfig;
-use haven_model::registry::{resource_types, search_param as registry_param};
+use haven_model::registry::{self, resource_types};
 
 const SEARCH_PARAM_DEFS: &str = "http://hl7.org/fhir/SearchParameter/";
 
@@ -42,22 +42,31 @@ fn common_params() -> Vec<Value> {
 
 fn resource_entry(resource_type: &str) -> Value {
     let mut params = common_params();
-    if let Some(identifier) = registry_param(resource_type, "identifier") {
-        params.push(search_param(
-            "identifier",
-            "token",
-            identifier.url.strip_prefix(SEARCH_PARAM_DEFS),
-            "system|code, |code, system| or code; comma separated values are alternatives.",
-        ));
-    }
-    for param in crate::search_params::content_parameters(resource_type) {
+    // Every R4 parameter of the type is indexed and searchable, but for the
+    // few the parser reports as unsupported.
+    for param in registry::search_params(resource_type) {
+        if matches!(param.code.as_str(), "_id" | "_lastUpdated")
+            || UNSUPPORTED_PARAMETERS.contains(&param.code.as_str())
+        {
+            continue;
+        }
         params.push(search_param(
             &param.code,
             param.kind.as_str(),
             param.url.strip_prefix(SEARCH_PARAM_DEFS),
-            "Evaluated on each resource's content.",
+            "Indexed at write time; the modifiers and prefixes of its type apply.",
         ));
     }
+    let reference_params: Vec<&str> = registry::search_params(resource_type)
+        .into_iter()
+        .filter(|p| p.kind == registry::SearchParamType::Reference)
+        .map(|p| p.code.as_str())
+        .collect();
+    let mut includes: Vec<String> = reference_params
+        .iter()
+        .map(|p| format!("{resource_type}:{p}"))
+        .collect();
+    includes.push("*".into());
     if resource_type == "AuditEvent" {
         return audit_event_entry();
     }
@@ -86,12 +95,48 @@ fn resource_entry(resource_type: &str) -> Value {
         "conditionalRead": "full-support",
         "conditionalUpdate": true,
         "conditionalDelete": "single",
+        "searchInclude": includes,
+        "searchRevInclude": rev_includes(resource_type),
         "searchParam": params,
-        "operation": [{
-            "name": "validate",
-            "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
-        }],
+        "operation": operations(resource_type),
     })
+}
+
+/// The parameters R4 defines that this server does not evaluate; searches
+/// report them as ignored.
+const UNSUPPORTED_PARAMETERS: [&str; 5] = ["_text", "_content", "_list", "_query", "_filter"];
+
+/// `Type:param` for every reference parameter of any type that can point at
+/// `resource_type`.
+fn rev_includes(resource_type: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for source in resource_types() {
+        for param in registry::search_params(source) {
+            if param.kind == registry::SearchParamType::Reference
+                && (param
+                    .target
+                    .iter()
+                    .any(|t| t == resource_type || t == "Resource"))
+            {
+                found.push(format!("{source}:{}", param.code));
+            }
+        }
+    }
+    found
+}
+
+fn operations(resource_type: &str) -> Vec<Value> {
+    let mut operations = vec![json!({
+        "name": "validate",
+        "definition": "http://hl7.org/fhir/OperationDefinition/Resource-validate",
+    })];
+    if resource_type == "Patient" {
+        operations.push(json!({
+            "name": "everything",
+            "definition": "http://hl7.org/fhir/OperationDefinition/Patient-everything",
+        }));
+    }
+    operations
 }
 
 /// The audit trail: read and searched, never written (R5), and verified.

@@ -24,7 +24,7 @@ use crate::error::ApiError;
 use crate::interaction::Target;
 use crate::pipeline::Exec;
 use crate::response::FhirResponse;
-use crate::search_params::parse_criteria;
+use crate::search_params::{parse_criteria, SearchContext};
 
 /// How many resources a condition matched.
 pub(crate) enum Matched {
@@ -35,11 +35,19 @@ pub(crate) enum Matched {
 
 /// Evaluates a condition inside a transaction, so the answer holds until commit.
 pub(crate) async fn matching(
+    exec: &Exec<'_>,
     tx: &mut dyn StoreTx,
     resource_type: &str,
     criteria: &str,
 ) -> Result<Matched, ApiError> {
-    let query = parse_criteria(resource_type, criteria)?;
+    let cx = SearchContext {
+        base_url: exec.state.config.base_url.trim_end_matches('/'),
+        now: exec.state.clock.now(),
+        default_count: 2,
+        max_count: 2,
+        strict: true,
+    };
+    let query = parse_criteria(resource_type, criteria, &cx)?;
     let mut page = tx.search(&query).await?;
     Ok(match page.resources.len() {
         0 => Matched::None,
@@ -149,7 +157,7 @@ pub(crate) async fn create(
     check_resource(resource_type, resource)?;
     let mut tx = exec.state.store.begin().await?;
     if let Some(criteria) = if_none_exist {
-        match matching(tx.as_mut(), resource_type, criteria).await? {
+        match matching(exec, tx.as_mut(), resource_type, criteria).await? {
             Matched::None => {}
             Matched::One(existing) => {
                 // R4 http.html#ccreate: one match means "already there", 200.
@@ -269,13 +277,14 @@ pub(crate) async fn conditional_update(
 /// Which id a conditional update writes to (R4 http.html#cond-update): the one
 /// match, or for no match the body's id (update as create) or a new one.
 pub(crate) async fn conditional_update_target(
+    exec: &Exec<'_>,
     tx: &mut dyn StoreTx,
     resource_type: &str,
     criteria: &str,
     resource: &Value,
 ) -> Result<String, ApiError> {
     let body_id = resource.get("id").and_then(Value::as_str);
-    match matching(tx, resource_type, criteria).await? {
+    match matching(exec, tx, resource_type, criteria).await? {
         Matched::One(existing) => match body_id {
             Some(b) if b != existing.id => Err(ApiError::invalid_at(
                 IssueCode::Invalid,
@@ -315,7 +324,7 @@ pub(crate) async fn conditional_update_in(
     mut resource: Value,
     if_match: Option<i64>,
 ) -> Result<FhirResponse, ApiError> {
-    let id = conditional_update_target(tx, resource_type, criteria, &resource).await?;
+    let id = conditional_update_target(exec, tx, resource_type, criteria, &resource).await?;
     resource["id"] = Value::String(id.clone());
     update_in(exec, tx, resource_type, &id, resource, if_match).await
 }
@@ -330,15 +339,17 @@ pub(crate) async fn patch(
     let mut tx = exec.state.store.begin().await?;
     let id = match target {
         Target::Id(id) => id.clone(),
-        Target::Criteria(criteria) => match matching(tx.as_mut(), resource_type, criteria).await? {
-            Matched::One(found) => found.id,
-            Matched::None => {
-                return Err(ApiError::NotFound(format!(
-                    "no {resource_type} matches '{criteria}'"
-                )))
+        Target::Criteria(criteria) => {
+            match matching(exec, tx.as_mut(), resource_type, criteria).await? {
+                Matched::One(found) => found.id,
+                Matched::None => {
+                    return Err(ApiError::NotFound(format!(
+                        "no {resource_type} matches '{criteria}'"
+                    )))
+                }
+                Matched::Many => return Err(many_matches("conditional patch", criteria)),
             }
-            Matched::Many => return Err(many_matches("conditional patch", criteria)),
-        },
+        }
     };
     let response = patch_in(exec, tx.as_mut(), resource_type, &id, patch, if_match).await?;
     tx.commit().await?;
@@ -472,7 +483,7 @@ pub(crate) async fn conditional_delete_in(
     resource_type: &str,
     criteria: &str,
 ) -> Result<FhirResponse, ApiError> {
-    match matching(tx, resource_type, criteria).await? {
+    match matching(exec, tx, resource_type, criteria).await? {
         Matched::None => Ok(FhirResponse::new(StatusCode::NO_CONTENT, None)),
         Matched::One(found) => delete_in(exec, tx, resource_type, &found.id, None).await,
         Matched::Many => Err(many_matches("conditional delete", criteria)),
