@@ -15,6 +15,7 @@ mod capabilities;
 mod history;
 mod instance;
 mod search;
+pub(crate) mod subsetting;
 mod validation;
 
 use haven_model::outcome::{Issue, IssueCode};
@@ -30,6 +31,7 @@ use crate::pipeline::{Exec, Return};
 use crate::response::FhirResponse;
 
 pub use audit_trail::{verify_trail, TrailReport};
+use search::Scope;
 pub(crate) use capabilities::capability_statement;
 
 /// Runs one interaction that the pipeline admitted.
@@ -112,7 +114,21 @@ pub(crate) async fn execute_one(
         Interaction::Search {
             resource_type,
             params,
-        } => search::search(exec, resource_type.as_deref(), params, None).await,
+        } => search::search(exec, Scope::Types(resource_type.as_deref()), params, None).await,
+        Interaction::CompartmentSearch {
+            patient,
+            resource_type,
+            params,
+        } => {
+            let scope = Scope::Compartment {
+                patient,
+                resource_type,
+            };
+            search::search(exec, scope, params, None).await
+        }
+        Interaction::Everything { patient, params } => {
+            search::search(exec, Scope::Everything { patient }, params, None).await
+        }
         Interaction::Validate {
             resource_type,
             id,
