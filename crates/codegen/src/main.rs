@@ -21,6 +21,8 @@
 //!   (`http://hl7.org/fhirpath/System.String`) become the FHIR primitive they stand
 //!   for, and `Resource.id` becomes `id`, so the validator only ever sees FHIR type
 //!   codes.
+//! - Each element row carries `summary: true` when the definition marks it
+//!   `isSummary`, which is what `_summary=true` keeps (search.html#summary).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -168,6 +170,10 @@ impl Structures {
             row.insert("max".into(), element["max"].clone());
             if let Some(target) = element["contentReference"].as_str() {
                 row.insert("ref".into(), json!(target.trim_start_matches('#')));
+            }
+            // Written only when true, like `abstract`: `_summary=true` keeps these.
+            if element["isSummary"] == true {
+                row.insert("summary".into(), json!(true));
             }
             let is_resource_id = kind == "resource" && path == format!("{name}.id");
             let mut codes = Vec::new();

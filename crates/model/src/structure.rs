@@ -62,6 +62,9 @@ pub struct Child {
     /// Where the element's own children are defined: its path, or the target
     /// of its `contentReference`.
     pub children_path: String,
+    /// Whether the definition marks the element `isSummary`, i.e. `_summary=true`
+    /// keeps it (search.html#summary).
+    pub summary: bool,
 }
 
 /// All types and the primitive formats.
@@ -95,6 +98,8 @@ struct RawElement {
     types: Vec<String>,
     #[serde(rename = "ref")]
     content_ref: Option<String>,
+    #[serde(default)]
+    summary: bool,
 }
 
 /// The tables, parsed on first use.
@@ -165,6 +170,7 @@ fn build_type(raw: &RawType) -> TypeDef {
                         many,
                         max,
                         children_path: children_path.clone(),
+                        summary: element.summary,
                     },
                 );
             }
@@ -179,6 +185,7 @@ fn build_type(raw: &RawType) -> TypeDef {
                     many,
                     max,
                     children_path,
+                    summary: element.summary,
                 },
             );
         }
