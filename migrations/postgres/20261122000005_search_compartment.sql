@@ -11,3 +11,5 @@ CREATE TABLE search_compartment (
 CREATE INDEX search_compartment_resource ON search_compartment (resource_type, id);
 
 CREATE INDEX search_compartment_member ON search_compartment (resource_type, param, target_id);
+
+CREATE INDEX search_compartment_patient ON search_compartment (target_id, param);

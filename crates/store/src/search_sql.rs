@@ -259,6 +259,17 @@ impl<'q> Compiler<'q> {
             Criterion::LastUpdated(range) => {
                 self.instant_point(&format!("{alias}.last_updated"), range);
             }
+            Criterion::PatientCompartment(patient) if resource_type.is_none() => {
+                // Over several types, drive from the patient's members.
+                let row = self.alias("x");
+                let _ = write!(
+                    self.sql.text,
+                    "({alias}.resource_type, {alias}.id) IN (SELECT {row}.resource_type, {row}.id \
+                     FROM search_compartment {row} WHERE {row}.param = 'Patient' AND {row}.target_id = "
+                );
+                self.text(patient);
+                self.push(")");
+            }
             Criterion::PatientCompartment(patient) => {
                 let row = self.member_open(alias, resource_type, "search_compartment", "Patient");
                 let _ = write!(self.sql.text, "{row}.target_id = ");
