@@ -14,7 +14,6 @@
 //! - extensions, `meta` and nested resources are kept whole.
 
 // The read and search executors call these; until then only the tests do.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::HashSet;
 
