@@ -6,6 +6,7 @@
 //! which is what makes `If-Match` hold under concurrency.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ const ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 pub struct PostgresStore {
     pool: PgPool,
     clock: Arc<dyn Clock>,
+    statistics: Arc<Statistics>,
     auth: PostgresAuthRecords,
     audit: PostgresAuditLog,
 }
@@ -94,12 +96,75 @@ impl PostgresStore {
             pool: pool.clone(),
             clock: clock.clone(),
         };
+        let statistics = Arc::new(Statistics::new(pool.clone()));
         Ok(Self {
             pool,
             clock,
+            statistics,
             auth,
             audit,
         })
+    }
+}
+
+/// Keeps the planner's statistics of the resource and index tables fresh
+/// while data arrives. Autovacuum gets there too, but only on its own
+/// schedule; a search planned on the statistics of a nearly empty table
+/// right after a bulk load can pick a plan thousands of times slower.
+#[derive(Debug)]
+struct Statistics {
+    pool: PgPool,
+    /// Resources written since the last ANALYZE.
+    written: AtomicU64,
+    /// How many writes start the next ANALYZE; doubles each time, so a load
+    /// of n resources analyzes about log2(n) times.
+    threshold: AtomicU64,
+    running: AtomicBool,
+}
+
+/// The first ANALYZE comes after this many resource writes.
+const FIRST_ANALYZE: u64 = 500;
+
+impl Statistics {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            written: AtomicU64::new(0),
+            threshold: AtomicU64::new(FIRST_ANALYZE),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts committed resource writes; starts an ANALYZE in the background
+    /// when enough have accumulated and none is running.
+    fn note(self: &Arc<Self>, writes: u64) {
+        if writes == 0 {
+            return;
+        }
+        let written = self.written.fetch_add(writes, Ordering::Relaxed) + writes;
+        if written < self.threshold.load(Ordering::Relaxed)
+            || self.running.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        self.written.store(0, Ordering::Relaxed);
+        let threshold = self.threshold.load(Ordering::Relaxed);
+        self.threshold
+            .store(threshold.saturating_mul(2).min(1 << 24), Ordering::Relaxed);
+        let statistics = self.clone();
+        tokio::spawn(async move {
+            let tables = std::iter::once("current_resources")
+                .chain(TABLES)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Err(error) = sqlx::query(&format!("ANALYZE {tables}"))
+                .execute(&statistics.pool)
+                .await
+            {
+                tracing::warn!(%error, "refreshing the planner statistics failed");
+            }
+            statistics.running.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -119,6 +184,8 @@ impl Store for PostgresStore {
         Ok(Box::new(PostgresTx {
             tx,
             clock: self.clock.clone(),
+            statistics: self.statistics.clone(),
+            writes: 0,
             audit_failed: false,
         }))
     }
@@ -280,6 +347,9 @@ async fn read_current(
 struct PostgresTx {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     clock: Arc<dyn Clock>,
+    statistics: Arc<Statistics>,
+    /// Resources this transaction wrote, for [`Statistics`].
+    writes: u64,
     /// Set when an audit append failed. PostgreSQL answers COMMIT of a failed
     /// transaction with a rollback, not an error, so the caller is told here.
     audit_failed: bool,
@@ -603,6 +673,7 @@ impl StoreTx for PostgresTx {
             version.resource.as_ref(),
         )
         .await?;
+        self.writes += 1;
         replace_index(
             &mut self.tx,
             resource_type,
@@ -654,6 +725,7 @@ impl StoreTx for PostgresTx {
             version.resource.as_ref(),
         )
         .await?;
+        self.writes += 1;
         replace_index(
             &mut self.tx,
             resource_type,
@@ -681,6 +753,7 @@ impl StoreTx for PostgresTx {
         advance_current(&mut self.tx, &version, number).await?;
         insert_version(&mut self.tx, &version).await?;
         replace_tokens(&mut self.tx, resource_type, id, true, None).await?;
+        self.writes += 1;
         replace_index(&mut self.tx, resource_type, id, true, None).await?;
         Ok(Some(version))
     }
@@ -706,6 +779,7 @@ impl StoreTx for PostgresTx {
             return Err(audit_log::failed_in_transaction());
         }
         self.tx.commit().await?;
+        self.statistics.note(self.writes);
         Ok(())
     }
 }
