@@ -298,6 +298,9 @@ impl<'q> Compiler<'q> {
             }
             Criterion::Chain { param, targets } => {
                 let row = self.member_open(alias, resource_type, "search_reference", param);
+                // The targets are alternatives: parenthesized, so that OR does not
+                // escape the row's type, id and parameter conditions before them.
+                self.push("(");
                 if targets.is_empty() {
                     self.push("1 = 0");
                 }
@@ -318,7 +321,7 @@ impl<'q> Compiler<'q> {
                     self.criterion(inner, &target, Some(target_type), depth + 1)?;
                     self.push("))");
                 }
-                self.push(")");
+                self.push("))");
             }
             Criterion::Has {
                 source_type,
