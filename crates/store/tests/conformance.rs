@@ -11,10 +11,11 @@ use std::sync::Arc;
 use haven_audit::canonical::canonical_json;
 use haven_audit::{link_hash, BreakKind, ChainBreak, StoredLink, GENESIS};
 use haven_model::clock::{format_instant, Clock, ManualClock};
+use haven_model::search_index::{date_range, decimal_range, normalize_string};
 use haven_store::{
-    AuditQuery, AuditRecord, AuditWriter, Backend, Change, Comparator, ContentFilter, Criterion,
-    HistoryQuery, InstantBound, Prefix, Range, SearchQuery, SortBy, SortKey, Store, StoreError,
-    TokenValue,
+    Access, AccessRule, AuditQuery, AuditRecord, AuditWriter, Backend, BothAccess, Change,
+    Comparator, ContentFilter, Criterion, HistoryQuery, IndexKind, InstantBound, Prefix, Range,
+    SearchQuery, SortBy, SortKey, Store, StoreError, StringMatch, TokenValue, TypeAccess, UriMatch,
 };
 use serde_json::{json, Value};
 use time::macros::datetime;
@@ -199,6 +200,21 @@ stories!(
     a_dropped_transaction_leaves_no_index_rows,
     connect_backfills_an_index_written_before_it_existed,
     two_stores_connecting_at_once_backfill_once,
+    string_search_folds_case_and_accents_exact_is_as_written_and_wildcards_are_literal,
+    token_search_matches_every_system_and_code_form_negation_text_and_identifier_type,
+    reference_search_matches_type_and_id_id_alone_absolute_urls_and_canonical_versions,
+    date_search_honours_every_prefix_on_days_seconds_zones_and_periods,
+    number_and_quantity_search_compare_midpoints_with_precision_units_and_rounding,
+    uri_search_matches_exactly_below_and_above,
+    missing_finds_resources_with_and_without_a_value,
+    a_composite_matches_parts_of_one_combination_in_order,
+    the_patient_compartment_holds_the_patient_and_what_refers_to_it,
+    chains_and_has_follow_references_and_the_access_applies_inside_them,
+    access_rules_confine_counts_pages_system_searches_and_combine,
+    sorting_is_total_the_same_on_every_backend_and_search_keys_pages_alike,
+    a_keys_criterion_returns_exactly_the_named_resources,
+    criteria_nested_too_deeply_and_composites_of_non_values_are_unsupported,
+    a_chain_to_several_target_types_stays_on_its_own_parameter_and_resource,
 );
 
 fn patient(family: &str) -> Value {
@@ -2521,4 +2537,1819 @@ async fn two_stores_connecting_at_once_backfill_once(world: World) {
         .texts("SELECT id FROM search_string WHERE param = 'family'")
         .await;
     assert_eq!(families.len(), 30, "one row per patient, none twice");
+}
+
+// --- Search criteria against real resources ---------------------------------------
+
+/// A search of one type for one criterion.
+fn query_of(resource_type: &str, criterion: Criterion) -> SearchQuery {
+    let mut query = search(Some(resource_type));
+    query.criterion = criterion;
+    query
+}
+
+/// The ids a search finds, sorted, so a set can be compared.
+async fn found_ids(world: &World, query: &SearchQuery) -> Vec<String> {
+    let mut found = ids(&world.store.search(query).await.unwrap());
+    found.sort();
+    found
+}
+
+/// Asserts that a search of one type finds exactly `expected` (in any order).
+async fn finds(world: &World, resource_type: &str, criterion: Criterion, expected: &[&str]) {
+    let label = format!("{criterion:?}");
+    let found = found_ids(world, &query_of(resource_type, criterion)).await;
+    let mut expected: Vec<String> = expected.iter().map(|id| (*id).to_owned()).collect();
+    expected.sort();
+    assert_eq!(found, expected, "{label}");
+}
+
+/// The `(type, id)` of every match, sorted.
+async fn found_keys(world: &World, query: &SearchQuery) -> Vec<(String, String)> {
+    let mut found: Vec<(String, String)> = world
+        .store
+        .search(query)
+        .await
+        .unwrap()
+        .resources
+        .into_iter()
+        .map(|r| (r.resource_type, r.id))
+        .collect();
+    found.sort();
+    found
+}
+
+fn keys(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(t, id)| ((*t).to_owned(), (*id).to_owned()))
+        .collect()
+}
+
+fn string(param: &str, value: &str, how: StringMatch) -> Criterion {
+    // As the API passes them: normalized for the default and `:contains`.
+    let value = match how {
+        StringMatch::Exact => value.to_owned(),
+        _ => normalize_string(value),
+    };
+    Criterion::String {
+        param: param.into(),
+        value,
+        how,
+    }
+}
+
+fn coded(param: &str, system: Option<&str>, code: Option<&str>) -> Criterion {
+    Criterion::Token {
+        param: param.into(),
+        system: system.map(str::to_owned),
+        code: code.map(str::to_owned),
+    }
+}
+
+fn not(criterion: Criterion) -> Criterion {
+    Criterion::Not(Box::new(criterion))
+}
+
+fn reference(
+    param: &str,
+    target: (Option<&str>, Option<&str>),
+    url: Option<&str>,
+    version: Option<&str>,
+) -> Criterion {
+    Criterion::Reference {
+        param: param.into(),
+        target_type: target.0.map(str::to_owned),
+        target_id: target.1.map(str::to_owned),
+        url: url.map(str::to_owned),
+        version: version.map(str::to_owned),
+    }
+}
+
+/// A date search value as the API makes it: the interval its precision covers.
+fn date_value(prefix: Prefix, text: &str) -> Range<OffsetDateTime> {
+    let (low, high) = date_range(text).expect(text);
+    Range {
+        prefix,
+        low,
+        high,
+        value: low,
+    }
+}
+
+/// A number search value as the API makes it; `ap` widens to a tenth of the
+/// value on each side.
+fn number_value(prefix: Prefix, text: &str) -> Range<f64> {
+    let (low, high) = decimal_range(text).expect(text);
+    let value: f64 = text.parse().unwrap();
+    let (low, high) = if prefix == Prefix::Ap {
+        let tenth = value.abs() / 10.0;
+        (low.min(value - tenth), high.max(value + tenth))
+    } else {
+        (low, high)
+    };
+    Range {
+        prefix,
+        low,
+        high,
+        value,
+    }
+}
+
+fn quantity(range: Range<f64>, system: Option<&str>, code: Option<&str>) -> Criterion {
+    Criterion::Quantity {
+        param: "value-quantity".into(),
+        range,
+        system: system.map(str::to_owned),
+        code: code.map(str::to_owned),
+    }
+}
+
+fn uri(value: &str, how: UriMatch) -> Criterion {
+    Criterion::Uri {
+        param: "url".into(),
+        uri: value.into(),
+        how,
+    }
+}
+
+/// An access rule from a table of types; every other type gets `otherwise`.
+#[derive(Debug)]
+struct Rule {
+    types: Vec<(&'static str, TypeAccess)>,
+    otherwise: TypeAccess,
+}
+
+impl AccessRule for Rule {
+    fn for_type(&self, resource_type: &str) -> TypeAccess {
+        self.types
+            .iter()
+            .find(|(name, _)| *name == resource_type)
+            .map_or_else(|| self.otherwise.clone(), |(_, access)| access.clone())
+    }
+}
+
+fn rule(types: Vec<(&'static str, TypeAccess)>) -> Access {
+    Arc::new(Rule {
+        types,
+        otherwise: TypeAccess::Nothing,
+    })
+}
+
+const LOINC: &str = "http://loinc.org";
+const UCUM: &str = "http://unitsofmeasure.org";
+const V2_0203: &str = "http://terminology.hl7.org/CodeSystem/v2-0203";
+
+/// An Observation of `subject` with a coded `code` and nothing else.
+fn coded_observation(subject: &str, code: &str) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": code}]},
+        "subject": {"reference": subject}
+    })
+}
+
+/// An Observation with the given `value[x]` quantity, as written.
+fn quantity_observation(value_quantity: Value) -> Value {
+    json!({
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "2345-7"}]},
+        "valueQuantity": value_quantity
+    })
+}
+
+async fn string_search_folds_case_and_accents_exact_is_as_written_and_wildcards_are_literal(
+    world: World,
+) {
+    create(
+        &world,
+        "Patient",
+        "odon",
+        json!({"resourceType": "Patient", "name": [{"family": "Ödön", "given": ["Béla"]}]}),
+    )
+    .await;
+    create(&world, "Patient", "odd", patient("Odd")).await;
+    create(&world, "Patient", "percent", patient("Per%cent")).await;
+    create(&world, "Patient", "perfect", patient("Perfect")).await;
+    create(&world, "Patient", "under", patient("Un_der")).await;
+    create(&world, "Patient", "undone", patient("Undone")).await;
+
+    use StringMatch::{Contains, Exact, StartsWith};
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        // Any case, any accents, any part of the name.
+        (string("name", "ÖD", StartsWith), vec!["odd", "odon"]),
+        (string("name", "od", StartsWith), vec!["odd", "odon"]),
+        (string("family", "ödö", StartsWith), vec!["odon"]),
+        (string("name", "BEL", StartsWith), vec!["odon"]),
+        (string("given", "béla", StartsWith), vec!["odon"]),
+        (string("name", "don", StartsWith), vec![]),
+        // Exact: only as written, whole.
+        (string("family", "Ödön", Exact), vec!["odon"]),
+        (string("family", "odon", Exact), vec![]),
+        (string("family", "ÖDÖN", Exact), vec![]),
+        (string("family", "Ödö", Exact), vec![]),
+        (string("given", "Béla", Exact), vec!["odon"]),
+        // Contains: inner text, folded.
+        (string("name", "ÉL", Contains), vec!["odon"]),
+        (string("name", "do", Contains), vec!["odon", "undone"]),
+        (string("family", "dd", Contains), vec!["odd"]),
+        // `%` and `_` are themselves, not LIKE wildcards.
+        (string("family", "Per%", StartsWith), vec!["percent"]),
+        (string("family", "%", Contains), vec!["percent"]),
+        (string("family", "r%c", Contains), vec!["percent"]),
+        (string("family", "Un_", StartsWith), vec!["under"]),
+        (string("family", "_", Contains), vec!["under"]),
+        (string("family", "n_d", Contains), vec!["under"]),
+        (string("family", "Per%cent", Exact), vec!["percent"]),
+        (string("family", "Un_der", Exact), vec!["under"]),
+        (string("family", "Un%", Exact), vec![]),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Patient", criterion, &expected).await;
+    }
+}
+
+async fn token_search_matches_every_system_and_code_form_negation_text_and_identifier_type(
+    world: World,
+) {
+    let with_code =
+        |code: Value| json!({"resourceType": "Observation", "status": "final", "code": code});
+    create(
+        &world,
+        "Observation",
+        "loinc",
+        with_code(
+            json!({"coding": [{"system": LOINC, "code": "1234-5", "display": "Heart rate"}]}),
+        ),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "bare",
+        with_code(json!({"coding": [{"code": "1234-5"}]})),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "snomed",
+        with_code(json!({"coding": [{"system": "http://snomed.info/sct", "code": "1234-5"}]})),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "textonly",
+        with_code(json!({"text": "Blood pressure panel"})),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "nocode",
+        json!({"resourceType": "Observation", "status": "final"}),
+    )
+    .await;
+
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        // system|code
+        (coded("code", Some(LOINC), Some("1234-5")), vec!["loinc"]),
+        // |code: no system at all
+        (coded("code", Some(""), Some("1234-5")), vec!["bare"]),
+        // system|: any code of the system
+        (coded("code", Some(LOINC), None), vec!["loinc"]),
+        // code: any system, or none
+        (
+            coded("code", None, Some("1234-5")),
+            vec!["bare", "loinc", "snomed"],
+        ),
+        (coded("code", Some(LOINC), Some("9999-9")), vec![]),
+        // Codes compare as written.
+        (coded("code", None, Some("1234-5 ")), vec![]),
+        // :not also finds resources without the element.
+        (
+            not(coded("code", Some(LOINC), Some("1234-5"))),
+            vec!["bare", "nocode", "snomed", "textonly"],
+        ),
+        (
+            not(coded("code", None, Some("1234-5"))),
+            vec!["nocode", "textonly"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Observation", criterion, &expected).await;
+    }
+    let text = |text: &str| Criterion::TokenText {
+        param: "code".into(),
+        text: normalize_string(text),
+    };
+    for (wanted, expected) in [
+        ("Heart", vec!["loinc"]),
+        ("heart rate", vec!["loinc"]),
+        ("rate", vec!["loinc"]),
+        ("PRESSURE", vec!["textonly"]),
+        ("panel", vec!["textonly"]),
+        ("blood pressure p", vec!["textonly"]),
+        ("ressure", vec![]),
+        ("%", vec![]),
+    ] {
+        finds(&world, "Observation", text(wanted), &expected).await;
+    }
+
+    let typed = |id_type: &str, text: Option<&str>, system: &str| {
+        let mut kind = json!({"coding": [{"system": V2_0203, "code": id_type}]});
+        if let Some(text) = text {
+            kind["text"] = json!(text);
+        }
+        with_identifiers(
+            patient("Typed"),
+            json!([{"type": kind, "system": system, "value": "12345"}]),
+        )
+    };
+    create(
+        &world,
+        "Patient",
+        "mrn",
+        typed("MR", Some("Medical record number"), "urn:mrn"),
+    )
+    .await;
+    create(&world, "Patient", "ssn", typed("SS", None, "urn:ssn")).await;
+    create(&world, "Patient", "untyped", patient("Untyped")).await;
+    let of_type = |system: &str, code: &str, value: &str| Criterion::TokenOfType {
+        param: "identifier".into(),
+        type_system: system.into(),
+        type_code: code.into(),
+        value: value.into(),
+    };
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (of_type(V2_0203, "MR", "12345"), vec!["mrn"]),
+        (of_type(V2_0203, "SS", "12345"), vec!["ssn"]),
+        (of_type(V2_0203, "MR", "99999"), vec![]),
+        (of_type("http://other.org", "MR", "12345"), vec![]),
+        (of_type(V2_0203, "MR", "urn:mrn"), vec![]),
+        (coded("identifier", None, Some("12345")), vec!["mrn", "ssn"]),
+        (
+            Criterion::TokenText {
+                param: "identifier".into(),
+                text: normalize_string("Medical"),
+            },
+            vec!["mrn"],
+        ),
+        (
+            not(coded("identifier", Some("urn:mrn"), None)),
+            vec!["ssn", "untyped"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Patient", criterion, &expected).await;
+    }
+}
+
+async fn reference_search_matches_type_and_id_id_alone_absolute_urls_and_canonical_versions(
+    world: World,
+) {
+    let subject = |reference: &str| json!({"resourceType": "Observation", "status": "final", "subject": {"reference": reference}});
+    create(&world, "Observation", "relative", subject("Patient/a")).await;
+    create(
+        &world,
+        "Observation",
+        "versioned",
+        subject("Patient/a/_history/2"),
+    )
+    .await;
+    create(&world, "Observation", "group", subject("Group/a")).await;
+    create(&world, "Observation", "other", subject("Patient/b")).await;
+    create(
+        &world,
+        "Observation",
+        "absolute",
+        subject("http://elsewhere.example/fhir/Patient/remote"),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "urn",
+        subject("urn:uuid:6c7f0e1e-2a8e-4d6b-9c3a-1f1f1f1f1f1f"),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "nosubject",
+        json!({"resourceType": "Observation", "status": "final"}),
+    )
+    .await;
+
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (
+            reference("subject", (Some("Patient"), Some("a")), None, None),
+            vec!["relative", "versioned"],
+        ),
+        (
+            reference("subject", (None, Some("a")), None, None),
+            vec!["group", "relative", "versioned"],
+        ),
+        (
+            reference("subject", (Some("Group"), Some("a")), None, None),
+            vec!["group"],
+        ),
+        (
+            reference("subject", (Some("Patient"), Some("a")), None, Some("2")),
+            vec!["versioned"],
+        ),
+        (
+            reference("subject", (Some("Patient"), None), None, None),
+            vec!["absolute", "other", "relative", "versioned"],
+        ),
+        (
+            reference(
+                "subject",
+                (None, None),
+                Some("http://elsewhere.example/fhir/Patient/remote"),
+                None,
+            ),
+            vec!["absolute"],
+        ),
+        (
+            reference(
+                "subject",
+                (None, None),
+                Some("urn:uuid:6c7f0e1e-2a8e-4d6b-9c3a-1f1f1f1f1f1f"),
+                None,
+            ),
+            vec!["urn"],
+        ),
+        // A relative reference has no URL to match.
+        (
+            reference("subject", (None, None), Some("Patient/a"), None),
+            vec![],
+        ),
+        (
+            reference("subject", (Some("Patient"), Some("c")), None, None),
+            vec![],
+        ),
+        (
+            not(reference(
+                "subject",
+                (Some("Patient"), Some("a")),
+                None,
+                None,
+            )),
+            vec!["absolute", "group", "nosubject", "other", "urn"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Observation", criterion, &expected).await;
+    }
+
+    let response = |questionnaire: &str| {
+        json!({"resourceType": "QuestionnaireResponse", "status": "completed",
+               "questionnaire": questionnaire})
+    };
+    let intake = "http://example.org/Questionnaire/intake";
+    create(
+        &world,
+        "QuestionnaireResponse",
+        "v2",
+        response(&format!("{intake}|2.0")),
+    )
+    .await;
+    create(
+        &world,
+        "QuestionnaireResponse",
+        "v3",
+        response(&format!("{intake}|3.0")),
+    )
+    .await;
+    create(
+        &world,
+        "QuestionnaireResponse",
+        "unversioned",
+        response(intake),
+    )
+    .await;
+    create(
+        &world,
+        "QuestionnaireResponse",
+        "otherv2",
+        response("http://example.org/Questionnaire/other|2.0"),
+    )
+    .await;
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (
+            reference("questionnaire", (None, None), Some(intake), Some("2.0")),
+            vec!["v2"],
+        ),
+        (
+            reference("questionnaire", (None, None), Some(intake), None),
+            vec!["unversioned", "v2", "v3"],
+        ),
+        (
+            reference("questionnaire", (None, None), Some(intake), Some("4.0")),
+            vec![],
+        ),
+        (
+            reference("questionnaire", (None, None), None, Some("2.0")),
+            vec!["otherv2", "v2"],
+        ),
+        (
+            reference(
+                "questionnaire",
+                (None, None),
+                Some(&format!("{intake}|2.0")),
+                None,
+            ),
+            vec![],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "QuestionnaireResponse", criterion, &expected).await;
+    }
+}
+
+async fn date_search_honours_every_prefix_on_days_seconds_zones_and_periods(world: World) {
+    let effective = |key: &str, value: Value| {
+        let mut observation = json!({"resourceType": "Observation", "status": "final"});
+        observation[key] = value;
+        observation
+    };
+    for (id, at) in [
+        ("before", "2021-03-03"),
+        ("day", "2021-03-04"),
+        ("second", "2021-03-04T10:00:00Z"),
+        // 23:30 on the 4th in UTC.
+        ("zoned", "2021-03-05T01:30:00+02:00"),
+        ("after", "2021-03-05T12:30:00Z"),
+    ] {
+        create(
+            &world,
+            "Observation",
+            id,
+            effective("effectiveDateTime", json!(at)),
+        )
+        .await;
+    }
+    create(
+        &world,
+        "Observation",
+        "closed",
+        effective(
+            "effectivePeriod",
+            json!({"start": "2021-03-01", "end": "2021-03-10"}),
+        ),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "open",
+        effective("effectivePeriod", json!({"start": "2021-03-08"})),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "undated",
+        json!({"resourceType": "Observation", "status": "final"}),
+    )
+    .await;
+
+    let date = |range| Criterion::Date {
+        param: "date".into(),
+        range,
+    };
+    // A day: [2021-03-04, 2021-03-05).
+    let day_cases: Vec<(Prefix, Vec<&str>)> = vec![
+        (Prefix::Eq, vec!["day", "second", "zoned"]),
+        (Prefix::Ne, vec!["after", "before", "closed", "open"]),
+        (Prefix::Gt, vec!["after", "closed", "open"]),
+        (Prefix::Lt, vec!["before", "closed"]),
+        (
+            Prefix::Ge,
+            vec!["after", "closed", "day", "open", "second", "zoned"],
+        ),
+        (
+            Prefix::Le,
+            vec!["before", "closed", "day", "second", "zoned"],
+        ),
+        (Prefix::Sa, vec!["after", "open"]),
+        (Prefix::Eb, vec!["before"]),
+        (Prefix::Ap, vec!["closed", "day", "second", "zoned"]),
+    ];
+    for (prefix, expected) in day_cases {
+        finds(
+            &world,
+            "Observation",
+            date(date_value(prefix, "2021-03-04")),
+            &expected,
+        )
+        .await;
+    }
+    // A second: [10:00:00, 10:00:01) on the 4th; the day is not within it.
+    let second_cases: Vec<(Prefix, Vec<&str>)> = vec![
+        (Prefix::Eq, vec!["second"]),
+        (
+            Prefix::Ne,
+            vec!["after", "before", "closed", "day", "open", "zoned"],
+        ),
+        (Prefix::Gt, vec!["after", "closed", "day", "open", "zoned"]),
+        (Prefix::Lt, vec!["before", "closed", "day"]),
+        (
+            Prefix::Ge,
+            vec!["after", "closed", "day", "open", "second", "zoned"],
+        ),
+        (Prefix::Le, vec!["before", "closed", "day", "second"]),
+        (Prefix::Sa, vec!["after", "open", "zoned"]),
+        (Prefix::Eb, vec!["before"]),
+    ];
+    for (prefix, expected) in second_cases {
+        finds(
+            &world,
+            "Observation",
+            date(date_value(prefix, "2021-03-04T10:00:00Z")),
+            &expected,
+        )
+        .await;
+    }
+    // `ap` as the API widens it: an interval around the value.
+    let around = Range {
+        prefix: Prefix::Ap,
+        low: datetime!(2021-03-04 09:00 UTC),
+        high: datetime!(2021-03-04 11:00 UTC),
+        value: datetime!(2021-03-04 10:00 UTC),
+    };
+    finds(
+        &world,
+        "Observation",
+        date(around),
+        &["closed", "day", "second"],
+    )
+    .await;
+    // A month contains the closed period but not the open one.
+    finds(
+        &world,
+        "Observation",
+        date(date_value(Prefix::Eq, "2021-03")),
+        &["after", "before", "closed", "day", "second", "zoned"],
+    )
+    .await;
+    finds(
+        &world,
+        "Observation",
+        date(date_value(Prefix::Ne, "2021-03")),
+        &["open"],
+    )
+    .await;
+    // The open end reaches far into the future.
+    finds(
+        &world,
+        "Observation",
+        date(date_value(Prefix::Gt, "2900")),
+        &["open"],
+    )
+    .await;
+    // Two conditions on one parameter: a range.
+    finds(
+        &world,
+        "Observation",
+        Criterion::All(vec![
+            date(date_value(Prefix::Ge, "2021-03-04")),
+            date(date_value(Prefix::Lt, "2021-03-05")),
+        ]),
+        &["closed", "day", "second", "zoned"],
+    )
+    .await;
+}
+
+async fn number_and_quantity_search_compare_midpoints_with_precision_units_and_rounding(
+    world: World,
+) {
+    for (id, probability) in [
+        ("p025", json!(0.25)),
+        ("p03", json!(0.3)),
+        ("p035", json!(0.35)),
+        ("p04", json!(0.4)),
+    ] {
+        create(
+            &world,
+            "RiskAssessment",
+            id,
+            json!({"resourceType": "RiskAssessment", "status": "final",
+                   "subject": {"reference": "Patient/a"},
+                   "prediction": [{"probabilityDecimal": probability}]}),
+        )
+        .await;
+    }
+    create(
+        &world,
+        "RiskAssessment",
+        "none",
+        json!({"resourceType": "RiskAssessment", "status": "final",
+               "subject": {"reference": "Patient/a"}}),
+    )
+    .await;
+    let probability = |prefix, text| Criterion::Number {
+        param: "probability".into(),
+        range: number_value(prefix, text),
+    };
+    let cases: Vec<(Prefix, &str, Vec<&str>)> = vec![
+        // 0.3 covers [0.25, 0.35).
+        (Prefix::Eq, "0.3", vec!["p025", "p03"]),
+        (Prefix::Ne, "0.3", vec!["p035", "p04"]),
+        (Prefix::Gt, "0.3", vec!["p035", "p04"]),
+        (Prefix::Lt, "0.3", vec!["p025"]),
+        (Prefix::Ge, "0.3", vec!["p03", "p035", "p04"]),
+        (Prefix::Le, "0.3", vec!["p025", "p03"]),
+        (Prefix::Sa, "0.3", vec!["p035", "p04"]),
+        (Prefix::Eb, "0.3", vec!["p025"]),
+        (Prefix::Ap, "0.3", vec!["p025", "p03"]),
+        // 0.4 covers [0.35, 0.45), though 0.4 - 0.05 is 0.35000000000000003 in f64.
+        (Prefix::Eq, "0.4", vec!["p035", "p04"]),
+        (Prefix::Eq, "0.35", vec!["p035"]),
+        (Prefix::Eq, "0.30", vec!["p03"]),
+        (Prefix::Gt, "0.25", vec!["p03", "p035", "p04"]),
+        (Prefix::Le, "0.25", vec!["p025"]),
+        (Prefix::Ge, "0.4", vec!["p04"]),
+        (Prefix::Lt, "0.4", vec!["p025", "p03", "p035"]),
+        (Prefix::Eq, "0.1", vec![]),
+    ];
+    for (prefix, text, expected) in cases {
+        finds(
+            &world,
+            "RiskAssessment",
+            probability(prefix, text),
+            &expected,
+        )
+        .await;
+    }
+
+    let mg = |value: Value| json!({"value": value, "unit": "mg", "system": UCUM, "code": "mg"});
+    create(
+        &world,
+        "Observation",
+        "q100",
+        quantity_observation(mg(json!(100))),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "q99.7",
+        quantity_observation(mg(json!(99.7))),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "q101",
+        quantity_observation(mg(json!(101))),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "pound",
+        quantity_observation(
+            json!({"value": 100, "unit": "lb", "system": UCUM, "code": "[lb_av]"}),
+        ),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "unitonly",
+        quantity_observation(json!({"value": 100, "unit": "mg"})),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "novalue",
+        json!({"resourceType": "Observation", "status": "final"}),
+    )
+    .await;
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        // `100` covers [99.5, 100.5): 99.7 is 100 at that precision.
+        (
+            quantity(number_value(Prefix::Eq, "100"), None, None),
+            vec!["pound", "q100", "q99.7", "unitonly"],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "100"), Some(UCUM), Some("mg")),
+            vec!["q100", "q99.7"],
+        ),
+        // A code without a system matches the code or the unit.
+        (
+            quantity(number_value(Prefix::Eq, "100"), None, Some("mg")),
+            vec!["q100", "q99.7", "unitonly"],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "100"), Some(""), Some("mg")),
+            vec!["q100", "q99.7", "unitonly"],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "100"), None, Some("[lb_av]")),
+            vec!["pound"],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "100"), None, Some("lb")),
+            vec!["pound"],
+        ),
+        // A system and code match the code, never the unit.
+        (
+            quantity(number_value(Prefix::Eq, "100"), Some(UCUM), Some("lb")),
+            vec![],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "100"), Some(UCUM), None),
+            vec!["pound", "q100", "q99.7"],
+        ),
+        (
+            quantity(
+                number_value(Prefix::Eq, "100"),
+                Some("http://example.org/units"),
+                Some("mg"),
+            ),
+            vec![],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "99.7"), None, None),
+            vec!["q99.7"],
+        ),
+        (
+            quantity(number_value(Prefix::Eq, "100.0"), Some(UCUM), Some("mg")),
+            vec!["q100"],
+        ),
+        (
+            quantity(number_value(Prefix::Gt, "100"), Some(UCUM), Some("mg")),
+            vec!["q101"],
+        ),
+        (
+            quantity(number_value(Prefix::Lt, "100"), Some(UCUM), Some("mg")),
+            vec!["q99.7"],
+        ),
+        (
+            quantity(number_value(Prefix::Ge, "100"), Some(UCUM), Some("mg")),
+            vec!["q100", "q101"],
+        ),
+        (
+            quantity(number_value(Prefix::Le, "100"), Some(UCUM), Some("mg")),
+            vec!["q100", "q99.7"],
+        ),
+        (
+            quantity(number_value(Prefix::Ne, "100"), Some(UCUM), Some("mg")),
+            vec!["q101"],
+        ),
+        (
+            quantity(number_value(Prefix::Gt, "99.7"), None, Some("mg")),
+            vec!["q100", "q101", "unitonly"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Observation", criterion, &expected).await;
+    }
+}
+
+async fn uri_search_matches_exactly_below_and_above(world: World) {
+    for (id, url) in [
+        ("vs123", Some("http://acme.org/fhir/ValueSet/123")),
+        ("vs124", Some("http://acme.org/fhir/ValueSet/124")),
+        ("other", Some("http://acme.org/other/ValueSet/1")),
+        ("base", Some("http://acme.org/fhir")),
+        ("nourl", None),
+    ] {
+        let mut value_set = json!({"resourceType": "ValueSet", "status": "active"});
+        if let Some(url) = url {
+            value_set["url"] = json!(url);
+        }
+        create(&world, "ValueSet", id, value_set).await;
+    }
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (
+            uri("http://acme.org/fhir/ValueSet/123", UriMatch::Exact),
+            vec!["vs123"],
+        ),
+        (
+            uri("http://acme.org/fhir/ValueSet", UriMatch::Exact),
+            vec![],
+        ),
+        (
+            uri("HTTP://ACME.ORG/fhir/ValueSet/123", UriMatch::Exact),
+            vec![],
+        ),
+        (
+            uri("http://acme.org/fhir", UriMatch::Below),
+            vec!["base", "vs123", "vs124"],
+        ),
+        (
+            uri("http://acme.org/fhir/ValueSet/", UriMatch::Below),
+            vec!["vs123", "vs124"],
+        ),
+        (
+            uri("http://acme.org/", UriMatch::Below),
+            vec!["base", "other", "vs123", "vs124"],
+        ),
+        (
+            uri(
+                "http://acme.org/fhir/ValueSet/123/_history/5",
+                UriMatch::Above,
+            ),
+            vec!["base", "vs123"],
+        ),
+        (
+            uri("http://acme.org/other/ValueSet/1", UriMatch::Above),
+            vec!["other"],
+        ),
+        (uri("http://acme.org", UriMatch::Above), vec![]),
+        (
+            not(uri("http://acme.org/fhir/ValueSet/123", UriMatch::Exact)),
+            vec!["base", "nourl", "other", "vs124"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "ValueSet", criterion, &expected).await;
+    }
+}
+
+async fn missing_finds_resources_with_and_without_a_value(world: World) {
+    create(
+        &world,
+        "Observation",
+        "valued",
+        observation("Patient/p", "8867-4", 72),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "stringvalue",
+        json!({"resourceType": "Observation", "status": "final", "valueString": "high"}),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "bare",
+        json!({"resourceType": "Observation", "status": "final"}),
+    )
+    .await;
+    create(&world, "Patient", "p", patient("P")).await;
+    let missing = |param: &str, kind, missing| Criterion::Missing {
+        param: param.into(),
+        kind,
+        missing,
+    };
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (
+            missing("value-quantity", IndexKind::Quantity, true),
+            vec!["bare", "stringvalue"],
+        ),
+        (
+            missing("value-quantity", IndexKind::Quantity, false),
+            vec!["valued"],
+        ),
+        (
+            missing("subject", IndexKind::Reference, true),
+            vec!["bare", "stringvalue"],
+        ),
+        (missing("date", IndexKind::Date, false), vec!["valued"]),
+        (
+            missing("code", IndexKind::Token, true),
+            vec!["bare", "stringvalue"],
+        ),
+        (
+            missing("code-value-quantity", IndexKind::Composite, false),
+            vec!["valued"],
+        ),
+        (
+            missing("value-string", IndexKind::String, false),
+            vec!["stringvalue"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Observation", criterion, &expected).await;
+    }
+    // Across types, each resource is asked about its own rows.
+    let mut system = search(None);
+    system.criterion = missing("value-quantity", IndexKind::Quantity, false);
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[("Observation", "valued")])
+    );
+    system.criterion = missing("value-quantity", IndexKind::Quantity, true);
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[
+            ("Observation", "bare"),
+            ("Observation", "stringvalue"),
+            ("Patient", "p")
+        ])
+    );
+}
+
+async fn a_composite_matches_parts_of_one_combination_in_order(world: World) {
+    let heart = |value: i64| observation("Patient/p", "8867-4", value);
+    create(&world, "Observation", "heart72", heart(72)).await;
+    create(&world, "Observation", "heart80", heart(80)).await;
+    create(
+        &world,
+        "Observation",
+        "systolic72",
+        observation("Patient/p", "8480-6", 72),
+    )
+    .await;
+    // Blood pressure as components: systolic 120, diastolic 80.
+    let component = |code: &str, value: i64| {
+        json!({"code": {"coding": [{"system": LOINC, "code": code}]},
+               "valueQuantity": {"value": value, "unit": "mmHg", "system": UCUM, "code": "mm[Hg]"}})
+    };
+    create(
+        &world,
+        "Observation",
+        "pressure",
+        json!({"resourceType": "Observation", "status": "final",
+               "code": {"coding": [{"system": LOINC, "code": "85354-9"}]},
+               "component": [component("8480-6", 120), component("8462-4", 80)]}),
+    )
+    .await;
+
+    let composite = |param: &str, parts: (&str, &str), code: &str, range| Criterion::Composite {
+        param: param.into(),
+        parts: vec![
+            coded(parts.0, Some(LOINC), Some(code)),
+            Criterion::Quantity {
+                param: parts.1.into(),
+                range,
+                system: None,
+                code: None,
+            },
+        ],
+    };
+    let plain = |code, range| {
+        composite(
+            "code-value-quantity",
+            ("code", "value-quantity"),
+            code,
+            range,
+        )
+    };
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (
+            plain("8867-4", number_value(Prefix::Eq, "72")),
+            vec!["heart72"],
+        ),
+        (
+            plain("8867-4", number_value(Prefix::Gt, "75")),
+            vec!["heart80"],
+        ),
+        (
+            plain("8480-6", number_value(Prefix::Eq, "72")),
+            vec!["systolic72"],
+        ),
+        (plain("8480-6", number_value(Prefix::Eq, "80")), vec![]),
+        (
+            Criterion::Any(vec![
+                plain("8867-4", number_value(Prefix::Eq, "80")),
+                plain("8480-6", number_value(Prefix::Eq, "72")),
+            ]),
+            vec!["heart80", "systolic72"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Observation", criterion, &expected).await;
+    }
+    // Each component is its own combination: systolic 80 is no match, though
+    // the resource has a systolic component and a component of 80.
+    let parts = ("component-code", "component-value-quantity");
+    let by_component = |code, range| composite("component-code-value-quantity", parts, code, range);
+    let cases: Vec<(Criterion, Vec<&str>)> = vec![
+        (
+            by_component("8480-6", number_value(Prefix::Eq, "120")),
+            vec!["pressure"],
+        ),
+        (
+            by_component("8462-4", number_value(Prefix::Lt, "90")),
+            vec!["pressure"],
+        ),
+        (
+            by_component("8480-6", number_value(Prefix::Eq, "80")),
+            vec![],
+        ),
+        (
+            by_component("8462-4", number_value(Prefix::Eq, "120")),
+            vec![],
+        ),
+        (
+            Criterion::All(vec![
+                by_component("8480-6", number_value(Prefix::Ge, "120")),
+                by_component("8462-4", number_value(Prefix::Ge, "80")),
+            ]),
+            vec!["pressure"],
+        ),
+    ];
+    for (criterion, expected) in cases {
+        finds(&world, "Observation", criterion, &expected).await;
+    }
+    // The parts are read in the definition's order: swapped, nothing matches.
+    finds(
+        &world,
+        "Observation",
+        Criterion::Composite {
+            param: "code-value-quantity".into(),
+            parts: vec![
+                quantity(number_value(Prefix::Eq, "72"), None, None),
+                coded("code", Some(LOINC), Some("8867-4")),
+            ],
+        },
+        &[],
+    )
+    .await;
+}
+
+async fn the_patient_compartment_holds_the_patient_and_what_refers_to_it(world: World) {
+    create(&world, "Patient", "a", patient("A")).await;
+    create(&world, "Patient", "b", patient("B")).await;
+    create(
+        &world,
+        "Observation",
+        "oa",
+        observation("Patient/a", "8867-4", 70),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "ob",
+        observation("Patient/b", "8867-4", 70),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "ogroup",
+        observation("Group/a", "8867-4", 70),
+    )
+    .await;
+    create(
+        &world,
+        "Encounter",
+        "ea",
+        json!({"resourceType": "Encounter", "status": "finished",
+               "class": {"code": "AMB"}, "subject": {"reference": "Patient/a"}}),
+    )
+    .await;
+    let of_a = || Criterion::PatientCompartment("a".into());
+    finds(&world, "Observation", of_a(), &["oa"]).await;
+    finds(&world, "Patient", of_a(), &["a"]).await;
+    finds(&world, "Encounter", of_a(), &["ea"]).await;
+    let mut system = search(None);
+    system.criterion = of_a();
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[("Encounter", "ea"), ("Observation", "oa"), ("Patient", "a")])
+    );
+    system.criterion = Criterion::PatientCompartment("b".into());
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[("Observation", "ob"), ("Patient", "b")])
+    );
+    system.criterion = Criterion::PatientCompartment("nobody".into());
+    assert!(found_keys(&world, &system).await.is_empty());
+    // Moving the observation to b moves it between compartments.
+    update(
+        &world,
+        "Observation",
+        "oa",
+        observation("Patient/b", "8867-4", 70),
+    )
+    .await;
+    finds(&world, "Observation", of_a(), &[]).await;
+    finds(
+        &world,
+        "Observation",
+        Criterion::PatientCompartment("b".into()),
+        &["oa", "ob"],
+    )
+    .await;
+}
+
+async fn chains_and_has_follow_references_and_the_access_applies_inside_them(world: World) {
+    create(&world, "Patient", "a", patient("Smith")).await;
+    create(&world, "Patient", "b", patient("Jones")).await;
+    create(&world, "Patient", "gone", patient("Smith")).await;
+    delete(&world, "Patient", "gone").await;
+    create(
+        &world,
+        "Observation",
+        "ax",
+        coded_observation("Patient/a", "1111-1"),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "ay",
+        coded_observation("Patient/a", "2222-2"),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "bx",
+        coded_observation("Patient/b", "1111-1"),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "gonex",
+        coded_observation("Patient/gone", "1111-1"),
+    )
+    .await;
+
+    let subject_named = |name: &str| Criterion::Chain {
+        param: "subject".into(),
+        targets: vec![(
+            "Patient".into(),
+            string("name", name, StringMatch::StartsWith),
+        )],
+    };
+    finds(&world, "Observation", subject_named("smith"), &["ax", "ay"]).await;
+    finds(&world, "Observation", subject_named("jones"), &["bx"]).await;
+    finds(&world, "Observation", subject_named("nobody"), &[]).await;
+    finds(
+        &world,
+        "Observation",
+        Criterion::All(vec![
+            subject_named("smith"),
+            coded("code", None, Some("1111-1")),
+        ]),
+        &["ax"],
+    )
+    .await;
+
+    // The access is inside the chain: targets the caller may not see match nothing.
+    let access_all_observations = |patients| {
+        rule(vec![
+            ("Observation", TypeAccess::All),
+            ("Patient", patients),
+        ])
+    };
+    let mut chained = query_of("Observation", subject_named("smith"));
+    chained.total = true;
+    chained.access = Some(access_all_observations(TypeAccess::Nothing));
+    let page = world.store.search(&chained).await.unwrap();
+    assert_eq!((ids(&page), page.total), (vec![], Some(0)));
+    chained.access = Some(access_all_observations(TypeAccess::Only(Criterion::Id(
+        vec!["b".into()],
+    ))));
+    assert!(found_ids(&world, &chained).await.is_empty());
+    chained.criterion = subject_named("jones");
+    assert_eq!(found_ids(&world, &chained).await, ["bx"]);
+    chained.access = Some(access_all_observations(TypeAccess::All));
+    assert_eq!(found_ids(&world, &chained).await, ["bx"]);
+
+    // `_has`: patients with an observation of a code.
+    let has_code = |code: &str| Criterion::Has {
+        source_type: "Observation".into(),
+        param: "subject".into(),
+        criterion: Box::new(coded("code", Some(LOINC), Some(code))),
+    };
+    finds(&world, "Patient", has_code("1111-1"), &["a", "b"]).await;
+    finds(&world, "Patient", has_code("2222-2"), &["a"]).await;
+    finds(&world, "Patient", has_code("3333-3"), &[]).await;
+    finds(&world, "Patient", not(has_code("2222-2")), &["b"]).await;
+    let mut system = search(None);
+    system.criterion = has_code("2222-2");
+    assert_eq!(found_keys(&world, &system).await, keys(&[("Patient", "a")]));
+
+    // The access on the source type applies to the observations `_has` reads.
+    let mut has = query_of("Patient", has_code("1111-1"));
+    has.access = Some(rule(vec![
+        ("Patient", TypeAccess::All),
+        ("Observation", TypeAccess::Nothing),
+    ]));
+    assert!(found_ids(&world, &has).await.is_empty());
+    has.access = Some(rule(vec![
+        ("Patient", TypeAccess::All),
+        (
+            "Observation",
+            TypeAccess::Only(Criterion::PatientCompartment("b".into())),
+        ),
+    ]));
+    assert_eq!(found_ids(&world, &has).await, ["b"]);
+    has.criterion = has_code("2222-2");
+    assert!(found_ids(&world, &has).await.is_empty());
+    system.access = has.access.clone();
+    assert!(found_keys(&world, &system).await.is_empty());
+}
+
+async fn access_rules_confine_counts_pages_system_searches_and_combine(world: World) {
+    create(&world, "Patient", "a", patient("A")).await;
+    create(&world, "Patient", "b", patient("B")).await;
+    for (id, subject) in [
+        ("a1", "Patient/a"),
+        ("a2", "Patient/a"),
+        ("a3", "Patient/a"),
+        ("b1", "Patient/b"),
+        ("b2", "Patient/b"),
+    ] {
+        create(
+            &world,
+            "Observation",
+            id,
+            observation(subject, "8867-4", 70),
+        )
+        .await;
+    }
+    create(
+        &world,
+        "Encounter",
+        "ea",
+        json!({"resourceType": "Encounter", "status": "finished",
+               "class": {"code": "AMB"}, "subject": {"reference": "Patient/a"}}),
+    )
+    .await;
+    let only_a = || TypeAccess::Only(Criterion::PatientCompartment("a".into()));
+    let by_id = vec![SortKey {
+        by: SortBy::Id,
+        descending: false,
+    }];
+
+    // Counted and paged within what the rule admits.
+    let mut query = search(Some("Observation"));
+    query.access = Some(rule(vec![("Observation", only_a())]));
+    query.sort = by_id.clone();
+    query.count = 2;
+    query.total = true;
+    let first = world.store.search(&query).await.unwrap();
+    assert_eq!(
+        (ids(&first), first.total, first.more),
+        (vec!["a1".to_owned(), "a2".to_owned()], Some(3), true)
+    );
+    query.offset = 2;
+    let second = world.store.search(&query).await.unwrap();
+    assert_eq!(
+        (ids(&second), second.total, second.more),
+        (vec!["a3".to_owned()], Some(3), false)
+    );
+    query.count = 0;
+    query.offset = 0;
+    assert_eq!(world.store.search(&query).await.unwrap().total, Some(3));
+    assert_eq!(
+        world.store.search_keys(&query, 100).await.unwrap(),
+        keys(&[
+            ("Observation", "a1"),
+            ("Observation", "a2"),
+            ("Observation", "a3")
+        ])
+    );
+    // A criterion and the rule must both hold.
+    let mut narrowed = search(Some("Observation"));
+    narrowed.access = query.access.clone();
+    narrowed.criterion = Criterion::Id(vec!["a2".into(), "b1".into()]);
+    assert_eq!(found_ids(&world, &narrowed).await, ["a2"]);
+
+    // A system search admits only the types the rule allows.
+    let mut system = search(None);
+    system.total = true;
+    system.access = Some(rule(vec![
+        ("Observation", only_a()),
+        ("Patient", TypeAccess::All),
+    ]));
+    let page = world.store.search(&system).await.unwrap();
+    assert_eq!(page.total, Some(5));
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[
+            ("Observation", "a1"),
+            ("Observation", "a2"),
+            ("Observation", "a3"),
+            ("Patient", "a"),
+            ("Patient", "b")
+        ])
+    );
+    let mut two_types = system.clone();
+    two_types.types = vec!["Observation".into(), "Encounter".into()];
+    assert_eq!(
+        found_keys(&world, &two_types).await,
+        keys(&[
+            ("Observation", "a1"),
+            ("Observation", "a2"),
+            ("Observation", "a3")
+        ])
+    );
+    let mut nothing = search(Some("Encounter"));
+    nothing.total = true;
+    nothing.access = system.access.clone();
+    let page = world.store.search(&nothing).await.unwrap();
+    assert_eq!((page.resources.len(), page.total), (0, Some(0)));
+
+    // Both rules must admit: Only and Only is their AND, Nothing wins, All yields.
+    let first_rule = rule(vec![
+        ("Observation", only_a()),
+        ("Patient", TypeAccess::All),
+        ("Encounter", TypeAccess::All),
+    ]);
+    let second_rule = rule(vec![
+        (
+            "Observation",
+            TypeAccess::Only(Criterion::Id(vec!["a1".into(), "b1".into()])),
+        ),
+        ("Patient", TypeAccess::Nothing),
+        ("Encounter", TypeAccess::All),
+    ]);
+    let mut both = search(None);
+    both.total = true;
+    both.access = Some(Arc::new(BothAccess(first_rule.clone(), second_rule)));
+    let page = world.store.search(&both).await.unwrap();
+    assert_eq!(page.total, Some(2));
+    assert_eq!(
+        found_keys(&world, &both).await,
+        keys(&[("Encounter", "ea"), ("Observation", "a1")])
+    );
+    let everything: Access = Arc::new(Rule {
+        types: vec![],
+        otherwise: TypeAccess::All,
+    });
+    both.access = Some(Arc::new(BothAccess(everything, first_rule)));
+    assert_eq!(world.store.search(&both).await.unwrap().total, Some(6));
+}
+
+async fn sorting_is_total_the_same_on_every_backend_and_search_keys_pages_alike(world: World) {
+    for (id, family, birth) in [
+        ("Z", Some("Zed"), Some("1990-01-01")),
+        ("ad", Some("adams"), Some("1980")),
+        ("od", Some("Ödön"), Some("1985-06")),
+        ("Ba", Some("Baker"), None),
+        ("lu", Some("Łukasz"), Some("2000-02-29")),
+        ("none", None, Some("1970-05-05")),
+        ("s1", Some("Smith"), Some("1990-07-01")),
+        ("s2", Some("Smith"), Some("1980-03-03")),
+    ] {
+        let mut resource = json!({"resourceType": "Patient"});
+        if let Some(family) = family {
+            resource["name"] = json!([{"family": family}]);
+        }
+        if let Some(birth) = birth {
+            resource["birthDate"] = json!(birth);
+        }
+        world.tick();
+        create(&world, "Patient", id, resource).await;
+    }
+    let by = |param: &str, kind, descending| SortKey {
+        by: SortBy::Param {
+            param: param.into(),
+            kind,
+        },
+        descending,
+    };
+    let id = |descending| SortKey {
+        by: SortBy::Id,
+        descending,
+    };
+    let cases: Vec<(Vec<SortKey>, Vec<&str>)> = vec![
+        // Folded names, compared bytewise (ł after z); ties by id; no name last.
+        (
+            vec![by("family", IndexKind::String, false)],
+            vec!["ad", "Ba", "od", "s1", "s2", "Z", "lu", "none"],
+        ),
+        (
+            vec![by("family", IndexKind::String, true)],
+            vec!["lu", "Z", "s1", "s2", "od", "Ba", "ad", "none"],
+        ),
+        // Dates: ascending by where they start, descending by where they end.
+        (
+            vec![by("birthdate", IndexKind::Date, true)],
+            vec!["lu", "s1", "Z", "od", "ad", "s2", "none", "Ba"],
+        ),
+        (
+            vec![by("birthdate", IndexKind::Date, false)],
+            vec!["none", "ad", "s2", "od", "Z", "s1", "lu", "Ba"],
+        ),
+        // Ids bytewise: upper case first.
+        (
+            vec![id(false)],
+            vec!["Ba", "Z", "ad", "lu", "none", "od", "s1", "s2"],
+        ),
+        (
+            vec![id(true)],
+            vec!["s2", "s1", "od", "none", "lu", "ad", "Z", "Ba"],
+        ),
+        // Several keys: the second orders what the first leaves tied.
+        (
+            vec![
+                by("family", IndexKind::String, false),
+                by("birthdate", IndexKind::Date, false),
+            ],
+            vec!["ad", "Ba", "od", "s2", "s1", "Z", "lu", "none"],
+        ),
+        (
+            vec![by("family", IndexKind::String, true), id(true)],
+            vec!["lu", "Z", "s2", "s1", "od", "Ba", "ad", "none"],
+        ),
+        (
+            vec![
+                SortKey {
+                    by: SortBy::LastUpdated,
+                    descending: true,
+                },
+                id(false),
+            ],
+            vec!["s2", "s1", "none", "lu", "Ba", "od", "ad", "Z"],
+        ),
+    ];
+    for (sort, expected) in cases {
+        let mut query = search(Some("Patient"));
+        query.sort = sort.clone();
+        assert_eq!(
+            ids(&world.store.search(&query).await.unwrap()),
+            expected,
+            "{sort:?}"
+        );
+        // Paging through gives the same order, without gaps or repeats.
+        query.count = 3;
+        let mut paged = Vec::new();
+        loop {
+            let page = world.store.search(&query).await.unwrap();
+            paged.extend(ids(&page));
+            if !page.more {
+                break;
+            }
+            query.offset += 3;
+        }
+        assert_eq!(paged, expected, "paged {sort:?}");
+        let keyed: Vec<String> = world
+            .store
+            .search_keys(&query, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect();
+        assert_eq!(keyed, expected, "keys {sort:?}");
+        let first_five = world.store.search_keys(&query, 5).await.unwrap();
+        assert_eq!(first_five.len(), 5, "limited keys {sort:?}");
+        assert_eq!(first_five[4].1, expected[4], "limited keys {sort:?}");
+    }
+
+    // Across types, resources without the value come last, by type and id.
+    create(
+        &world,
+        "Observation",
+        "o1",
+        observation("Patient/ad", "8867-4", 60),
+    )
+    .await;
+    let mut system = search(None);
+    system.criterion = Criterion::Id(vec!["ad".into(), "none".into(), "o1".into(), "Z".into()]);
+    system.sort = vec![by("family", IndexKind::String, false)];
+    let page = world.store.search(&system).await.unwrap();
+    let order: Vec<(String, String)> = page
+        .resources
+        .into_iter()
+        .map(|r| (r.resource_type, r.id))
+        .collect();
+    assert_eq!(
+        order,
+        keys(&[
+            ("Patient", "ad"),
+            ("Patient", "Z"),
+            ("Observation", "o1"),
+            ("Patient", "none")
+        ])
+    );
+    assert_eq!(world.store.search_keys(&system, 10).await.unwrap(), order);
+
+    // Quantities sort by value.
+    system.types = vec!["Observation".into()];
+    system.criterion = Criterion::Always;
+    create(
+        &world,
+        "Observation",
+        "o2",
+        observation("Patient/ad", "8867-4", 50),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "o3",
+        observation("Patient/ad", "8867-4", 55),
+    )
+    .await;
+    system.sort = vec![by("value-quantity", IndexKind::Quantity, false)];
+    assert_eq!(
+        ids(&world.store.search(&system).await.unwrap()),
+        ["o2", "o3", "o1"]
+    );
+    system.sort = vec![by("value-quantity", IndexKind::Quantity, true)];
+    assert_eq!(
+        ids(&world.store.search(&system).await.unwrap()),
+        ["o1", "o3", "o2"]
+    );
+}
+
+async fn a_keys_criterion_returns_exactly_the_named_resources(world: World) {
+    create(&world, "Patient", "a", patient("A")).await;
+    create(&world, "Patient", "b", patient("B")).await;
+    create(
+        &world,
+        "Observation",
+        "a",
+        observation("Patient/a", "8867-4", 70),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "o1",
+        observation("Patient/a", "8867-4", 70),
+    )
+    .await;
+    create(&world, "Patient", "gone", patient("Gone")).await;
+    delete(&world, "Patient", "gone").await;
+    let named = |pairs: &[(&str, &str)]| Criterion::Keys(keys(pairs));
+    let mut system = search(None);
+    system.criterion = named(&[
+        ("Patient", "a"),
+        ("Observation", "o1"),
+        ("Patient", "missing"),
+        ("Patient", "gone"),
+    ]);
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[("Observation", "o1"), ("Patient", "a")])
+    );
+    // The type is part of the key: Observation/a is not Patient/a.
+    system.criterion = named(&[("Observation", "a")]);
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[("Observation", "a")])
+    );
+    system.criterion = named(&[]);
+    assert!(found_keys(&world, &system).await.is_empty());
+    finds(
+        &world,
+        "Patient",
+        named(&[("Patient", "a"), ("Observation", "o1")]),
+        &["a"],
+    )
+    .await;
+    finds(
+        &world,
+        "Patient",
+        named(&[("Patient", "b"), ("Patient", "a")]),
+        &["a", "b"],
+    )
+    .await;
+}
+
+async fn criteria_nested_too_deeply_and_composites_of_non_values_are_unsupported(world: World) {
+    create(&world, "Patient", "a", patient("A")).await;
+    let nested = |depth: usize| {
+        let mut criterion = Criterion::Always;
+        for _ in 0..depth {
+            criterion = not(criterion);
+        }
+        criterion
+    };
+    // Moderate nesting is fine.
+    finds(&world, "Patient", nested(4), &["a"]).await;
+    let unsupported = |result: Result<_, StoreError>| {
+        assert!(
+            matches!(result, Err(StoreError::Unsupported(_))),
+            "{result:?}"
+        );
+    };
+    let mut deep = query_of("Patient", nested(40));
+    unsupported(world.store.search(&deep).await.map(|_| ()));
+    deep.total = true;
+    unsupported(world.store.search(&deep).await.map(|_| ()));
+    unsupported(world.store.search_keys(&deep, 10).await.map(|_| ()));
+    // Nesting inside an access rule counts as well.
+    let mut through_access = search(Some("Patient"));
+    through_access.access = Some(rule(vec![("Patient", TypeAccess::Only(nested(40)))]));
+    unsupported(world.store.search(&through_access).await.map(|_| ()));
+    // Chains nest too.
+    let mut chain = string("name", "a", StringMatch::StartsWith);
+    for _ in 0..20 {
+        chain = Criterion::Chain {
+            param: "link".into(),
+            targets: vec![("Patient".into(), chain)],
+        };
+    }
+    unsupported(
+        world
+            .store
+            .search(&query_of("Patient", chain))
+            .await
+            .map(|_| ()),
+    );
+
+    for part in [
+        not(coded("code", Some(LOINC), Some("8867-4"))),
+        Criterion::Missing {
+            param: "code".into(),
+            kind: IndexKind::Token,
+            missing: false,
+        },
+        Criterion::PatientCompartment("a".into()),
+        Criterion::Any(vec![coded("code", Some(LOINC), Some("8867-4"))]),
+    ] {
+        let composite = Criterion::Composite {
+            param: "code-value-quantity".into(),
+            parts: vec![part, quantity(number_value(Prefix::Eq, "72"), None, None)],
+        };
+        unsupported(
+            world
+                .store
+                .search(&query_of("Observation", composite))
+                .await
+                .map(|_| ()),
+        );
+    }
+    // Sorting by a composite has no meaning.
+    let mut sorted = search(Some("Observation"));
+    sorted.sort = vec![SortKey {
+        by: SortBy::Param {
+            param: "code-value-quantity".into(),
+            kind: IndexKind::Composite,
+        },
+        descending: false,
+    }];
+    unsupported(world.store.search(&sorted).await.map(|_| ()));
+}
+
+async fn a_chain_to_several_target_types_stays_on_its_own_parameter_and_resource(world: World) {
+    create(&world, "Patient", "a", patient("Smith")).await;
+    create(&world, "Patient", "b", patient("Jones")).await;
+    create(
+        &world,
+        "Group",
+        "g",
+        json!({"resourceType": "Group", "type": "person", "actual": true}),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "of-a",
+        coded_observation("Patient/a", "1111-1"),
+    )
+    .await;
+    create(
+        &world,
+        "Observation",
+        "of-group",
+        coded_observation("Group/g", "1111-1"),
+    )
+    .await;
+    // Jones's observation, performed by Smith: Smith is no subject of it.
+    let mut performed = coded_observation("Patient/b", "1111-1");
+    performed["performer"] = json!([{"reference": "Patient/a"}]);
+    create(&world, "Observation", "performed", performed).await;
+    // An Encounter of Smith's with the id of an observation of Jones's.
+    create(
+        &world,
+        "Observation",
+        "twin",
+        coded_observation("Patient/b", "1111-1"),
+    )
+    .await;
+    create(
+        &world,
+        "Encounter",
+        "twin",
+        json!({"resourceType": "Encounter", "status": "finished",
+               "class": {"code": "AMB"}, "subject": {"reference": "Patient/a"}}),
+    )
+    .await;
+
+    // `subject.name=smith` without a type: every target type of the parameter.
+    let chain = || Criterion::Chain {
+        param: "subject".into(),
+        targets: vec![
+            ("Group".into(), Criterion::Id(vec!["g".into()])),
+            (
+                "Patient".into(),
+                string("name", "smith", StringMatch::StartsWith),
+            ),
+        ],
+    };
+    finds(&world, "Observation", chain(), &["of-a", "of-group"]).await;
+    let mut system = search(None);
+    system.criterion = chain();
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[
+            ("Encounter", "twin"),
+            ("Observation", "of-a"),
+            ("Observation", "of-group")
+        ])
+    );
 }
