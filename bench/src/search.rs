@@ -84,6 +84,11 @@ pub struct Args {
     /// Bundles loaded at once.
     #[arg(long, default_value_t = 2)]
     load_concurrency: u32,
+    /// Pause after each load before measuring. PostgreSQL's autovacuum
+    /// analyzes freshly loaded tables within about a minute
+    /// (`autovacuum_naptime`); until then its plans may be far slower.
+    #[arg(long, default_value_t = 0)]
+    settle_secs: u64,
     /// Also write the markdown result to this file.
     #[arg(long)]
     output: Option<PathBuf>,
@@ -752,6 +757,7 @@ pub struct Setup {
     pub copies: u32,
     pub via: LoadVia,
     pub load_concurrency: u32,
+    pub settle_secs: u64,
     pub duration_secs: u64,
     pub warmup_secs: u64,
     pub concurrency: u32,
@@ -797,6 +803,7 @@ pub async fn run(args: Args) -> Result<()> {
         copies: args.copies,
         via: args.load_via,
         load_concurrency: args.load_concurrency,
+        settle_secs: args.settle_secs,
         duration_secs: args.duration_secs,
         warmup_secs: args.warmup_secs,
         concurrency: args.concurrency,
@@ -841,6 +848,10 @@ pub async fn run(args: Args) -> Result<()> {
             }
             patients.extend(more);
             loads.push(row);
+            if args.settle_secs > 0 {
+                eprintln!("settling for {} s", args.settle_secs);
+                tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+            }
         } else if copies.start > 0 {
             // --copies 1: there is no second data set.
             continue;
@@ -995,8 +1006,8 @@ pub fn markdown(setup: &Setup, loads: &[LoadRow], rows: &[Row]) -> String {
     );
     let _ = writeln!(
         out,
-        "Loaded through {via}, {} bundles at a time  ",
-        setup.load_concurrency
+        "Loaded through {via}, {} bundles at a time; runs start {} s after each load  ",
+        setup.load_concurrency, setup.settle_secs
     );
     let _ = writeln!(
         out,
@@ -1217,6 +1228,7 @@ mod tests {
             copies: 10,
             via: LoadVia::Store,
             load_concurrency: 2,
+            settle_secs: 0,
             duration_secs: 10,
             warmup_secs: 2,
             concurrency: 16,
