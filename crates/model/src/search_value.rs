@@ -91,6 +91,11 @@ pub fn patient_compartments(resource: &Value) -> Vec<String> {
             let Some(target) = reference_text(node.value).and_then(parse_reference) else {
                 continue;
             };
+            // An absolute reference may name another server's patient with
+            // the same id; only relative references name a patient here.
+            if target.base.is_some() {
+                continue;
+            }
             if target.kind == "Patient" && !ids.iter().any(|id| id == target.id) {
                 ids.push(target.id.to_owned());
             }
@@ -105,7 +110,8 @@ pub fn patient_compartments(resource: &Value) -> Vec<String> {
             .filter(|e| e.get("url").and_then(Value::as_str) == Some(PROVENANCE_TARGET_PATIENT))
             .filter_map(|e| e.get("valueReference"))
             .filter_map(reference_text)
-            .filter_map(parse_reference);
+            .filter_map(parse_reference)
+            .filter(|target| target.base.is_none());
         for target in named {
             if target.kind == "Patient" && !ids.iter().any(|id| id == target.id) {
                 ids.push(target.id.to_owned());
@@ -2082,11 +2088,13 @@ mod tests {
     }
 
     #[test]
-    fn an_observation_is_in_the_compartment_of_its_subject_and_patient_performers() {
+    fn an_observation_is_in_the_compartment_of_its_subject_and_not_of_another_servers_patient() {
+        // The performer `https://other.example/fhir/Patient/p2` is another
+        // server's patient, whatever its id.
         let obs = lab_observation();
-        assert_eq!(patient_compartments(&obs), vec!["p2", "p1"]);
+        assert_eq!(patient_compartments(&obs), vec!["p1"]);
         assert!(in_patient_compartment(&obs, "p1"));
-        assert!(in_patient_compartment(&obs, "p2"));
+        assert!(!in_patient_compartment(&obs, "p2"));
         assert!(!in_patient_compartment(&obs, "d1"));
         assert!(!in_patient_compartment(&obs, "p3"));
     }

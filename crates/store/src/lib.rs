@@ -148,6 +148,10 @@ pub struct SearchQuery {
     /// The caller's access, compiled into the query (see [`AccessRule`]);
     /// `None` is unrestricted.
     pub access: Option<Access>,
+    /// This server's base URL with a trailing `/`: a reference stored as an
+    /// absolute URL under it is local, like a relative one. Without it only
+    /// relative references are local (another server's `Patient/1` is not ours).
+    pub local_base: Option<String>,
 }
 
 impl SearchQuery {

@@ -20,7 +20,7 @@ const MAX_DEPTH: usize = 12;
 pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Option<Sql>)> {
     let mut page = Compiler::new(
         dialect,
-        query.access.as_ref(),
+        query,
         &format!(
             "SELECT {VERSION_COLUMNS} FROM current_resources c JOIN resource_versions v \
              ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version"
@@ -40,11 +40,7 @@ pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Opti
         query.offset
     );
     let count = if query.total {
-        let mut count = Compiler::new(
-            dialect,
-            query.access.as_ref(),
-            "SELECT COUNT(*) FROM current_resources c",
-        );
+        let mut count = Compiler::new(dialect, query, "SELECT COUNT(*) FROM current_resources c");
         count.root(query)?;
         Some(count.sql)
     } else {
@@ -57,7 +53,7 @@ pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Opti
 pub(crate) fn keys(dialect: Dialect, query: &SearchQuery, limit: u32) -> Result<Sql> {
     let mut keys = Compiler::new(
         dialect,
-        query.access.as_ref(),
+        query,
         "SELECT c.resource_type, c.id FROM current_resources c",
     );
     keys.root(query)?;
@@ -83,15 +79,36 @@ enum ColumnType {
 struct Compiler<'q> {
     sql: Sql,
     access: Option<&'q Access>,
+    local_base: Option<&'q str>,
     aliases: u32,
 }
 
 impl<'q> Compiler<'q> {
-    fn new(dialect: Dialect, access: Option<&'q Access>, head: &str) -> Self {
+    fn new(dialect: Dialect, query: &'q SearchQuery, head: &str) -> Self {
         Self {
             sql: Sql::new(dialect, head),
-            access,
+            access: query.access.as_ref(),
+            local_base: query.local_base.as_deref(),
             aliases: 0,
+        }
+    }
+
+    /// The stored reference in `column` points at this server: relative, or
+    /// absolute under its base.
+    fn local(&mut self, column: &str) {
+        match self.local_base {
+            None => {
+                let _ = write!(self.sql.text, "{column} IS NULL");
+            }
+            Some(base) => {
+                let length = base.chars().count();
+                let _ = write!(
+                    self.sql.text,
+                    "({column} IS NULL OR substr({column}, 1, {length}) = "
+                );
+                self.text(base);
+                self.push(")");
+            }
         }
     }
 
@@ -309,7 +326,9 @@ impl<'q> Compiler<'q> {
                         self.push(" OR ");
                     }
                     let target = self.alias("t");
-                    let _ = write!(self.sql.text, "({row}.target_type = ");
+                    self.push("(");
+                    self.local(&format!("{row}.url"));
+                    let _ = write!(self.sql.text, " AND {row}.target_type = ");
                     self.text(target_type);
                     let _ = write!(
                         self.sql.text,
@@ -353,6 +372,8 @@ impl<'q> Compiler<'q> {
                         );
                     }
                 }
+                self.push(" AND ");
+                self.local(&format!("{row}.url"));
                 let _ = write!(self.sql.text, " AND {}", self.sql.dialect.live_of(&source));
                 self.push(" AND ");
                 self.types_with_access(&source, std::slice::from_ref(source_type), depth + 1)?;
@@ -523,6 +544,14 @@ impl<'q> Compiler<'q> {
                         let _ = write!(self.sql.text, " AND {column} = ");
                         self.text(wanted);
                     }
+                }
+                if url.is_none() && (target_type.is_some() || target_id.is_some()) {
+                    // A relative search value means a resource on this server;
+                    // an absolute reference with the same type and id may be
+                    // another server's.
+                    let column = self.column(source, "url", ColumnType::Text);
+                    self.push(" AND ");
+                    self.local(&column);
                 }
             }
             Criterion::Date { range, .. } => {

@@ -2961,9 +2961,10 @@ async fn reference_search_matches_type_and_id_id_alone_absolute_urls_and_canonic
             reference("subject", (Some("Patient"), Some("a")), None, Some("2")),
             vec!["versioned"],
         ),
+        // Another server's `Patient/remote` is not a patient of this one.
         (
             reference("subject", (Some("Patient"), None), None, None),
-            vec!["absolute", "other", "relative", "versioned"],
+            vec!["other", "relative", "versioned"],
         ),
         (
             reference(
@@ -3005,6 +3006,29 @@ async fn reference_search_matches_type_and_id_id_alone_absolute_urls_and_canonic
     for (criterion, expected) in cases {
         finds(&world, "Observation", criterion, &expected).await;
     }
+
+    // Stored as an absolute URL under this server's base, a reference is local.
+    create(
+        &world,
+        "Observation",
+        "local-absolute",
+        subject("https://haven.test/fhir/Patient/a"),
+    )
+    .await;
+    let mut local = query_of(
+        "Observation",
+        reference("subject", (Some("Patient"), Some("a")), None, None),
+    );
+    assert_eq!(
+        found_ids(&world, &local).await,
+        ["relative", "versioned"],
+        "without the base, only relative references are local"
+    );
+    local.local_base = Some("https://haven.test/fhir/".into());
+    assert_eq!(
+        found_ids(&world, &local).await,
+        ["local-absolute", "relative", "versioned"]
+    );
 
     let response = |questionnaire: &str| {
         json!({"resourceType": "QuestionnaireResponse", "status": "completed",

@@ -47,7 +47,8 @@ pub(crate) async fn matching(
         max_count: 2,
         strict: true,
     };
-    let query = parse_criteria(resource_type, criteria, &cx)?;
+    let mut query = parse_criteria(resource_type, criteria, &cx)?;
+    query.local_base = Some(format!("{}/", cx.base_url));
     let mut page = tx.search(&query).await?;
     Ok(match page.resources.len() {
         0 => Matched::None,

@@ -31,8 +31,8 @@ use crate::pipeline::{Exec, Return};
 use crate::response::FhirResponse;
 
 pub use audit_trail::{verify_trail, TrailReport};
-use search::Scope;
 pub(crate) use capabilities::capability_statement;
+use search::Scope;
 
 /// Runs one interaction that the pipeline admitted.
 pub(crate) async fn execute(

@@ -62,6 +62,7 @@ pub(crate) async fn search(
     params: &[(String, String)],
     tx: Option<&mut dyn StoreTx>,
 ) -> Result<FhirResponse, ApiError> {
+    let params_given = params;
     let config = &exec.state.config;
     let base = config.base_url.trim_end_matches('/');
     let (types, path, mut params) = match scope {
@@ -97,6 +98,7 @@ pub(crate) async fn search(
         params.push(("_include".into(), "*".into()));
     }
     let mut parsed = parse_search(&types, &params, &cx)?;
+    parsed.query.local_base = Some(format!("{base}/"));
     match scope {
         Scope::Compartment {
             patient,
@@ -125,7 +127,15 @@ pub(crate) async fn search(
         .find(|(k, _)| k == "_page")
         .map(|(_, v)| v.clone());
 
-    let mut link_params = parsed.applied.clone();
+    // $everything's links repeat what its caller gave, not what it became.
+    let mut link_params = match scope {
+        Scope::Everything { .. } => params_given
+            .iter()
+            .filter(|(k, v)| matches!(k.as_str(), "_type" | "_since") && !v.is_empty())
+            .cloned()
+            .collect(),
+        _ => parsed.applied.clone(),
+    };
     if let (Scope::Types(None), false) = (scope, types.is_empty()) {
         link_params.insert(0, ("_type".into(), types.join(",")));
     }
@@ -577,6 +587,7 @@ async fn includes(
                 queries.push(SearchQuery {
                     types: vec![include.source_type.clone()],
                     criterion: Criterion::Any(alternatives),
+                    local_base: Some(format!("{}/", cx.base_url)),
                     ..SearchQuery::default()
                 });
             }
