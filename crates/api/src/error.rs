@@ -26,6 +26,7 @@
 //! | `Store(Refused)`                        | 403  | `forbidden`        |
 //! | `Store(VersionConflict)`                | 412  | `conflict` (409 when the server, not the client, asked for the version: see [`ApiError::concurrent_change`]) |
 //! | `Store(Unavailable)`                    | 503  | `exception`        |
+//! | `Store(TooComplex)`                      | 400  | `too-costly`       |
 //! | `Store(Database)`, `Store(Unsupported)`, `Internal` | 500 | `exception`, generic text |
 
 use axum::response::{IntoResponse, Response};
@@ -132,6 +133,7 @@ impl ApiError {
                 StoreError::Refused(_) => StatusCode::FORBIDDEN,
                 StoreError::VersionConflict { .. } => StatusCode::PRECONDITION_FAILED,
                 StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                StoreError::TooComplex(_) => StatusCode::BAD_REQUEST,
                 StoreError::Database(_) | StoreError::Unsupported(_) => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
@@ -195,6 +197,7 @@ impl ApiError {
                 IssueCode::Conflict,
                 format!("version {expected} is not the current version"),
             ),
+            ApiError::Store(StoreError::TooComplex(m)) => one(IssueCode::TooCostly, m.clone()),
             ApiError::Store(StoreError::Unavailable(_)) => one(
                 IssueCode::Exception,
                 "the database is temporarily unavailable; retry later".into(),

@@ -102,23 +102,27 @@ fn guarded_search(guard: &dyn ContentGuard, query: &SearchQuery) -> (SearchQuery
 }
 
 /// Checks every returned resource against the content rule as well: the
-/// query's criteria and the rule are two forms of one policy, and should they
-/// ever disagree, nothing the rule refuses leaves the store.
-fn recheck(mut page: SearchPage, rule: &ContentRule) -> SearchPage {
+/// query's criteria and the rule are two forms of one policy. Should they ever
+/// disagree, the search fails rather than answer with counts and pages the
+/// rule would not give.
+fn recheck(page: SearchPage, rule: &ContentRule) -> Result<SearchPage> {
     if let ContentRule::Only(_) = rule {
-        page.resources.retain(|v| {
-            let admitted = v.resource.as_ref().is_some_and(|r| rule.admits(r));
-            if !admitted {
-                tracing::error!(
-                    resource_type = %v.resource_type,
-                    id = %v.id,
-                    "a search returned a resource its access rule refuses; left out"
-                );
-            }
-            admitted
-        });
+        let refused = page
+            .resources
+            .iter()
+            .find(|v| !v.resource.as_ref().is_some_and(|r| rule.admits(r)));
+        if let Some(v) = refused {
+            tracing::error!(
+                resource_type = %v.resource_type,
+                id = %v.id,
+                "a search returned a resource its access rule refuses"
+            );
+            return Err(StoreError::Database(
+                "search results disagree with the access rule".into(),
+            ));
+        }
     }
-    page
+    Ok(page)
 }
 
 /// Reading a version: its content must be readable. A deletion carries no
@@ -274,7 +278,7 @@ impl Store for GuardedStore {
     async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
         let (query, rule) = guarded_search(&*self.guard, query);
         let page = self.inner.search(&query).await?;
-        Ok(recheck(page, &rule))
+        recheck(page, &rule)
     }
 
     async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
@@ -395,7 +399,7 @@ impl StoreTx for GuardedTx {
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
         let (query, rule) = guarded_search(&*self.guard, query);
         let page = self.inner.search(&query).await?;
-        Ok(recheck(page, &rule))
+        recheck(page, &rule)
     }
 
     async fn append_audit(&mut self, _: Vec<Value>) -> Result<()> {

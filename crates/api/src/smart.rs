@@ -168,7 +168,16 @@ fn check_named_patients(
     };
     let compartment = registry::compartment_params("Patient", resource_type).unwrap_or(&[]);
     for (name, value) in params {
-        let code = name.split(':').next().unwrap_or(name);
+        // A chain's value names the chained resource's field, not a patient,
+        // and so does a modifier other than a target type (`:missing=true`).
+        if name.contains('.') {
+            continue;
+        }
+        let mut parts = name.split(':');
+        let code = parts.next().unwrap_or(name);
+        if parts.next().is_some_and(|m| !registry::is_resource_type(m)) {
+            continue;
+        }
         // Any reference parameter that can point at a Patient names one
         // (`patient`, `subject`, ...), as do the compartment's own parameters.
         let targets_patients = registry::search_param(resource_type, code)
@@ -290,9 +299,10 @@ impl Authorizer for SmartAuthorizer {
                 check_named_patients(access, resource_type, params)
             }
             Interaction::Everything { patient, .. } => {
-                // The patient's record: the Patient must be readable; the guard
-                // keeps whatever else the scopes do not reach out of the result.
-                require(access, "Patient", Permission::Read)?;
+                // The patient's record, searched: the Patient must be
+                // searchable; the guard keeps whatever else the scopes do not
+                // reach out of the result.
+                require(access, "Patient", Permission::Search)?;
                 check_compartment_patient(access, "Patient", patient)
             }
             Interaction::History {
@@ -452,9 +462,13 @@ impl AccessRule for ScopeAccess {
                 },
                 (Context::User | Context::System, _) => Criterion::Always,
             };
-            // A restriction that cannot be compiled refuses (fail closed).
+            // A restriction the content rule cannot evaluate refuses every
+            // read there, so it admits nothing here either (fail closed).
+            let probe = serde_json::json!({"resourceType": resource_type});
             let restriction = if grant.restrictions.is_empty() {
                 Criterion::Always
+            } else if search_value::matches(&probe, grant.restrictions).is_err() {
+                Criterion::Never
             } else {
                 criterion_for(resource_type, grant.restrictions, &restriction_context())
                     .unwrap_or(Criterion::Never)
@@ -468,19 +482,14 @@ impl AccessRule for ScopeAccess {
         };
         if resource_type == "Provenance" {
             // As in `targets_reachable`: every target's type must be reachable.
-            let unreachable: Vec<Criterion> = haven_model::registry::resource_types()
-                .filter(|t| scopes.grants_for(t, self.permission).is_empty())
-                .map(|t| Criterion::Reference {
-                    param: "target".into(),
-                    target_type: Some(t.to_owned()),
-                    target_id: None,
-                    url: None,
-                    version: None,
-                })
+            let reachable: Vec<String> = haven_model::registry::resource_types()
+                .filter(|t| !scopes.grants_for(t, self.permission).is_empty())
+                .map(str::to_owned)
                 .collect();
-            if !unreachable.is_empty() {
-                criterion = criterion.and(Criterion::Not(Box::new(Criterion::Any(unreachable))));
-            }
+            criterion = criterion.and(Criterion::Not(Box::new(Criterion::ReferenceOutside {
+                param: "target".into(),
+                types: reachable,
+            })));
         }
         match criterion {
             Criterion::Always => TypeAccess::All,

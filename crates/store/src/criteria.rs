@@ -21,7 +21,7 @@ pub enum Criterion {
     All(Vec<Criterion>),
     /// Some one holds (OR); empty does not.
     Any(Vec<Criterion>),
-    /// The criterion does not hold (`:not`, `:missing` on composites).
+    /// The criterion does not hold (`:not`).
     Not(Box<Criterion>),
     /// `_id`: one of these ids.
     Id(Vec<String>),
@@ -109,6 +109,17 @@ pub enum Criterion {
     },
     /// One of these resources, by type and id (a page of a stored result set).
     Keys(Vec<(String, String)>),
+    /// A local reference through one of `params` to one of the resources
+    /// `target_type`/`target_ids` (what `_revinclude` looks for).
+    ReferencesAny {
+        params: Vec<String>,
+        target_type: String,
+        target_ids: Vec<String>,
+    },
+    /// Some reference through `param` points at no type of `types`: at
+    /// another type, or at nothing this server can name (a URN, a reference
+    /// without a type). What an access rule that reaches only `types` refuses.
+    ReferenceOutside { param: String, types: Vec<String> },
 }
 
 impl Criterion {

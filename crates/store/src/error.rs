@@ -15,6 +15,10 @@ pub enum StoreError {
     #[error("unsupported database: {0}")]
     Unsupported(String),
 
+    /// A search too large or deeply nested to run; the client should narrow it.
+    #[error("search too complex: {0}")]
+    TooComplex(String),
+
     /// The database could not be reached, or a migration failed.
     #[error("database unavailable: {0}")]
     Unavailable(String),

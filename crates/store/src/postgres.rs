@@ -617,6 +617,10 @@ async fn backfill_locked(conn: &mut PgConnection) -> Result<()> {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
+            // The tables were rewritten; plan the next searches on their new contents.
+            sqlx::query(&format!("ANALYZE current_resources, {}", TABLES.join(", ")))
+                .execute(&mut *conn)
+                .await?;
             return Ok(());
         };
         after = last.clone();

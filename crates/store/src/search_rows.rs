@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use time::OffsetDateTime;
 
 /// The version of the indexing rules; raising it makes connect re-index everything.
-pub(crate) const SEARCH_INDEX_VERSION: i64 = 2;
+pub(crate) const SEARCH_INDEX_VERSION: i64 = 3;
 
 /// Resources indexed per backfill transaction.
 pub(crate) const BACKFILL_BATCH: i64 = 500;

@@ -18,17 +18,11 @@ const MAX_DEPTH: usize = 12;
 
 /// The page query and, when asked for, the count query of a search.
 pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Option<Sql>)> {
-    let mut page = Compiler::new(
-        dialect,
-        query,
-        &format!(
-            "SELECT {VERSION_COLUMNS} FROM current_resources c JOIN resource_versions v \
-             ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version"
-        ),
+    let columns = format!(
+        "{VERSION_COLUMNS} FROM {{from}} JOIN resource_versions v \
+         ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version"
     );
-    page.root(query)?;
-    page.order(query)?;
-    let mut page = page.sql;
+    let mut page = ordered(dialect, query, &columns)?;
     // A content filter pages and counts after filtering, so every candidate is read.
     if query.filter.is_some() {
         return Ok((page, None));
@@ -51,15 +45,42 @@ pub(crate) fn search(dialect: Dialect, query: &SearchQuery) -> Result<(Sql, Opti
 
 /// The `(type, id)` of the first `limit` matches, in the search's order.
 pub(crate) fn keys(dialect: Dialect, query: &SearchQuery, limit: u32) -> Result<Sql> {
-    let mut keys = Compiler::new(
+    let mut keys = ordered(dialect, query, "c.resource_type, c.id FROM {from}")?;
+    let _ = write!(keys.text, " LIMIT {limit}");
+    Ok(keys)
+}
+
+/// `SELECT <select> WHERE <criteria> ORDER BY <sort>`, where `{from}` in
+/// `select` names the matches. With criteria, the matches are found first, in a
+/// materialized step, and only then sorted: a planner given ORDER BY with LIMIT
+/// prefers to walk every resource of the type in index order and test each,
+/// which grows with the data instead of with the matches.
+fn ordered(dialect: Dialect, query: &SearchQuery, select: &str) -> Result<Sql> {
+    let selective = query.criterion != Criterion::Always || query.access.is_some();
+    if !selective {
+        let mut plain = Compiler::new(
+            dialect,
+            query,
+            &format!("SELECT {}", select.replace("{from}", "current_resources c")),
+        );
+        plain.root(query)?;
+        plain.order(query)?;
+        return Ok(plain.sql);
+    }
+    let mut staged = Compiler::new(
         dialect,
         query,
-        "SELECT c.resource_type, c.id FROM current_resources c",
+        "WITH m AS MATERIALIZED (SELECT c.resource_type, c.id FROM current_resources c",
     );
-    keys.root(query)?;
-    keys.order(query)?;
-    let _ = write!(keys.sql.text, " LIMIT {limit}");
-    Ok(keys.sql)
+    staged.root(query)?;
+    let from = "m JOIN current_resources c ON c.resource_type = m.resource_type AND c.id = m.id";
+    let _ = write!(
+        staged.sql.text,
+        ") SELECT {}",
+        select.replace("{from}", from)
+    );
+    staged.order(query)?;
+    Ok(staged.sql)
 }
 
 /// Where a value criterion reads its columns: a row of an index table, or one
@@ -223,8 +244,8 @@ impl<'q> Compiler<'q> {
         depth: usize,
     ) -> Result<()> {
         if depth > MAX_DEPTH {
-            return Err(StoreError::Unsupported(
-                "search criteria nest too deeply".into(),
+            return Err(StoreError::TooComplex(
+                "the search criteria nest too deeply".into(),
             ));
         }
         match criterion {
@@ -238,14 +259,7 @@ impl<'q> Compiler<'q> {
                 } else {
                     " OR "
                 };
-                self.push("(");
-                for (n, one) in list.iter().enumerate() {
-                    if n > 0 {
-                        self.push(joint);
-                    }
-                    self.criterion(one, alias, resource_type, depth + 1)?;
-                }
-                self.push(")");
+                self.balanced(list, joint, alias, resource_type, depth)?;
             }
             Criterion::Not(inner) => {
                 self.push("NOT (");
@@ -260,18 +274,76 @@ impl<'q> Compiler<'q> {
             }
             Criterion::Keys(keys) if keys.is_empty() => self.push("1 = 0"),
             Criterion::Keys(keys) => {
+                // One IN list per type: a long OR chain would exceed SQLite's
+                // expression depth.
+                let mut by_type: Vec<(&str, Vec<String>)> = Vec::new();
+                for (key_type, id) in keys {
+                    match by_type.iter_mut().find(|(t, _)| t == key_type) {
+                        Some((_, ids)) => ids.push(id.clone()),
+                        None => by_type.push((key_type, vec![id.clone()])),
+                    }
+                }
                 self.push("(");
-                for (n, (key_type, id)) in keys.iter().enumerate() {
+                for (n, (key_type, ids)) in by_type.iter().enumerate() {
                     if n > 0 {
                         self.push(" OR ");
                     }
                     let _ = write!(self.sql.text, "({alias}.resource_type = ");
                     self.text(key_type);
-                    let _ = write!(self.sql.text, " AND {alias}.id = ");
-                    self.text(id);
-                    self.push(")");
+                    let _ = write!(self.sql.text, " AND {alias}.id IN (");
+                    self.list(ids);
+                    self.push("))");
                 }
                 self.push(")");
+            }
+            Criterion::ReferencesAny {
+                params,
+                target_type,
+                target_ids,
+            } => {
+                if params.is_empty() || target_ids.is_empty() {
+                    self.push("1 = 0");
+                    return Ok(());
+                }
+                let row = self.alias("x");
+                match resource_type {
+                    Some(own) => {
+                        let _ = write!(
+                            self.sql.text,
+                            "{alias}.id IN (SELECT {row}.id FROM search_reference {row} WHERE {row}.resource_type = "
+                        );
+                        self.text(own);
+                    }
+                    None => {
+                        let _ = write!(
+                            self.sql.text,
+                            "EXISTS (SELECT 1 FROM search_reference {row} WHERE {row}.resource_type = {alias}.resource_type \
+                             AND {row}.id = {alias}.id"
+                        );
+                    }
+                }
+                let _ = write!(self.sql.text, " AND {row}.param IN (");
+                self.list(params);
+                let _ = write!(self.sql.text, ") AND {row}.target_type = ");
+                self.text(target_type);
+                let _ = write!(self.sql.text, " AND {row}.target_id IN (");
+                self.list(target_ids);
+                self.push(") AND ");
+                self.local(&format!("{row}.url"));
+                self.push(")");
+            }
+            Criterion::ReferenceOutside { param, types } => {
+                let row = self.member_open(alias, resource_type, "search_reference", param);
+                let _ = write!(self.sql.text, "({row}.target_type IS NULL");
+                if !types.is_empty() {
+                    let _ = write!(self.sql.text, " OR {row}.target_type NOT IN (");
+                    self.list(types);
+                    self.push(")");
+                }
+                // An absolute reference to another server reaches nothing here.
+                let _ = write!(self.sql.text, " OR NOT ");
+                self.local(&format!("{row}.url"));
+                self.push("))");
             }
             Criterion::LastUpdated(range) => {
                 self.instant_point(&format!("{alias}.last_updated"), range);
@@ -392,6 +464,36 @@ impl<'q> Compiler<'q> {
                 self.push(")");
             }
         }
+        Ok(())
+    }
+
+    /// Writes a list of criteria joined by `joint`, as a balanced tree of
+    /// parentheses: a flat chain of a thousand ORs exceeds SQLite's
+    /// expression depth.
+    fn balanced(
+        &mut self,
+        list: &[Criterion],
+        joint: &str,
+        alias: &str,
+        resource_type: Option<&str>,
+        depth: usize,
+    ) -> Result<()> {
+        const FLAT: usize = 32;
+        self.push("(");
+        if list.len() <= FLAT {
+            for (n, one) in list.iter().enumerate() {
+                if n > 0 {
+                    self.push(joint);
+                }
+                self.criterion(one, alias, resource_type, depth + 1)?;
+            }
+        } else {
+            let (left, right) = list.split_at(list.len() / 2);
+            self.balanced(left, joint, alias, resource_type, depth)?;
+            self.push(joint);
+            self.balanced(right, joint, alias, resource_type, depth)?;
+        }
+        self.push(")");
         Ok(())
     }
 

@@ -2501,7 +2501,7 @@ async fn connect_backfills_an_index_written_before_it_existed(world: World) {
         direct
             .texts("SELECT CAST(version AS TEXT) FROM search_index_state")
             .await,
-        [texts(&["2"])]
+        [texts(&["3"])]
     );
     // A second connect finds the index current and leaves the rows as they are.
     drop(reopened);

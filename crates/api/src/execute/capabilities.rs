@@ -42,11 +42,13 @@ fn common_params() -> Vec<Value> {
 
 fn resource_entry(resource_type: &str) -> Value {
     let mut params = common_params();
-    // Every R4 parameter of the type is indexed and searchable, but for the
-    // few the parser reports as unsupported.
+    // The R4 parameters of the type that are indexed and searchable; the
+    // parser reports the rest (those with no expression, `near`) as ignored.
     for param in registry::search_params(resource_type) {
         if matches!(param.code.as_str(), "_id" | "_lastUpdated")
             || UNSUPPORTED_PARAMETERS.contains(&param.code.as_str())
+            || param.expression.is_none()
+            || param.kind == registry::SearchParamType::Special
         {
             continue;
         }

@@ -3,11 +3,13 @@
 //! and `Patient/{id}/$everything`; results as a `searchset` Bundle.
 //!
 //! Paging is stable: when a search has more than one page, the keys of its
-//! matches (up to [`SNAPSHOT_LIMIT`]) are kept for [`SNAPSHOT_LIFETIME`] under
-//! a random id, bound to the access token that made it. `next` and `previous`
-//! name that id (`_page`), so later pages show exactly the resources the
-//! search found, each once, however data changes meanwhile; each page is read
-//! again through the caller's access, so nothing it may no longer see appears.
+//! matches (up to [`SNAPSHOT_LIMIT`], cut to whole pages) are kept for
+//! [`SNAPSHOT_LIFETIME`] under a random id, bound to the access token that made
+//! it. `next` and `previous` name that id (`_page`), so later pages show
+//! exactly the resources the search found, each once, however data changes
+//! meanwhile; each page is read again through the caller's access, so nothing
+//! it may no longer see appears. Pages past the kept keys are read live, by
+//! offset.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
@@ -27,7 +29,7 @@ use crate::pipeline::Exec;
 use crate::response::FhirResponse;
 use crate::search_params::{parse_search, Include, ParsedSearch, SearchContext, Summary};
 
-/// The most matches a stable result set keeps; pages past it are read live.
+/// The most matches a stable result set keeps.
 pub(crate) const SNAPSHOT_LIMIT: u32 = 10_000;
 
 /// How long the pages of a search can be followed.
@@ -65,7 +67,7 @@ pub(crate) async fn search(
     let params_given = params;
     let config = &exec.state.config;
     let base = config.base_url.trim_end_matches('/');
-    let (types, path, mut params) = match scope {
+    let (mut types, path, mut params) = match scope {
         Scope::Types(Some(resource_type)) => (
             vec![resource_type.to_owned()],
             resource_type.to_owned(),
@@ -97,8 +99,13 @@ pub(crate) async fn search(
         // patient-operation-everything): practitioners, organizations, ...
         params.push(("_include".into(), "*".into()));
     }
+    if matches!(scope, Scope::Everything { .. }) && types.is_empty() {
+        // An empty list would mean every type to the parser.
+        types.push("Patient".into());
+    }
     let mut parsed = parse_search(&types, &params, &cx)?;
     parsed.query.local_base = Some(format!("{base}/"));
+    bound_result_parameters(&mut parsed)?;
     match scope {
         Scope::Compartment {
             patient,
@@ -112,8 +119,13 @@ pub(crate) async fn search(
             parsed.query.criterion = compartment.and(parsed.query.criterion);
         }
         Scope::Everything { patient } => {
-            parsed.query.criterion =
-                Criterion::PatientCompartment(patient.to_owned()).and(parsed.query.criterion);
+            // `_type` may name no type of the compartment: then nothing matches.
+            let compartment = if types.is_empty() {
+                Criterion::Never
+            } else {
+                Criterion::PatientCompartment(patient.to_owned())
+            };
+            parsed.query.criterion = compartment.and(parsed.query.criterion);
         }
         Scope::Types(_) => {}
     }
@@ -156,14 +168,14 @@ pub(crate) async fn search(
         }
         (None, None) => {
             let page = exec.state.store.search(&parsed.query).await?;
-            if page.more && parsed.query.count > 0 {
+            // Kept keys end on a page boundary, so no page straddles them.
+            let count = parsed.query.count;
+            let limit = SNAPSHOT_LIMIT.checked_div(count).unwrap_or(0) * count;
+            let within = parsed.query.offset + u64::from(count) <= u64::from(limit);
+            if page.more && count > 0 && within {
                 // More than one page: keep the whole result set for stable paging.
-                let keys = exec
-                    .state
-                    .store
-                    .search_keys(&parsed.query, SNAPSHOT_LIMIT)
-                    .await?;
-                let complete = (keys.len() as u64) < u64::from(SNAPSHOT_LIMIT);
+                let keys = exec.state.store.search_keys(&parsed.query, limit).await?;
+                let complete = (keys.len() as u64) < u64::from(limit);
                 let id = keep_result_set(exec, &keys, page.total, complete, &fingerprint).await?;
                 let resources = read_keys(exec, &keys, &parsed.query).await?;
                 let more = keys.len() as u64 > parsed.query.offset + u64::from(parsed.query.count)
@@ -216,11 +228,7 @@ pub(crate) async fn search(
             ));
         }
     }
-    let mut ignored = parsed.ignored.clone();
-    if matches!(scope, Scope::Everything { .. }) {
-        ignored.retain(|p| p != "_include=*");
-    }
-    entries.extend(search_outcome(&ignored, warnings));
+    entries.extend(search_outcome(&parsed.ignored, warnings));
 
     Ok(FhirResponse::ok(result_bundle(
         exec,
@@ -238,6 +246,7 @@ fn listed_types(params: &[(String, String)]) -> Result<Vec<String>, ApiError> {
         .iter()
         .filter(|(k, _)| k == "_type")
         .flat_map(|(_, v)| v.split(','))
+        .map(str::trim)
         .filter(|t| !t.is_empty())
     {
         if !is_resource_type(one) {
@@ -283,13 +292,41 @@ fn everything_params(params: &[(String, String)]) -> Result<(Vec<String>, Params
             }
         }
     }
-    if types.is_empty() {
-        types.push("Patient".into());
-        passed.push(("_id".into(), "-".into()));
-    }
     // `_type` was used here; the parser must not read it as a type search.
     passed.retain(|(k, _)| k != "_type");
     Ok((types, passed))
+}
+
+/// The most `_include` plus `_revinclude` parameters, and `_sort` keys, one
+/// search may carry; each costs a query or a subquery per row.
+const MAX_INCLUDES: usize = 16;
+const MAX_SORT_KEYS: usize = 8;
+
+/// Drops repeated includes and refuses searches asking for too many includes
+/// or sort keys.
+fn bound_result_parameters(parsed: &mut ParsedSearch) -> Result<(), ApiError> {
+    for list in [&mut parsed.includes, &mut parsed.revincludes] {
+        let mut unique: Vec<Include> = Vec::new();
+        for include in list.drain(..) {
+            if !unique.contains(&include) {
+                unique.push(include);
+            }
+        }
+        *list = unique;
+    }
+    if parsed.includes.len() + parsed.revincludes.len() > MAX_INCLUDES {
+        return Err(ApiError::invalid(
+            IssueCode::TooCostly,
+            format!("at most {MAX_INCLUDES} _include and _revinclude parameters"),
+        ));
+    }
+    if parsed.query.sort.len() > MAX_SORT_KEYS {
+        return Err(ApiError::invalid(
+            IssueCode::TooCostly,
+            format!("at most {MAX_SORT_KEYS} _sort keys"),
+        ));
+    }
+    Ok(())
 }
 
 /// Applies `_summary` or `_elements` to a returned resource.
@@ -429,6 +466,7 @@ async fn read_keys(
         types: types.into_iter().collect(),
         criterion: Criterion::Keys(wanted.to_vec()),
         count: wanted.len() as u32,
+        local_base: query.local_base.clone(),
         ..SearchQuery::default()
     };
     let page = exec.state.store.search(&page_query).await?;
@@ -459,8 +497,10 @@ fn page_links(
     // A page of zero entries has no neighbours: `next` would equal `self`.
     if more && count > 0 {
         let next = offset.saturating_add(u64::from(count));
-        // Past the kept keys, the search continues on live results.
-        let page = page.filter(|_| next < u64::from(SNAPSHOT_LIMIT));
+        // Past the kept keys (they end on a page boundary), the search
+        // continues on live results by offset.
+        let kept = u64::from(SNAPSHOT_LIMIT / count * count);
+        let page = page.filter(|_| next < kept);
         links.push(json!({"relation": "next", "url": link(exec, path, params, page, count, next)}));
     }
     if offset > 0 && count > 0 {
@@ -542,7 +582,7 @@ async fn includes(
             };
             for include in forward
                 .iter()
-                .filter(|i| i.source_type == version.resource_type || i.param.is_none())
+                .filter(|i| i.source_type == version.resource_type)
             {
                 for (target_type, target_id) in references(resource, include, cx.base_url) {
                     if !seen.contains(&(target_type.clone(), target_id.clone())) {
@@ -551,10 +591,12 @@ async fn includes(
                 }
             }
         }
+        let local_base = Some(format!("{}/", cx.base_url));
         for (target_type, ids) in targets {
             queries.push(SearchQuery {
                 types: vec![target_type],
                 criterion: Criterion::Id(ids.into_iter().collect()),
+                local_base: local_base.clone(),
                 ..SearchQuery::default()
             });
         }
@@ -564,7 +606,8 @@ async fn includes(
                 Some(param) => vec![param.clone()],
                 None => reference_params(&include.source_type),
             };
-            let mut alternatives = Vec::new();
+            // One criterion per referenced type, each an IN list of ids.
+            let mut by_type: BTreeMap<&str, Vec<String>> = BTreeMap::new();
             for version in &frontier {
                 if include
                     .target_type
@@ -573,21 +616,24 @@ async fn includes(
                 {
                     continue;
                 }
-                for param in &params {
-                    alternatives.push(Criterion::Reference {
-                        param: param.clone(),
-                        target_type: Some(version.resource_type.clone()),
-                        target_id: Some(version.id.clone()),
-                        url: None,
-                        version: None,
-                    });
-                }
+                by_type
+                    .entry(&version.resource_type)
+                    .or_default()
+                    .push(version.id.clone());
             }
+            let alternatives: Vec<Criterion> = by_type
+                .into_iter()
+                .map(|(target_type, target_ids)| Criterion::ReferencesAny {
+                    params: params.clone(),
+                    target_type: target_type.to_owned(),
+                    target_ids,
+                })
+                .collect();
             if !alternatives.is_empty() {
                 queries.push(SearchQuery {
                     types: vec![include.source_type.clone()],
                     criterion: Criterion::Any(alternatives),
-                    local_base: Some(format!("{}/", cx.base_url)),
+                    local_base: local_base.clone(),
                     ..SearchQuery::default()
                 });
             }

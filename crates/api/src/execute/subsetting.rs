@@ -13,8 +13,6 @@
 //!   ElementDefinition.isSummary describes; their `id` and `extension` stay;
 //! - extensions, `meta` and nested resources are kept whole.
 
-// The read and search executors call these; until then only the tests do.
-
 use std::collections::HashSet;
 
 use haven_model::structure::{Child, Children, Kind, TypeDef, STRUCTURES};
