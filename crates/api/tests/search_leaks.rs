@@ -221,6 +221,8 @@ stories!(
     a_category_restricted_scope_counts_and_pages_only_that_category,
     a_system_search_over_several_types_counts_only_the_patients_own_data,
     hostile_search_values_are_answered_with_an_outcome_never_a_server_error,
+    a_provenance_with_a_target_the_token_cannot_read_is_neither_found_nor_usable_in_has,
+    a_scope_restriction_the_content_rule_cannot_evaluate_admits_nothing,
 );
 
 // ---- requests, tokens and data ----
@@ -991,4 +993,101 @@ async fn hostile_search_values_are_answered_with_an_outcome_never_a_server_error
         matches(&patients),
         [format!("Patient/{A}"), format!("Patient/{B}")]
     );
+}
+
+/// A Provenance whose targets include an Observation on another server is not
+/// readable without an Observation scope: a search by its id finds nothing and
+/// `_has` cannot reach Patients through it, while all-access finds both.
+async fn a_provenance_with_a_target_the_token_cannot_read_is_neither_found_nor_usable_in_has(
+    h: Haven,
+) {
+    let world = h.seed().await;
+    let provenance = h
+        .create(
+            &world.all,
+            &json!({
+                "resourceType": "Provenance",
+                "target": [
+                    {"reference": format!("Patient/{A}")},
+                    {"reference": "https://other.example/fhir/Observation/9"},
+                ],
+                "recorded": "2026-07-01T09:00:00Z",
+                "agent": [{"who": {"reference": "Practitioner/x"}}],
+            }),
+        )
+        .await;
+    let id = provenance.strip_prefix("Provenance/").unwrap();
+    let by_id = url("/fhir/Provenance", &[("_id", id), ("_total", "accurate")]);
+    let has = url(
+        "/fhir/Patient",
+        &[
+            ("_has:Provenance:target:agent", "Practitioner/x"),
+            ("_total", "accurate"),
+        ],
+    );
+
+    // With access to everything the Provenance is found, and `_has` finds A.
+    let everything = h.search(&by_id, &world.all).await;
+    assert_eq!(matches(&everything), [provenance.clone()], "{everything}");
+    assert_eq!(total(&everything), 1, "{everything}");
+    let everything = h.search(&has, &world.all).await;
+    assert_eq!(
+        matches(&everything),
+        [format!("Patient/{A}")],
+        "{everything}"
+    );
+    assert_eq!(total(&everything), 1, "{everything}");
+
+    // Without an Observation scope neither finds anything.
+    let token = h.user_token("user/Provenance.rs user/Patient.rs").await;
+    let found = h.search(&by_id, &token).await;
+    assert_eq!(total(&found), 0, "{by_id}: {found}");
+    assert!(matches(&found).is_empty(), "{by_id}: {found}");
+    let found = h.search(&has, &token).await;
+    assert_eq!(total(&found), 0, "{has}: {found}");
+    assert!(matches(&found).is_empty(), "{has}: {found}");
+}
+
+/// A restriction the content rule cannot evaluate (`?date=ge2000-01-01`)
+/// admits no Observation: not in a search of Observations and not through
+/// `_has`, while all-access finds them.
+async fn a_scope_restriction_the_content_rule_cannot_evaluate_admits_nothing(h: Haven) {
+    let world = h.seed().await;
+    let observations = url("/fhir/Observation", &[("_total", "accurate")]);
+    // Hemoglobin: both A and B have a result with it.
+    let has = url(
+        "/fhir/Patient",
+        &[
+            ("_has:Observation:subject:code", &format!("{LOINC}|718-7")),
+            ("_total", "accurate"),
+        ],
+    );
+    let all_observations: BTreeSet<String> = world
+        .a_observations
+        .union(&world.b_observations)
+        .cloned()
+        .collect();
+
+    let everything = h.search(&observations, &world.all).await;
+    assert_eq!(matches(&everything), sorted(&all_observations));
+    assert_eq!(total(&everything), all_observations.len());
+    let everything = h.search(&has, &world.all).await;
+    assert_eq!(
+        matches(&everything),
+        [format!("Patient/{A}"), format!("Patient/{B}")],
+        "{everything}"
+    );
+    assert_eq!(total(&everything), 2, "{everything}");
+
+    let dated = h.user_token("user/Observation.rs?date=ge2000-01-01").await;
+    let found = h.search(&observations, &dated).await;
+    assert_eq!(total(&found), 0, "{observations}: {found}");
+    assert!(matches(&found).is_empty(), "{observations}: {found}");
+
+    let dated = h
+        .user_token("user/Patient.rs user/Observation.rs?date=ge2000-01-01")
+        .await;
+    let found = h.search(&has, &dated).await;
+    assert_eq!(total(&found), 0, "{has}: {found}");
+    assert!(matches(&found).is_empty(), "{has}: {found}");
 }
