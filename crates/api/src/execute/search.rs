@@ -105,7 +105,12 @@ pub(crate) async fn search(
     }
     let mut parsed = parse_search(&types, &params, &cx)?;
     parsed.query.local_base = Some(format!("{base}/"));
-    bound_result_parameters(&mut parsed)?;
+    // $everything's own `_include=*` names one include per compartment type.
+    let max_includes = match scope {
+        Scope::Everything { .. } => usize::MAX,
+        _ => MAX_INCLUDES,
+    };
+    bound_result_parameters(&mut parsed, max_includes)?;
     match scope {
         Scope::Compartment {
             patient,
@@ -304,7 +309,7 @@ const MAX_SORT_KEYS: usize = 8;
 
 /// Drops repeated includes and refuses searches asking for too many includes
 /// or sort keys.
-fn bound_result_parameters(parsed: &mut ParsedSearch) -> Result<(), ApiError> {
+fn bound_result_parameters(parsed: &mut ParsedSearch, max_includes: usize) -> Result<(), ApiError> {
     for list in [&mut parsed.includes, &mut parsed.revincludes] {
         let mut unique: Vec<Include> = Vec::new();
         for include in list.drain(..) {
@@ -314,7 +319,7 @@ fn bound_result_parameters(parsed: &mut ParsedSearch) -> Result<(), ApiError> {
         }
         *list = unique;
     }
-    if parsed.includes.len() + parsed.revincludes.len() > MAX_INCLUDES {
+    if parsed.includes.len() + parsed.revincludes.len() > max_includes {
         return Err(ApiError::invalid(
             IssueCode::TooCostly,
             format!("at most {MAX_INCLUDES} _include and _revinclude parameters"),
