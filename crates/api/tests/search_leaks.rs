@@ -1028,7 +1028,11 @@ async fn a_provenance_with_a_target_the_token_cannot_read_is_neither_found_nor_u
 
     // With access to everything the Provenance is found, and `_has` finds A.
     let everything = h.search(&by_id, &world.all).await;
-    assert_eq!(matches(&everything), [provenance.clone()], "{everything}");
+    assert_eq!(
+        matches(&everything),
+        std::slice::from_ref(&provenance),
+        "{everything}"
+    );
     assert_eq!(total(&everything), 1, "{everything}");
     let everything = h.search(&has, &world.all).await;
     assert_eq!(
