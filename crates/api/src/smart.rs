@@ -102,17 +102,6 @@ fn require(
     Ok(())
 }
 
-/// The types a system-level search or history names in `_type`.
-fn listed_types(params: &[(String, String)]) -> Vec<String> {
-    params
-        .iter()
-        .filter(|(name, _)| name == "_type")
-        .flat_map(|(_, value)| value.split(','))
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-        .collect()
-}
-
 /// Whether the caller may only see one patient's compartment for this type
 /// and permission: every grant is a `patient/` grant.
 fn confined_to_patient(
@@ -316,7 +305,7 @@ impl Authorizer for SmartAuthorizer {
             } => {
                 // Types named in `_type` must each be allowed; the guard keeps
                 // everything else out of the results.
-                for resource_type in listed_types(params) {
+                for resource_type in crate::search_params::listed_types(params) {
                     require(access, &resource_type, Permission::Search)?;
                 }
                 if access

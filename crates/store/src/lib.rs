@@ -230,16 +230,7 @@ pub trait Store: Send + Sync + Debug {
     /// (its `count` and `offset` are not used): what a stable result set is
     /// made of.
     async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
-        let mut whole = query.clone();
-        whole.count = limit;
-        whole.offset = 0;
-        whole.total = false;
-        let page = self.search(&whole).await?;
-        Ok(page
-            .resources
-            .into_iter()
-            .map(|v| (v.resource_type, v.id))
-            .collect())
+        keys_by_reading(self, query, limit).await
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage>;
@@ -252,6 +243,24 @@ pub trait Store: Send + Sync + Debug {
 
     /// The append-only audit trail; see [`AuditLog`].
     fn audit_log(&self) -> &dyn AuditLog;
+}
+
+/// The keys of a search's first `limit` matches, read with their bodies.
+pub(crate) async fn keys_by_reading<S: Store + ?Sized>(
+    store: &S,
+    query: &SearchQuery,
+    limit: u32,
+) -> Result<Vec<(String, String)>> {
+    let mut whole = query.clone();
+    whole.count = limit;
+    whole.offset = 0;
+    whole.total = false;
+    let page = store.search(&whole).await?;
+    Ok(page
+        .resources
+        .into_iter()
+        .map(|v| (v.resource_type, v.id))
+        .collect())
 }
 
 /// One stored AuditEvent with its place in the hash chain.

@@ -429,15 +429,8 @@ impl<'q> Compiler<'q> {
                         self.text(own);
                     }
                     None => {
-                        let _ = write!(
-                            self.sql.text,
-                            "EXISTS (SELECT 1 FROM search_reference {row} JOIN current_resources {source} \
-                             ON {source}.resource_type = {row}.resource_type AND {source}.id = {row}.id \
-                             WHERE {row}.resource_type = "
-                        );
-                        self.text(source_type);
-                        let _ = write!(self.sql.text, " AND {row}.param = ");
-                        self.text(param);
+                        self.push("EXISTS (SELECT 1");
+                        self.has_from(&row, &source, source_type, param);
                         let _ = write!(
                             self.sql.text,
                             " AND {row}.target_type = {alias}.resource_type AND {row}.target_id = {alias}.id"

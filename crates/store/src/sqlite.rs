@@ -212,16 +212,7 @@ impl Store for SqliteStore {
     async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
         if query.filter.is_some() {
             // A content filter needs each body; the bodies' search does that.
-            let mut whole = query.clone();
-            whole.count = limit;
-            whole.offset = 0;
-            whole.total = false;
-            let page = self.search(&whole).await?;
-            return Ok(page
-                .resources
-                .into_iter()
-                .map(|v| (v.resource_type, v.id))
-                .collect());
+            return crate::keys_by_reading(self, query, limit).await;
         }
         let sql = search_sql::keys(query::SQLITE, query, limit)?;
         let mut conn = self.readers.acquire().await?;

@@ -246,22 +246,11 @@ pub(crate) async fn search(
 
 /// The types of a system search: every type, or those `_type` lists.
 fn listed_types(params: &[(String, String)]) -> Result<Vec<String>, ApiError> {
-    let mut types: Vec<String> = Vec::new();
-    for one in params
-        .iter()
-        .filter(|(k, _)| k == "_type")
-        .flat_map(|(_, v)| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-    {
-        if !is_resource_type(one) {
-            return Err(ApiError::UnknownType(one.to_owned()));
-        }
-        if !types.iter().any(|t| t == one) {
-            types.push(one.to_owned());
-        }
+    let types = crate::search_params::listed_types(params);
+    match types.iter().find(|t| !is_resource_type(t)) {
+        Some(unknown) => Err(ApiError::UnknownType(unknown.clone())),
+        None => Ok(types),
     }
-    Ok(types)
 }
 
 /// Search parameters as name and value pairs.

@@ -269,6 +269,24 @@ pub fn criterion_for(
     Ok(criterion)
 }
 
+/// The types a system search's `_type` parameters list, trimmed, each once,
+/// in order; unchecked.
+pub fn listed_types(params: &[(String, String)]) -> Vec<String> {
+    let mut types: Vec<String> = Vec::new();
+    for one in params
+        .iter()
+        .filter(|(name, _)| name == "_type")
+        .flat_map(|(_, value)| value.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        if !types.iter().any(|t| t == one) {
+            types.push(one.to_owned());
+        }
+    }
+    types
+}
+
 /// Parses the criteria of a conditional interaction (`identifier=x|y&...`),
 /// strictly, and asks for up to two matches: enough to tell 0, 1 and many
 /// apart. Among the `_` parameters only `_id` and `_lastUpdated` may be used.
