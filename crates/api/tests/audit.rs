@@ -13,28 +13,20 @@ use axum::Router;
 use base64::Engine;
 use haven_api::{router, ApiConfig, AppState};
 use haven_auth::client::ClientKey;
-use haven_auth::keys::{generate_signing_key, KeySet};
-use haven_auth::registry::{ClientAuth, Role};
+use haven_auth::registry::Role;
 use haven_auth::server::{pkce_s256, ClientSpec};
-use haven_auth::{AuthConfig, AuthServer};
+use haven_auth::AuthServer;
 use haven_model::clock::{Clock, ManualClock};
 use haven_store::{SearchQuery, Store};
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use support::secured::{self, REDIRECT, VERIFIER};
 use tempfile::TempDir;
 use time::macros::datetime;
 use tower::ServiceExt;
 
 const BASE: &str = "https://haven.test/fhir";
-const REDIRECT: &str = "https://app.test/callback";
-const VERIFIER: &str = "a-verifier-of-more-than-forty-three-characters-0123456789";
-const PASSWORD: &str = "correct horse battery";
-
-fn signing_key() -> &'static str {
-    static KEY: OnceLock<String> = OnceLock::new();
-    KEY.get_or_init(|| generate_signing_key().unwrap())
-}
 
 fn backend_key() -> &'static ClientKey {
     static KEY: OnceLock<ClientKey> = OnceLock::new();
@@ -70,26 +62,9 @@ async fn spawn_on(database_url: String, dir: Option<TempDir>) -> Audited {
     let store = haven_store::connect(&database_url, clock.clone() as Arc<dyn Clock>)
         .await
         .unwrap();
-    let keys = KeySet::new(signing_key(), &[], clock.now(), time::Duration::hours(1)).unwrap();
-    let server = Arc::new(AuthServer::new(
-        AuthConfig::new(BASE),
-        store.clone(),
-        clock.clone(),
-        keys,
-    ));
-    let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE))
-        .with_smart(server.clone())
-        .with_audit("haven-test");
-    let (app, _) = server
-        .add_client(ClientSpec {
-            name: "Chart".into(),
-            redirect_uris: vec![REDIRECT.into()],
-            scopes: "launch/patient openid fhirUser patient/*.cruds user/*.cruds".into(),
-            auth: Some(ClientAuth::None),
-            ..ClientSpec::default()
-        })
-        .await
-        .unwrap();
+    let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE));
+    let (state, smart) = secured::secure(state, store.clone(), clock, BASE).await;
+    let server = smart.server.clone();
     let (backend, _) = server
         .add_client(ClientSpec {
             name: "Loader".into(),
@@ -102,21 +77,18 @@ async fn spawn_on(database_url: String, dir: Option<TempDir>) -> Audited {
         })
         .await
         .unwrap();
-    for (name, role, fhir_user) in [
-        ("drwho", Role::Practitioner, Some("Practitioner/dr")),
-        ("amy", Role::Patient, Some("Patient/a")),
-        ("root", Role::Admin, None),
-    ] {
-        server
-            .add_user(name, PASSWORD, role, fhir_user.map(str::to_owned), None)
-            .await
-            .unwrap();
-    }
+    smart
+        .add_users(&[
+            ("drwho", Role::Practitioner, Some("Practitioner/dr")),
+            ("amy", Role::Patient, Some("Patient/a")),
+            ("root", Role::Admin, None),
+        ])
+        .await;
     Audited {
         router: router(state),
         store,
         server,
-        app: app.client_id,
+        app: smart.client_id,
         backend: backend.client_id,
         database_url,
         _dir: dir,

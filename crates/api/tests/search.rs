@@ -11,31 +11,25 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::Router;
 use haven_api::{router, ApiConfig, AppState, SecurityStages};
-use haven_auth::keys::{generate_signing_key, KeySet};
-use haven_auth::registry::{ClientAuth, Role};
-use haven_auth::server::{pkce_s256, ClientSpec};
-use haven_auth::{AuthConfig, AuthServer};
+use haven_auth::registry::Role;
 use haven_model::clock::{Clock, ManualClock};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::Reply;
+use support::{secured, Reply};
 use tempfile::TempDir;
 use time::macros::datetime;
 use tower::ServiceExt;
 
 const ORIGIN: &str = "https://haven.test";
 const BASE: &str = "https://haven.test/fhir";
-const REDIRECT: &str = "https://app.test/callback";
-const VERIFIER: &str = "a-verifier-of-more-than-forty-three-characters-0123456789";
-const PASSWORD: &str = "correct horse battery";
 
 const LOINC: &str = "http://loinc.org";
 const SNOMED: &str = "http://snomed.info/sct";
@@ -51,11 +45,6 @@ const AMY: &str = "amy";
 const A: &str = "patient-a";
 /// Another patient.
 const B: &str = "patient-b";
-
-fn signing_key() -> &'static str {
-    static KEY: OnceLock<String> = OnceLock::new();
-    KEY.get_or_init(|| generate_signing_key().unwrap())
-}
 
 // ---- the harness ----
 
@@ -73,7 +62,7 @@ struct Haven {
     router: Router,
     clock: Arc<ManualClock>,
     /// The authorization server and the client id, when SMART is on.
-    auth: Option<(Arc<AuthServer>, String)>,
+    auth: Option<secured::Smart>,
     /// What requests carry unless told otherwise: an all-access token when
     /// SMART is on.
     token: Option<String>,
@@ -95,42 +84,18 @@ async fn spawn_on(database_url: &str, dir: Option<TempDir>, security: Security) 
             _dir: dir,
         },
         Security::Smart => {
-            let keys =
-                KeySet::new(signing_key(), &[], clock.now(), time::Duration::hours(1)).unwrap();
-            let server = Arc::new(AuthServer::new(
-                AuthConfig::new(BASE),
-                store.clone(),
-                clock.clone(),
-                keys,
-            ));
-            let state = state.with_smart(server.clone()).with_audit("haven-test");
-            let (app, _) = server
-                .add_client(ClientSpec {
-                    name: "Chart".into(),
-                    redirect_uris: vec![REDIRECT.into()],
-                    scopes: "launch/patient openid fhirUser patient/*.cruds user/*.cruds".into(),
-                    auth: Some(ClientAuth::None),
-                    ..ClientSpec::default()
-                })
-                .await
-                .unwrap();
-            for (name, role, fhir_user) in [
-                (
-                    PRACTITIONER,
-                    Role::Practitioner,
-                    "Practitioner/dj".to_owned(),
-                ),
-                (AMY, Role::Patient, format!("Patient/{A}")),
-            ] {
-                server
-                    .add_user(name, PASSWORD, role, Some(fhir_user), None)
-                    .await
-                    .unwrap();
-            }
+            let (state, smart) = secured::secure(state, store, clock.clone(), BASE).await;
+            let amy_patient = format!("Patient/{A}");
+            smart
+                .add_users(&[
+                    (PRACTITIONER, Role::Practitioner, Some("Practitioner/dj")),
+                    (AMY, Role::Patient, Some(&amy_patient)),
+                ])
+                .await;
             let mut haven = Haven {
                 router: router(state),
                 clock,
-                auth: Some((server, app.client_id)),
+                auth: Some(smart),
                 token: None,
                 _dir: dir,
             };
@@ -155,57 +120,10 @@ where
     F: FnOnce(Haven) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let Ok(admin_url) = std::env::var("HAVEN_TEST_POSTGRES_URL") else {
-        println!("not run: HAVEN_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let name = format!("haven_search_{}", uuid::Uuid::new_v4().simple());
-    admin(&admin_url, &format!("CREATE DATABASE {name}")).await;
-    let url = database_url(&admin_url, &name);
-    // Caught, so that the database is dropped whatever happens.
-    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+    support::postgres::with_fresh_database("haven_search", |url| async move {
         story(spawn_on(&url, None, security).await).await;
-    }))
+    })
     .await;
-    admin(
-        &admin_url,
-        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-    )
-    .await;
-    if let Err(failure) = outcome {
-        std::panic::resume_unwind(failure);
-    }
-}
-
-/// Runs one statement on the admin database.
-async fn admin(admin_url: &str, statement: &str) {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(admin_url)
-        .await
-        .expect("admin connection");
-    sqlx::raw_sql(statement)
-        .execute(&mut conn)
-        .await
-        .expect(statement);
-    let _ = conn.close().await;
-}
-
-/// The admin URL with its database name replaced.
-fn database_url(admin_url: &str, name: &str) -> String {
-    let (base, query) = match admin_url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (admin_url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{name}", &base[..host_end]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    url
 }
 
 /// Declares each story once per backend, as `sqlite::story` and
@@ -301,13 +219,6 @@ stories!(
 );
 
 // ---- requests, tokens and bundles ----
-
-fn form(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
 
 /// `path?pairs`, with the pairs percent-encoded.
 fn url(path: &str, pairs: &[(&str, &str)]) -> String {
@@ -636,41 +547,8 @@ impl Haven {
     /// A user's token with `scope`, through the authorization server's steps;
     /// the patient user's token has their patient in context.
     async fn token_for(&self, username: &str, scope: &str) -> String {
-        let (server, client_id) = self.auth.as_ref().expect("a SMART app");
-        let challenge = pkce_s256(VERIFIER);
-        let params = form(&[
-            ("response_type", "code"),
-            ("client_id", client_id),
-            ("redirect_uri", REDIRECT),
-            ("scope", scope),
-            ("state", "s"),
-            ("aud", BASE),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-        ]);
-        let pending = server.begin_authorization(&params).await.unwrap();
-        let user = server.user(username).await.unwrap();
-        let pending = server.attach_user(pending, &user, "cookie").await.unwrap();
-        let redirect = server.approve(&pending, &pending.scopes).await.unwrap();
-        let code = query_of(&redirect)
-            .into_iter()
-            .find(|(k, _)| k == "code")
-            .expect("a code")
-            .1;
-        let answer = server
-            .token(
-                &form(&[
-                    ("grant_type", "authorization_code"),
-                    ("code", &code),
-                    ("redirect_uri", REDIRECT),
-                    ("client_id", client_id),
-                    ("code_verifier", VERIFIER),
-                ]),
-                None,
-            )
-            .await
-            .unwrap();
-        answer["access_token"].as_str().unwrap().to_owned()
+        let smart = self.auth.as_ref().expect("a SMART app");
+        smart.token(username, scope).await
     }
 
     /// Patients A and B, each with an Observation (LOINC 8480-6) and a

@@ -11,31 +11,25 @@
 
 mod support;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::Router;
 use haven_api::{router, ApiConfig, AppState};
-use haven_auth::keys::{generate_signing_key, KeySet};
-use haven_auth::registry::{ClientAuth, Role};
-use haven_auth::server::{pkce_s256, ClientSpec};
-use haven_auth::{AuthConfig, AuthServer};
+use haven_auth::registry::Role;
 use haven_model::clock::{Clock, ManualClock};
 use http::{Method, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
-use support::Reply;
+use support::{secured, Reply};
 use tempfile::TempDir;
 use time::macros::datetime;
 use tower::ServiceExt;
 
 const ORIGIN: &str = "https://haven.test";
 const BASE: &str = "https://haven.test/fhir";
-const REDIRECT: &str = "https://app.test/callback";
-const VERIFIER: &str = "a-verifier-of-more-than-forty-three-characters-0123456789";
-const PASSWORD: &str = "correct horse battery";
 
 const LOINC: &str = "http://loinc.org";
 const CATEGORY: &str = "http://terminology.hl7.org/CodeSystem/observation-category";
@@ -58,17 +52,12 @@ const PRACTITIONER: &str = "drjones";
 /// The patient user whose patient is A.
 const AMY: &str = "amy";
 
-fn signing_key() -> &'static str {
-    static KEY: OnceLock<String> = OnceLock::new();
-    KEY.get_or_init(|| generate_signing_key().unwrap())
-}
-
 /// A SMART-secured, audited app over one store.
 struct Haven {
     router: Router,
-    server: Arc<AuthServer>,
+    /// The authorization server and the client id.
+    smart: secured::Smart,
     clock: Arc<ManualClock>,
-    app: String,
     _dir: Option<TempDir>,
 }
 
@@ -77,44 +66,19 @@ async fn spawn_on(database_url: &str, dir: Option<TempDir>) -> Haven {
     let store = haven_store::connect(database_url, clock.clone() as Arc<dyn Clock>)
         .await
         .unwrap();
-    let keys = KeySet::new(signing_key(), &[], clock.now(), time::Duration::hours(1)).unwrap();
-    let server = Arc::new(AuthServer::new(
-        AuthConfig::new(BASE),
-        store.clone(),
-        clock.clone(),
-        keys,
-    ));
-    let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE))
-        .with_smart(server.clone())
-        .with_audit("haven-test");
-    let (app, _) = server
-        .add_client(ClientSpec {
-            name: "Chart".into(),
-            redirect_uris: vec![REDIRECT.into()],
-            scopes: "launch/patient openid fhirUser patient/*.cruds user/*.cruds".into(),
-            auth: Some(ClientAuth::None),
-            ..ClientSpec::default()
-        })
-        .await
-        .unwrap();
-    for (name, role, fhir_user) in [
-        (
-            PRACTITIONER,
-            Role::Practitioner,
-            "Practitioner/dj".to_owned(),
-        ),
-        (AMY, Role::Patient, format!("Patient/{A}")),
-    ] {
-        server
-            .add_user(name, PASSWORD, role, Some(fhir_user), None)
-            .await
-            .unwrap();
-    }
+    let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE));
+    let (state, smart) = secured::secure(state, store, clock.clone(), BASE).await;
+    let amy_patient = format!("Patient/{A}");
+    smart
+        .add_users(&[
+            (PRACTITIONER, Role::Practitioner, Some("Practitioner/dj")),
+            (AMY, Role::Patient, Some(&amy_patient)),
+        ])
+        .await;
     Haven {
         router: router(state),
-        server,
+        smart,
         clock,
-        app: app.client_id,
         _dir: dir,
     }
 }
@@ -136,57 +100,10 @@ where
     F: FnOnce(Haven) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let Ok(admin_url) = std::env::var("HAVEN_TEST_POSTGRES_URL") else {
-        println!("not run: HAVEN_TEST_POSTGRES_URL is not set");
-        return;
-    };
-    let name = format!("haven_leaks_{}", uuid::Uuid::new_v4().simple());
-    admin(&admin_url, &format!("CREATE DATABASE {name}")).await;
-    let url = database_url(&admin_url, &name);
-    // Caught, so that the database is dropped whatever happens.
-    let outcome = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+    support::postgres::with_fresh_database("haven_leaks", |url| async move {
         story(spawn_on(&url, None).await).await;
-    }))
+    })
     .await;
-    admin(
-        &admin_url,
-        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
-    )
-    .await;
-    if let Err(failure) = outcome {
-        std::panic::resume_unwind(failure);
-    }
-}
-
-/// Runs one statement on the admin database.
-async fn admin(admin_url: &str, statement: &str) {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(admin_url)
-        .await
-        .expect("admin connection");
-    sqlx::raw_sql(statement)
-        .execute(&mut conn)
-        .await
-        .expect(statement);
-    let _ = conn.close().await;
-}
-
-/// The admin URL with its database name replaced.
-fn database_url(admin_url: &str, name: &str) -> String {
-    let (base, query) = match admin_url.split_once('?') {
-        Some((base, query)) => (base, Some(query)),
-        None => (admin_url, None),
-    };
-    let scheme_end = base.find("://").map_or(0, |i| i + 3);
-    let host_end = base[scheme_end..]
-        .find('/')
-        .map_or(base.len(), |i| scheme_end + i);
-    let mut url = format!("{}/{name}", &base[..host_end]);
-    if let Some(query) = query {
-        url.push('?');
-        url.push_str(query);
-    }
-    url
 }
 
 /// Declares each story once per backend, as `sqlite::story` and `postgres::story`.
@@ -226,20 +143,6 @@ stories!(
 );
 
 // ---- requests, tokens and data ----
-
-fn query_of(url: &str) -> HashMap<String, String> {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    form_urlencoded::parse(query.as_bytes())
-        .into_owned()
-        .collect()
-}
-
-fn form(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect()
-}
 
 /// `path?pairs`, with the pairs percent-encoded.
 fn url(path: &str, pairs: &[(&str, &str)]) -> String {
@@ -367,45 +270,7 @@ impl Haven {
     /// A user's token with `scope`, through the authorization server's steps.
     /// The patient user's token has their patient in context.
     async fn token(&self, username: &str, scope: &str) -> String {
-        let challenge = pkce_s256(VERIFIER);
-        let params = form(&[
-            ("response_type", "code"),
-            ("client_id", &self.app),
-            ("redirect_uri", REDIRECT),
-            ("scope", scope),
-            ("state", "s"),
-            ("aud", BASE),
-            ("code_challenge", &challenge),
-            ("code_challenge_method", "S256"),
-        ]);
-        let pending = self.server.begin_authorization(&params).await.unwrap();
-        let user = self.server.user(username).await.unwrap();
-        let pending = self
-            .server
-            .attach_user(pending, &user, "cookie")
-            .await
-            .unwrap();
-        let url = self
-            .server
-            .approve(&pending, &pending.scopes)
-            .await
-            .unwrap();
-        let code = query_of(&url)["code"].clone();
-        let answer = self
-            .server
-            .token(
-                &form(&[
-                    ("grant_type", "authorization_code"),
-                    ("code", &code),
-                    ("redirect_uri", REDIRECT),
-                    ("client_id", &self.app),
-                    ("code_verifier", VERIFIER),
-                ]),
-                None,
-            )
-            .await
-            .unwrap();
-        answer["access_token"].as_str().unwrap().to_owned()
+        self.smart.token(username, scope).await
     }
 
     /// A patient's token: Amy's, with patient A in context.

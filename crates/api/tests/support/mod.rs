@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod postgres;
+pub mod secured;
+
 use std::sync::Arc;
 
 use axum::body::Body;
