@@ -427,8 +427,8 @@ impl ContentGuard for ScopeGuard {
     }
 }
 
-/// A token's scopes as criteria per type: the same decision as [`admits`],
-/// in the form the store compiles into a search.
+/// A token's scopes as criteria per type: for reading and searching, the same
+/// decision as [`admits`], in the form the store compiles into a search.
 #[derive(Debug)]
 struct ScopeAccess {
     guard: ScopeGuard,
@@ -444,12 +444,12 @@ impl AccessRule for ScopeAccess {
         }
         let mut alternatives = Vec::new();
         for grant in grants {
-            let compartment = match (grant.context, self.permission) {
-                (Context::Patient, _) => match &self.guard.patient {
+            let compartment = match grant.context {
+                Context::Patient => match &self.guard.patient {
                     Some(patient) => Criterion::PatientCompartment(patient.clone()),
                     None => Criterion::Never,
                 },
-                (Context::User | Context::System, _) => Criterion::Always,
+                Context::User | Context::System => Criterion::Always,
             };
             // A restriction the content rule cannot evaluate refuses every
             // read there, so it admits nothing here either (fail closed).

@@ -2044,6 +2044,10 @@ async fn everything_narrowed_by_type_returns_only_resources_of_that_type(h: Have
         "{bundle}"
     );
     assert!(!everything_in(&bundle).contains(&r.encounter));
+
+    // A type outside the patient compartment narrows to nothing.
+    let bundle = h.search(&url(&path, &[("_type", "Medication")])).await;
+    assert!(everything_in(&bundle).is_empty(), "{bundle}");
 }
 
 async fn everything_since_an_instant_returns_only_what_changed_after_it(h: Haven) {

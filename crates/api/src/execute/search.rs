@@ -99,8 +99,10 @@ pub(crate) async fn search(
         // patient-operation-everything): practitioners, organizations, ...
         params.push(("_include".into(), "*".into()));
     }
-    if matches!(scope, Scope::Everything { .. }) && types.is_empty() {
-        // An empty list would mean every type to the parser.
+    // `$everything?_type=` may name no type of the compartment: then nothing
+    // matches, and the parser, to which no types mean every type, is given one.
+    let nothing_listed = matches!(scope, Scope::Everything { .. }) && types.is_empty();
+    if nothing_listed {
         types.push("Patient".into());
     }
     let mut parsed = parse_search(&types, &params, &cx)?;
@@ -124,8 +126,7 @@ pub(crate) async fn search(
             parsed.query.criterion = compartment.and(parsed.query.criterion);
         }
         Scope::Everything { patient } => {
-            // `_type` may name no type of the compartment: then nothing matches.
-            let compartment = if types.is_empty() {
+            let compartment = if nothing_listed {
                 Criterion::Never
             } else {
                 Criterion::PatientCompartment(patient.to_owned())

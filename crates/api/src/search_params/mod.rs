@@ -84,8 +84,6 @@ pub struct ParsedSearch {
     pub summary: Option<Summary>,
     /// `_elements`: top-level element names.
     pub elements: Option<Vec<String>>,
-    /// Whether contained resources are searched (`_contained`); always false.
-    pub contained: bool,
 }
 
 /// One `_include` or `_revinclude` (search.html#include): resources of
@@ -133,7 +131,6 @@ pub fn parse_search(
         revincludes: Vec::new(),
         summary: None,
         elements: None,
-        contained: false,
     };
     let criteria = Criteria::new(cx);
     let mut criterion = Criterion::Always;
@@ -182,7 +179,7 @@ pub fn parse_search(
                 }
             }
             "_contained" => match value {
-                "false" => parsed.contained = false,
+                "false" => {}
                 "true" | "both" => {
                     ignore(
                         &mut parsed,

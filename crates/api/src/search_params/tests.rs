@@ -272,7 +272,6 @@ fn applied_parameters_leave_out_paging() {
     assert!(!parsed.query.total);
     assert_eq!(parsed.query.types, vec!["Patient".to_string()]);
     assert!(parsed.query.filter.is_none() && parsed.query.access.is_none());
-    assert!(!parsed.contained);
 }
 
 // --- Common parameters and system search -----------------------------------------
@@ -1257,11 +1256,10 @@ fn wildcard_includes() {
 #[test]
 fn contained_false_is_accepted_and_the_others_are_reported() {
     let parsed = parse("Patient", &[("_contained", "false")]);
-    assert!(!parsed.contained && parsed.ignored.is_empty());
+    assert!(parsed.ignored.is_empty());
     let p = pairs(&[("_contained", "both")]);
     let parsed = parse_search(&types(&["Patient"]), &p, &cx(false)).unwrap();
     assert_eq!(parsed.ignored, vec!["_contained=both".to_string()]);
-    assert!(!parsed.contained);
     assert!(parse_search(&types(&["Patient"]), &p, &cx(true)).is_err());
     assert_eq!(
         refusal("Patient", &[("_contained", "maybe")], false),
