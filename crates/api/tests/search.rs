@@ -15,18 +15,15 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::Router;
 use haven_api::{router, ApiConfig, AppState, SecurityStages};
 use haven_auth::registry::Role;
 use haven_model::clock::{Clock, ManualClock};
 use http::{Method, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use support::{secured, Reply};
 use tempfile::TempDir;
 use time::macros::datetime;
-use tower::ServiceExt;
 
 const ORIGIN: &str = "https://haven.test";
 const BASE: &str = "https://haven.test/fhir";
@@ -410,35 +407,8 @@ impl Haven {
         body: Option<&Value>,
         headers: &[(&str, &str)],
     ) -> Reply {
-        let mut request = support::request(method, path);
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = match body {
-            Some(body) => request
-                .header("content-type", "application/fhir+json")
-                .body(Body::from(body.to_string())),
-            None => request.body(Body::empty()),
-        }
-        .unwrap();
-        let response = self.router.clone().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| panic!("{path}: not JSON: {}", String::from_utf8_lossy(&bytes)))
-        };
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        let request = support::fhir_request(method, path, token, body, headers);
+        support::call(&self.router, request).await
     }
 
     /// A GET with the app's own token (none when security is off).
