@@ -1209,7 +1209,7 @@ async fn launch(
     facts.patient = Some(patient);
     let context = LaunchContext {
         patient: Some(patient.clone()),
-        encounter: None,
+        ..LaunchContext::default()
     };
     let answer = match state.server.create_launch(&user, client_id, context).await {
         Ok(location) => redirect(&location),

@@ -8,6 +8,7 @@ use argon2::Argon2;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ring::rand::SecureRandom;
+use haven_policy::clearance::Clearance;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -103,9 +104,25 @@ pub struct ClientRecord {
     pub contacts: Vec<String>,
     /// Unix seconds.
     pub registered_at: i64,
+    /// The most its tokens may see; `None`: its users' clearance (or, for a
+    /// Backend Services client, the site's default for such clients).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "clearance_text")]
+    pub clearance: Option<Clearance>,
+    /// The purposes of use (v3 PurposeOfUse codes) it may ask for; empty:
+    /// treatment only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub purposes: Vec<String>,
 }
 
 impl ClientRecord {
+    pub fn allows_purpose(&self, purpose: &str) -> bool {
+        if self.purposes.is_empty() {
+            purpose == haven_policy::purpose::TREATMENT
+        } else {
+            self.purposes.iter().any(|p| p == purpose)
+        }
+    }
+
     /// What an administrator or a registering client may see: no secret hash.
     pub fn public_view(&self) -> Value {
         let mut value = serde_json::to_value(self).unwrap_or_default();
@@ -157,6 +174,34 @@ pub struct UserRecord {
     pub fhir_user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
+    /// Their own clearance; `None`: their role's.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "clearance_text")]
+    pub clearance: Option<Clearance>,
+    /// Whether they may break the glass (purpose BTG, with a reason).
+    #[serde(default)]
+    pub break_glass: bool,
+    /// Their organization (`Organization/id`), which Consents may name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub organization: Option<String>,
+}
+
+/// Clearances are stored in their text form (`R:ETH,PSY`).
+mod clearance_text {
+    use haven_policy::clearance::Clearance;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Option<Clearance>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(c) => s.serialize_str(&c.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Clearance>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| Clearance::parse(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
 }
 
 impl UserRecord {
@@ -251,6 +296,9 @@ mod tests {
             role: Role::Patient,
             fhir_user: Some("Patient/p1".into()),
             display_name: None,
+            clearance: None,
+            break_glass: false,
+            organization: None,
         };
         assert_eq!(user.own_patient(), Some("p1"));
         assert!(user.public_view().get("password_hash").is_none());

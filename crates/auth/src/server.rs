@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use haven_model::clock::Clock;
+use haven_policy::clearance::Clearance;
+use haven_policy::purpose::{self, BREAK_THE_GLASS, TREATMENT};
 use haven_store::{AuthRecords, Store};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
@@ -40,6 +42,34 @@ pub struct AuthConfig {
     pub pending_lifetime: Duration,
     pub session_lifetime: Duration,
     pub launch_lifetime: Duration,
+    /// How long a break-the-glass token lives (no refresh token is issued).
+    pub break_glass_lifetime: Duration,
+    /// The clearance of each role's users, and of Backend Services clients,
+    /// where the user or client has none of its own.
+    pub clearances: RoleClearances,
+}
+
+/// Clearances by role, in the form `N`, `R:ETH,PSY` or `V:*`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleClearances {
+    /// What patients see of their own record.
+    pub patient: Clearance,
+    pub practitioner: Clearance,
+    pub admin: Clearance,
+    /// Backend Services clients.
+    pub backend: Clearance,
+}
+
+impl Default for RoleClearances {
+    fn default() -> Self {
+        Self {
+            // A patient's right of access covers their whole record.
+            patient: Clearance::unlimited(),
+            practitioner: Clearance::default(),
+            admin: Clearance::default(),
+            backend: Clearance::default(),
+        }
+    }
 }
 
 impl AuthConfig {
@@ -65,6 +95,8 @@ impl AuthConfig {
             pending_lifetime: Duration::minutes(15),
             session_lifetime: Duration::hours(8),
             launch_lifetime: Duration::minutes(5),
+            break_glass_lifetime: Duration::minutes(15),
+            clearances: RoleClearances::default(),
         }
     }
 
@@ -145,6 +177,12 @@ pub struct LaunchContext {
     pub patient: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encounter: Option<String>,
+    /// The purpose of use asked for (`purpose_of_use`); treatment when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    /// Why the glass is broken, for a break-the-glass request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub break_glass_reason: Option<String>,
 }
 
 /// An authorization request between the authorize endpoint and the code.
@@ -196,6 +234,46 @@ fn error_redirect(redirect_uri: &str, error: &str, description: &str, state: &st
     url
 }
 
+/// The purpose of use a request asks for (`purpose_of_use`, treatment when
+/// absent), which must be one the client is registered for, and for break the
+/// glass the reason (`btg_reason`) it requires. Errors are an OAuth error code
+/// and a description.
+fn requested_purpose(
+    params: &HashMap<String, String>,
+    client: &ClientRecord,
+) -> Result<(String, Option<String>), (&'static str, String)> {
+    let purpose = param(params, "purpose_of_use").unwrap_or(TREATMENT);
+    if purpose::display(purpose).is_none() {
+        return Err((
+            "invalid_request",
+            format!("{purpose:?} is not a purpose of use this server knows"),
+        ));
+    }
+    if !client.allows_purpose(purpose) {
+        return Err((
+            "invalid_scope",
+            format!("this client is not registered for the purpose of use {purpose}"),
+        ));
+    }
+    if purpose != BREAK_THE_GLASS {
+        return Ok((purpose.to_owned(), None));
+    }
+    let reason = param(params, "btg_reason").unwrap_or_default().trim();
+    if reason.is_empty() {
+        return Err((
+            "invalid_request",
+            "breaking the glass requires a reason (btg_reason)".into(),
+        ));
+    }
+    if reason.chars().count() > 500 || reason.chars().any(char::is_control) {
+        return Err((
+            "invalid_request",
+            "btg_reason must be one line of at most 500 characters".into(),
+        ));
+    }
+    Ok((purpose.to_owned(), Some(reason.to_owned())))
+}
+
 /// `application/x-www-form-urlencoded` of the pairs, skipping empty values.
 pub fn form_encode(pairs: &[(&str, &str)]) -> String {
     let mut out = url::form_urlencoded::Serializer::new(String::new());
@@ -244,6 +322,17 @@ struct AccessClaims {
         skip_serializing_if = "Option::is_none"
     )]
     role: Option<Role>,
+    /// The purpose of use (v3 PurposeOfUse).
+    #[serde(default, rename = "haven_purpose", skip_serializing_if = "Option::is_none")]
+    purpose: Option<String>,
+    /// The clearance (`N`, `R:ETH,PSY`, `V:*`).
+    #[serde(default, rename = "haven_clearance", skip_serializing_if = "Option::is_none")]
+    clearance: Option<String>,
+    #[serde(default, rename = "haven_btg_reason", skip_serializing_if = "Option::is_none")]
+    break_glass_reason: Option<String>,
+    /// The user's organization, which Consents may name.
+    #[serde(default, rename = "haven_organization", skip_serializing_if = "Option::is_none")]
+    organization: Option<String>,
 }
 
 /// Who an access token speaks for and what it allows.
@@ -260,6 +349,14 @@ pub struct AccessContext {
     pub role: Option<Role>,
     pub token_id: String,
     pub expires_at: OffsetDateTime,
+    /// Why the holder asks (v3 PurposeOfUse code).
+    pub purpose: String,
+    /// The highest confidentiality and the sensitivity categories it may see.
+    pub clearance: Clearance,
+    /// Set for a break-the-glass token: the reason its user gave.
+    pub break_glass_reason: Option<String>,
+    /// The organization of the user it speaks for.
+    pub organization: Option<String>,
 }
 
 /// Why a bearer token was refused. Clients only ever learn `invalid_token`.
@@ -356,6 +453,19 @@ pub struct ClientSpec {
     pub launch_uri: Option<String>,
     pub organization: Option<String>,
     pub contacts: Vec<String>,
+    /// The most its tokens may see (administrators only).
+    pub clearance: Option<Clearance>,
+    /// The purposes of use it may ask for (administrators only); empty: treatment.
+    pub purposes: Vec<String>,
+}
+
+/// What an administrator sets about a user beyond their sign-in.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserPolicy {
+    /// `None`: their role's clearance.
+    pub clearance: Option<Clearance>,
+    pub break_glass: bool,
+    pub organization: Option<String>,
 }
 
 /// Why a sign-in failed.
@@ -696,6 +806,8 @@ impl AuthServer {
             organization: spec.organization,
             contacts: spec.contacts,
             registered_at: self.now().unix_timestamp(),
+            clearance: spec.clearance,
+            purposes: spec.purposes,
         };
         let value = serde_json::to_value(&record).map_err(|_| OAuthError::server_error())?;
         self.records()
@@ -798,6 +910,9 @@ impl AuthServer {
             launch_uri: text("initiate_login_uri").or_else(|| text("launch_uri")),
             organization: text("organization_name"),
             contacts: strings("contacts")?,
+            // Clearance and purposes beyond treatment are an administrator's to give.
+            clearance: None,
+            purposes: Vec::new(),
         };
         // Deleting claims the token: of two registrations racing, one wins.
         if !records
@@ -851,6 +966,35 @@ impl AuthServer {
         Ok(response)
     }
 
+    /// Sets a user's clearance, break-the-glass permission and organization.
+    pub async fn set_user_policy(
+        &self,
+        username: &str,
+        policy: UserPolicy,
+    ) -> Result<UserRecord, OAuthError> {
+        let invalid = |d: &str| OAuthError::new(400, "invalid_request", d);
+        if let Some(org) = &policy.organization {
+            let valid = org
+                .strip_prefix("Organization/")
+                .is_some_and(haven_model::id::is_valid_id);
+            if !valid {
+                return Err(invalid("an organization is a reference Organization/<id>"));
+            }
+        }
+        let Some(mut user) = self.user(username).await else {
+            return Err(OAuthError::new(404, "invalid_request", "no such user"));
+        };
+        user.clearance = policy.clearance;
+        user.break_glass = policy.break_glass;
+        user.organization = policy.organization;
+        let value = serde_json::to_value(&user).map_err(|_| OAuthError::server_error())?;
+        self.records()
+            .put(kind::USER, username, &value, None)
+            .await
+            .map_err(storage_failed)?;
+        Ok(user)
+    }
+
     pub async fn add_user(
         &self,
         username: &str,
@@ -901,6 +1045,9 @@ impl AuthServer {
             role,
             fhir_user,
             display_name,
+            clearance: None,
+            break_glass: false,
+            organization: None,
         };
         let value = serde_json::to_value(&user).map_err(|_| OAuthError::server_error())?;
         let inserted = self
@@ -1086,6 +1233,10 @@ impl AuthServer {
             pending.username = Some(record.username);
             pending.ehr_launch = true;
         }
+        let (purpose, reason) =
+            requested_purpose(params, &client).map_err(|(error, text)| fail(error, &text))?;
+        pending.context.purpose = Some(purpose);
+        pending.context.break_glass_reason = reason;
         self.save_pending(&pending)
             .await
             .map_err(|_| AuthorizeError::Page("The server could not keep this request.".into()))?;
@@ -1129,6 +1280,13 @@ impl AuthServer {
                 403,
                 "access_denied",
                 "this launch belongs to another user",
+            ));
+        }
+        if pending.context.purpose.as_deref() == Some(BREAK_THE_GLASS) && !user.break_glass {
+            return Err(OAuthError::new(
+                403,
+                "access_denied",
+                "this user may not break the glass",
             ));
         }
         pending.username = Some(user.username.clone());
@@ -1637,6 +1795,21 @@ impl AuthServer {
         .await
     }
 
+    /// A user's clearance through a client: the user's own, or their role's;
+    /// a client with a clearance of its own caps it.
+    fn clearance_of(&self, user: &UserRecord, client: &ClientRecord) -> Clearance {
+        let roles = &self.config.clearances;
+        let own = user.clearance.clone().unwrap_or_else(|| match user.role {
+            Role::Patient => roles.patient.clone(),
+            Role::Practitioner => roles.practitioner.clone(),
+            Role::Admin => roles.admin.clone(),
+        });
+        match &client.clearance {
+            Some(cap) => own.within(cap),
+            None => own,
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn issue(
         &self,
@@ -1649,7 +1822,32 @@ impl AuthServer {
         refresh: Option<Refresh<'_>>,
     ) -> Result<Value, OAuthError> {
         let now = self.now();
-        let lifetime = self.config.access_token_lifetime;
+        let purpose = context
+            .purpose
+            .clone()
+            .unwrap_or_else(|| TREATMENT.to_owned());
+        let break_glass = purpose == BREAK_THE_GLASS;
+        if break_glass && (!user.break_glass || context.break_glass_reason.is_none()) {
+            return Err(OAuthError::new(
+                403,
+                "access_denied",
+                "this user may not break the glass",
+            ));
+        }
+        let clearance = if break_glass {
+            Clearance::unlimited()
+        } else {
+            self.clearance_of(user, client)
+        };
+        let lifetime = if break_glass {
+            self.config
+                .break_glass_lifetime
+                .min(self.config.access_token_lifetime)
+        } else {
+            self.config.access_token_lifetime
+        };
+        // A broken glass is short-lived: it is never refreshed.
+        let refresh = refresh.filter(|_| !break_glass);
         let patient = scopes
             .patient_scoped()
             .then(|| context.patient.clone())
@@ -1674,6 +1872,10 @@ impl AuthServer {
             fhir_user: user.fhir_user.clone(),
             grant: Some(grant.to_string()),
             role: Some(user.role),
+            purpose: Some(purpose.clone()),
+            clearance: Some(clearance.to_string()),
+            break_glass_reason: context.break_glass_reason.clone().filter(|_| break_glass),
+            organization: user.organization.clone(),
         };
         let access_token = self.key_set().sign(&claims).map_err(|e| {
             tracing::error!(error = %e, "signing an access token failed");
@@ -1685,6 +1887,7 @@ impl AuthServer {
             "expires_in": lifetime.whole_seconds(),
             "scope": scopes.to_string(),
         });
+        response["purpose_of_use"] = json!(purpose);
         if let Some(patient) = &patient {
             response["patient"] = json!(patient);
             response["need_patient_banner"] = json!(true);
@@ -1888,6 +2091,20 @@ impl AuthServer {
                 "none of the requested scopes can be granted",
             ));
         }
+        let (purpose, _) = requested_purpose(form, client).map_err(|(error, text)| {
+            OAuthError::new(400, error, &text)
+        })?;
+        if purpose == BREAK_THE_GLASS {
+            return Err(OAuthError::new(
+                400,
+                "invalid_request",
+                "only a signed-in user may break the glass",
+            ));
+        }
+        let clearance = match &client.clearance {
+            Some(own) => own.clone(),
+            None => self.config.clearances.backend.clone(),
+        };
         let now = self.now();
         let lifetime = self.config.backend_token_lifetime;
         let claims = AccessClaims {
@@ -1904,6 +2121,10 @@ impl AuthServer {
             fhir_user: None,
             grant: None,
             role: None,
+            purpose: Some(purpose.clone()),
+            clearance: Some(clearance.to_string()),
+            break_glass_reason: None,
+            organization: client.organization.clone(),
         };
         let access_token = self
             .key_set()
@@ -1914,6 +2135,7 @@ impl AuthServer {
             "token_type": "Bearer",
             "expires_in": lifetime.whole_seconds(),
             "scope": granted.to_string(),
+            "purpose_of_use": purpose,
         }))
     }
 
@@ -1952,6 +2174,16 @@ impl AuthServer {
             token_id: claims.jti,
             expires_at: OffsetDateTime::from_unix_timestamp(claims.exp)
                 .unwrap_or(OffsetDateTime::UNIX_EPOCH),
+            purpose: claims.purpose.unwrap_or_else(|| TREATMENT.to_owned()),
+            // A token without a clearance (or with one this server cannot
+            // read) sees normal data only.
+            clearance: claims
+                .clearance
+                .as_deref()
+                .and_then(|c| Clearance::parse(c).ok())
+                .unwrap_or_default(),
+            break_glass_reason: claims.break_glass_reason,
+            organization: claims.organization,
         })
     }
 
@@ -2011,7 +2243,12 @@ impl AuthServer {
                 "exp": access.expires_at.unix_timestamp(),
                 "iss": self.config.fhir_base,
                 "aud": self.config.fhir_base,
+                "purpose_of_use": access.purpose,
+                "clearance": access.clearance.to_string(),
             });
+            if let Some(reason) = &access.break_glass_reason {
+                body["break_glass_reason"] = json!(reason);
+            }
             if let Some(user) = &access.fhir_user {
                 body["fhirUser"] = json!(format!("{}/{user}", self.config.fhir_base));
             }

@@ -75,6 +75,21 @@ impl Clearance {
         }
     }
 
+    /// What both this clearance and `cap` allow.
+    pub fn within(&self, cap: &Clearance) -> Clearance {
+        let categories = match (self.every_category, cap.every_category) {
+            (true, true) => BTreeSet::new(),
+            (true, false) => cap.categories.clone(),
+            (false, true) => self.categories.clone(),
+            (false, false) => self.categories.intersection(&cap.categories).cloned().collect(),
+        };
+        Clearance {
+            confidentiality: self.confidentiality.min(cap.confidentiality),
+            categories,
+            every_category: self.every_category && cap.every_category,
+        }
+    }
+
     pub fn covers(&self, category: &str) -> bool {
         self.every_category || self.categories.contains(category)
     }

@@ -17,7 +17,8 @@ use haven_audit::{
     auth_event, token_fingerprint, AuthEventKind, AuthFacts, BreakKind, Outcome, Who,
 };
 use haven_auth::registry::{ClientAuth, Role};
-use haven_auth::server::ClientSpec;
+use haven_auth::server::{ClientSpec, UserPolicy};
+use haven_policy::clearance::Clearance;
 use haven_auth::{AuthConfig, AuthServer};
 use haven_model::clock::Clock;
 use haven_model::id::new_id;
@@ -80,6 +81,13 @@ pub struct ClientAddArgs {
     /// A contact (e-mail) for the client; repeat for several (required for backend clients).
     #[arg(long = "contact")]
     pub contacts: Vec<String>,
+    /// The most its tokens may see, e.g. N, R:ETH,PSY or V:* (default: its users' clearance).
+    #[arg(long)]
+    pub clearance: Option<String>,
+    /// A purpose of use it may ask for (v3 PurposeOfUse, e.g. TREAT, HRESCH, BTG); repeat
+    /// for several. Default: TREAT only.
+    #[arg(long = "purpose")]
+    pub purposes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -101,6 +109,15 @@ pub struct UserAddArgs {
     /// The name shown on pages.
     #[arg(long)]
     pub display_name: Option<String>,
+    /// The user's clearance, e.g. N, R:ETH,PSY or V:* (default: their role's).
+    #[arg(long)]
+    pub clearance: Option<String>,
+    /// The user may break the glass (purpose BTG, with a reason, audited).
+    #[arg(long)]
+    pub break_glass: bool,
+    /// The user's organization, e.g. Organization/7, which Consents may name.
+    #[arg(long)]
+    pub organization: Option<String>,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -287,6 +304,8 @@ pub async fn clients(
                 launch_uri: args.launch_url,
                 organization: args.organization,
                 contacts: args.contacts,
+                clearance: args.clearance.as_deref().map(parse_clearance).transpose()?,
+                purposes: parse_purposes(args.purposes)?,
             };
             let (record, secret) = server.add_client(spec).await.map_err(refused)?;
             let mut change = CliChange::new(
@@ -348,8 +367,13 @@ pub async fn users(config: &Config, clock: Arc<dyn Clock>, command: UsersCommand
         .read_to_string(&mut password)
         .context("reading the password from standard input")?;
     let password = password.trim_end_matches(['\r', '\n']);
+    let policy = UserPolicy {
+        clearance: args.clearance.as_deref().map(parse_clearance).transpose()?,
+        break_glass: args.break_glass,
+        organization: args.organization,
+    };
     let (server, store) = auth_server(config, clock.clone()).await?;
-    let user = server
+    server
         .add_user(
             &args.username,
             password,
@@ -357,6 +381,10 @@ pub async fn users(config: &Config, clock: Arc<dyn Clock>, command: UsersCommand
             args.fhir_user,
             args.display_name,
         )
+        .await
+        .map_err(refused)?;
+    let user = server
+        .set_user_policy(&args.username, policy)
         .await
         .map_err(refused)?;
     // There is no kind for user administration; ClientRegistration is the
@@ -373,6 +401,19 @@ pub async fn users(config: &Config, clock: Arc<dyn Clock>, command: UsersCommand
     })
     .await?;
     Ok(user.public_view())
+}
+
+fn parse_clearance(text: &str) -> Result<Clearance> {
+    Clearance::parse(text).map_err(|e| anyhow!("--clearance: {e}"))
+}
+
+fn parse_purposes(purposes: Vec<String>) -> Result<Vec<String>> {
+    for p in &purposes {
+        if haven_policy::purpose::display(p).is_none() {
+            bail!("--purpose {p}: not a purpose of use this server knows");
+        }
+    }
+    Ok(purposes)
 }
 
 pub async fn keys(config: &Config, clock: Arc<dyn Clock>, command: KeysCommand) -> Result<Value> {
