@@ -387,6 +387,7 @@ impl AuditRecorder {
                     request_id: context.request_id.clone(),
                     entities,
                     patient,
+                    decision: context.decision.clone(),
                 })
             })
             .collect()

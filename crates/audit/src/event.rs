@@ -127,6 +127,83 @@ pub struct AuditFacts {
     pub entities: Vec<Entity>,
     /// The id of the patient the data is about.
     pub patient: Option<String>,
+    /// What decided the request, beyond the scopes' verdict.
+    pub decision: Option<Decision>,
+}
+
+/// The policy that authorizes break-the-glass access, named in `agent.policy`.
+pub const BREAK_THE_GLASS_POLICY: &str = "urn:haven:policy:break-the-glass";
+/// The entity type of the decision record in an AuditEvent.
+pub const DECISION_ENTITY: &str = "urn:haven:audit-entity-type";
+/// v3 ActReason, the PurposeOfUse codes.
+const PURPOSE_OF_USE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActReason";
+
+/// What decided a request: the scopes used, the clearance, the Consents and
+/// labels that let data through, filtered it or masked it, and the outcome.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Decision {
+    /// The token's purpose of use (v3 PurposeOfUse code).
+    pub purpose: Option<String>,
+    pub scopes: Option<String>,
+    pub clearance: Option<String>,
+    /// Set when the glass was broken: the reason given.
+    pub break_glass_reason: Option<String>,
+    /// Consents evaluated for the data, with what they did.
+    pub consents: Vec<String>,
+    /// Lines such as `filtered: ETH (clearance N)` or `masked: PSY`.
+    pub labels: Vec<String>,
+    /// `permit`, `deny`, or `permit with redaction`.
+    pub outcome: String,
+}
+
+impl Decision {
+    fn entity(&self) -> Value {
+        let mut detail = Vec::new();
+        let mut add = |kind: &str, value: &str| {
+            detail.push(json!({"type": kind, "valueString": value}));
+        };
+        if let Some(purpose) = &self.purpose {
+            add("purpose-of-use", purpose);
+        }
+        if let Some(scopes) = &self.scopes {
+            add("scopes", scopes);
+        }
+        if let Some(clearance) = &self.clearance {
+            add("clearance", clearance);
+        }
+        if let Some(reason) = &self.break_glass_reason {
+            add("break-the-glass-reason", reason);
+        }
+        for consent in &self.consents {
+            add("consent", consent);
+        }
+        for label in &self.labels {
+            add("label", label);
+        }
+        add("outcome", &self.outcome);
+        json!({
+            "type": coding(DECISION_ENTITY, "decision", "Access decision"),
+            "description": format!("access decision: {}", self.outcome),
+            "detail": detail,
+        })
+    }
+
+    /// The policies the requester's agent acted under: the Consents that
+    /// decided, and break the glass.
+    fn policies(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .consents
+            .iter()
+            .filter_map(|c| c.split_whitespace().next())
+            .filter(|c| c.starts_with("Consent/"))
+            .map(str::to_owned)
+            .collect();
+        if self.break_glass_reason.is_some() {
+            out.push(BREAK_THE_GLASS_POLICY.to_owned());
+        }
+        out.dedup();
+        out
+    }
 }
 
 /// Builds the AuditEvent of one FHIR request (BALP RESTful patterns): type
@@ -152,7 +229,25 @@ pub fn audit_event(facts: &AuditFacts) -> Value {
         server: &facts.server,
         network_address: facts.network_address.as_deref(),
     };
-    event.insert("agent".into(), Value::Array(party.agents()));
+    let mut agents = party.agents();
+    if let Some(decision) = &facts.decision {
+        let policies = decision.policies();
+        if let Some(requestor) = agents.iter_mut().find(|a| a["requestor"] == true) {
+            if !policies.is_empty() {
+                requestor["policy"] = json!(policies);
+            }
+            if let Some(purpose) = &decision.purpose {
+                requestor["purposeOfUse"] = json!([{"coding": [coding(PURPOSE_OF_USE, purpose, purpose)]}]);
+            }
+        }
+        if let Some(purpose) = &decision.purpose {
+            event.insert(
+                "purposeOfEvent".into(),
+                json!([{"coding": [coding(PURPOSE_OF_USE, purpose, purpose)]}]),
+            );
+        }
+    }
+    event.insert("agent".into(), Value::Array(agents));
     event.insert("source".into(), source(&facts.source_observer));
 
     let mut entities: Vec<Value> = facts.entities.iter().map(entity).collect();
@@ -160,6 +255,9 @@ pub fn audit_event(facts: &AuditFacts) -> Value {
         entities.push(patient_entity(patient));
     }
     entities.push(request_entity(&facts.request_id));
+    if let Some(decision) = &facts.decision {
+        entities.push(decision.entity());
+    }
     event.insert("entity".into(), Value::Array(entities));
     Value::Object(event)
 }
@@ -436,7 +534,35 @@ mod tests {
             request_id: "req-1".into(),
             entities: vec![Entity::Resource("Patient/1/_history/3".into())],
             patient: Some("1".into()),
+            decision: None,
         }
+    }
+
+    #[test]
+    fn the_decision_names_purpose_consents_labels_and_break_the_glass() {
+        let mut f = facts();
+        f.decision = Some(Decision {
+            purpose: Some("BTG".into()),
+            scopes: Some("user/*.rs".into()),
+            clearance: Some("V:*".into()),
+            break_glass_reason: Some("unconscious patient".into()),
+            consents: vec!["Consent/c1 overridden".into()],
+            labels: vec!["overridden: ETH".into()],
+            outcome: "permit".into(),
+        });
+        let event = audit_event(&f);
+        assert_valid(&event);
+        assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], "BTG");
+        let agent = &event["agent"][0];
+        assert_eq!(agent["policy"], json!(["Consent/c1", BREAK_THE_GLASS_POLICY]));
+        let decision = event["entity"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["type"]["system"] == DECISION_ENTITY)
+            .unwrap();
+        let text = decision.to_string();
+        assert!(text.contains("unconscious patient") && text.contains("Consent/c1 overridden"));
     }
 
     fn auth_facts() -> AuthFacts {

@@ -17,6 +17,6 @@ pub mod provenance;
 pub use chain::{append, link_hash, verify, BreakKind, ChainBreak, StoredLink, Verifier, GENESIS};
 pub use event::{
     audit_event, auth_event, token_fingerprint, Action, AuditFacts, AuthEventKind, AuthFacts,
-    Entity, Outcome, Who, AUTH_EVENT_SYSTEM,
+    Decision, Entity, Outcome, Who, AUTH_EVENT_SYSTEM, BREAK_THE_GLASS_POLICY, DECISION_ENTITY,
 };
 pub use provenance::{provenance, Activity};

@@ -120,6 +120,15 @@ pub enum Criterion {
     /// another type, or at nothing this server can name (a URN, a reference
     /// without a type). What an access rule that reaches only `types` refuses.
     ReferenceOutside { param: String, types: Vec<String> },
+    /// Some value of the token parameter `param` has `system` and a code that
+    /// is not one of `codes` (a security label outside a clearance, say).
+    TokenOutside {
+        param: String,
+        system: String,
+        codes: Vec<String>,
+    },
+    /// The resource is in the compartment of some patient not in `patients`.
+    CompartmentOutside(Vec<String>),
 }
 
 impl Criterion {

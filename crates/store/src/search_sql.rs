@@ -345,6 +345,33 @@ impl<'q> Compiler<'q> {
                 self.local(&format!("{row}.url"));
                 self.push("))");
             }
+            Criterion::TokenOutside {
+                param,
+                system,
+                codes,
+            } => {
+                let row = self.member_open(alias, resource_type, "search_token", param);
+                let _ = write!(self.sql.text, "{row}.system = ");
+                self.text(system);
+                let _ = write!(self.sql.text, " AND {row}.code IS NOT NULL");
+                if !codes.is_empty() {
+                    let _ = write!(self.sql.text, " AND {row}.code NOT IN (");
+                    self.list(codes);
+                    self.push(")");
+                }
+                self.push(")");
+            }
+            Criterion::CompartmentOutside(patients) => {
+                let row = self.member_open(alias, resource_type, "search_compartment", "Patient");
+                if patients.is_empty() {
+                    self.push("1 = 1");
+                } else {
+                    let _ = write!(self.sql.text, "{row}.target_id NOT IN (");
+                    self.list(patients);
+                    self.push(")");
+                }
+                self.push(")");
+            }
             Criterion::LastUpdated(range) => {
                 self.instant_point(&format!("{alias}.last_updated"), range);
             }

@@ -215,6 +215,7 @@ stories!(
     a_keys_criterion_returns_exactly_the_named_resources,
     criteria_nested_too_deeply_are_too_complex_and_composites_of_non_values_unsupported,
     a_chain_to_several_target_types_stays_on_its_own_parameter_and_resource,
+    token_outside_and_compartment_outside_find_labels_and_patients_beyond_a_list,
 );
 
 fn patient(family: &str) -> Value {
@@ -4384,5 +4385,50 @@ async fn a_chain_to_several_target_types_stays_on_its_own_parameter_and_resource
             ("Observation", "of-a"),
             ("Observation", "of-group")
         ])
+    );
+}
+
+async fn token_outside_and_compartment_outside_find_labels_and_patients_beyond_a_list(
+    world: World,
+) {
+    let act = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
+    let labeled = |subject: &str, codes: &[&str]| {
+        let mut o = observation(subject, "8867-4", 70);
+        o["meta"] = json!({"security": codes.iter()
+            .map(|c| json!({"system": act, "code": c})).collect::<Vec<_>>()});
+        o
+    };
+    create(&world, "Patient", "a", patient("A")).await;
+    create(&world, "Patient", "b", patient("B")).await;
+    create(&world, "Observation", "plain", observation("Patient/a", "8867-4", 70)).await;
+    create(&world, "Observation", "eth", labeled("Patient/a", &["ETH"])).await;
+    create(&world, "Observation", "psy", labeled("Patient/b", &["PSY"])).await;
+    create(&world, "Observation", "both", labeled("Patient/b", &["ETH", "PSY"])).await;
+    let outside = |codes: &[&str]| Criterion::TokenOutside {
+        param: "_security".into(),
+        system: act.into(),
+        codes: codes.iter().map(|c| (*c).to_owned()).collect(),
+    };
+    finds(&world, "Observation", outside(&[]), &["eth", "psy", "both"]).await;
+    finds(&world, "Observation", outside(&["ETH"]), &["psy", "both"]).await;
+    finds(&world, "Observation", outside(&["ETH", "PSY"]), &[]).await;
+    finds(
+        &world,
+        "Observation",
+        Criterion::Not(Box::new(outside(&["ETH"]))),
+        &["plain", "eth"],
+    )
+    .await;
+    let beyond = |ids: &[&str]| {
+        Criterion::CompartmentOutside(ids.iter().map(|c| (*c).to_owned()).collect())
+    };
+    finds(&world, "Observation", beyond(&["a"]), &["psy", "both"]).await;
+    finds(&world, "Observation", beyond(&["a", "b"]), &[]).await;
+    finds(&world, "Patient", beyond(&["b"]), &["a"]).await;
+    let mut system = search(None);
+    system.criterion = beyond(&["b"]);
+    assert_eq!(
+        found_keys(&world, &system).await,
+        keys(&[("Observation", "eth"), ("Observation", "plain"), ("Patient", "a")])
     );
 }
