@@ -53,6 +53,129 @@ pub trait ContentGuard: Send + Sync + Debug {
     fn access(&self, _permission: Permission) -> Option<Access> {
         None
     }
+
+    /// The rule for the results of this search: some guards admit less to a
+    /// search than to a read (what a masked view would hide must not be
+    /// searched on).
+    fn search_rule(&self, permission: Permission, _query: &SearchQuery) -> ContentRule {
+        self.rule(permission)
+    }
+
+    /// [`ContentGuard::access`] for this search.
+    fn search_access(&self, permission: Permission, _query: &SearchQuery) -> Option<Access> {
+        self.access(permission)
+    }
+
+    /// Whether a resource this guard refuses is answered as missing (404)
+    /// rather than forbidden (403).
+    fn hides_as_missing(&self, _permission: Permission, _resource: &Value) -> bool {
+        false
+    }
+
+    /// How a resource in an answer is shown to the caller.
+    fn present(&self, _resource: &Value) -> Shown {
+        Shown::AsStored
+    }
+}
+
+/// How a resource in an answer is shown.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shown {
+    AsStored,
+    /// A copy (masked).
+    Copy(Value),
+    /// Not at all: the caller wrote it but may not read it.
+    Withheld,
+}
+
+/// Two guards, both of which must admit: the scopes' and the consent and
+/// labels policy's.
+#[derive(Debug)]
+pub(crate) struct BothGuards(pub Arc<dyn ContentGuard>, pub Arc<dyn ContentGuard>);
+
+fn both_rules(a: ContentRule, b: ContentRule) -> ContentRule {
+    match (a, b) {
+        (ContentRule::Unrestricted, other) | (other, ContentRule::Unrestricted) => other,
+        (ContentRule::Only(a), ContentRule::Only(b)) => {
+            ContentRule::Only(ContentFilter::new(move |r| a.admits(r) && b.admits(r)))
+        }
+    }
+}
+
+/// Both guards' access in the query's form; `None` when a guard that
+/// restricts has no such form (the search then filters by content).
+fn both_access(
+    a: (ContentRule, Option<Access>),
+    b: (ContentRule, Option<Access>),
+) -> Option<Access> {
+    let part = |(rule, access): (ContentRule, Option<Access>)| match rule {
+        ContentRule::Unrestricted => Ok(None),
+        ContentRule::Only(_) => access.map(Some).ok_or(()),
+    };
+    match (part(a).ok()?, part(b).ok()?) {
+        (Some(a), Some(b)) => Some(Arc::new(BothAccess(a, b))),
+        (Some(one), None) | (None, Some(one)) => Some(one),
+        (None, None) => None,
+    }
+}
+
+impl ContentGuard for BothGuards {
+    fn rule(&self, permission: Permission) -> ContentRule {
+        both_rules(self.0.rule(permission), self.1.rule(permission))
+    }
+
+    fn confinement(&self, resource_type: &str, permission: Permission) -> Option<String> {
+        self.0
+            .confinement(resource_type, permission)
+            .or_else(|| self.1.confinement(resource_type, permission))
+    }
+
+    fn access(&self, permission: Permission) -> Option<Access> {
+        both_access(
+            (self.0.rule(permission), self.0.access(permission)),
+            (self.1.rule(permission), self.1.access(permission)),
+        )
+    }
+
+    fn search_rule(&self, permission: Permission, query: &SearchQuery) -> ContentRule {
+        both_rules(
+            self.0.search_rule(permission, query),
+            self.1.search_rule(permission, query),
+        )
+    }
+
+    fn search_access(&self, permission: Permission, query: &SearchQuery) -> Option<Access> {
+        both_access(
+            (
+                self.0.search_rule(permission, query),
+                self.0.search_access(permission, query),
+            ),
+            (
+                self.1.search_rule(permission, query),
+                self.1.search_access(permission, query),
+            ),
+        )
+    }
+
+    fn hides_as_missing(&self, permission: Permission, resource: &Value) -> bool {
+        // The guard that refused decides how.
+        if self.0.rule(permission).admits(resource) {
+            self.1.hides_as_missing(permission, resource)
+        } else {
+            self.0.hides_as_missing(permission, resource)
+        }
+    }
+
+    fn present(&self, resource: &Value) -> Shown {
+        match self.0.present(resource) {
+            Shown::AsStored => self.1.present(resource),
+            Shown::Copy(copy) => match self.1.present(&copy) {
+                Shown::AsStored => Shown::Copy(copy),
+                other => other,
+            },
+            Shown::Withheld => Shown::Withheld,
+        }
+    }
 }
 
 /// A guard that admits everything.
@@ -85,10 +208,14 @@ fn combine(own: Option<ContentFilter>, rule: ContentRule) -> Option<ContentFilte
 /// the guard has that form, else its rule as a content filter. Returns the rule
 /// too, for [`recheck`].
 fn guarded_search(guard: &dyn ContentGuard, query: &SearchQuery) -> (SearchQuery, ContentRule) {
+    let rule = guard.search_rule(Permission::Search, query);
+    let access = match &rule {
+        ContentRule::Only(_) => guard.search_access(Permission::Search, query),
+        ContentRule::Unrestricted => None,
+    };
     let mut query = query.clone();
-    let rule = guard.rule(Permission::Search);
     if let ContentRule::Only(_) = &rule {
-        match guard.access(Permission::Search) {
+        match access {
             Some(access) => {
                 query.access = Some(match query.access.take() {
                     Some(own) => Arc::new(BothAccess(own, access)),
@@ -133,6 +260,11 @@ fn check_read(
 ) -> Result<Option<ResourceVersion>> {
     let rule = guard.rule(Permission::Read);
     match version.as_ref().map(|v| (v, &v.resource)) {
+        Some((_, Some(resource)))
+            if !rule.admits(resource) && guard.hides_as_missing(Permission::Read, resource) =>
+        {
+            Ok(None)
+        }
         Some((v, Some(resource))) if !rule.admits(resource) => {
             Err(refused(&v.resource_type, &v.id, "reading"))
         }

@@ -30,6 +30,7 @@ pub mod negotiation;
 mod oauth;
 mod pages;
 pub mod pipeline;
+pub mod policy;
 pub mod record;
 pub mod response;
 pub mod search_params;
@@ -142,8 +143,24 @@ impl AppState {
             server: server.clone(),
         });
         security.authorizer = Arc::new(smart::SmartAuthorizer);
+        // Consent and labels come with authorization: a secured server enforces them.
+        let policy = Arc::new(policy::PolicyStage::default());
+        security.consent = policy.clone();
+        security.labeler = policy;
         self.security = Arc::new(security);
         self.auth = Some(server);
+        self
+    }
+
+    /// The site's consent and label policy (after [`AppState::with_smart`]).
+    pub fn with_policy(mut self, config: policy::PolicyConfig) -> Self {
+        let mut security = (*self.security).clone();
+        let policy = Arc::new(policy::PolicyStage {
+            config: Arc::new(config),
+        });
+        security.consent = policy.clone();
+        security.labeler = policy;
+        self.security = Arc::new(security);
         self
     }
 

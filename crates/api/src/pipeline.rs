@@ -39,7 +39,7 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::guard::{ContentGuard, GuardedStore, Unguarded};
+use crate::guard::{BothGuards, ContentGuard, GuardedStore, Unguarded};
 use crate::interaction::{self, Interaction, RequestBody};
 use crate::negotiation;
 use crate::record::RequestAudit;
@@ -121,6 +121,25 @@ pub trait Authorizer: Send + Sync + Debug {
 pub trait ConsentGate: Send + Sync + Debug {
     async fn decide(&self, who: &Principal, what: &Interaction)
         -> Result<AccessDecision, ApiError>;
+
+    /// The guard the policy adds over the store for this caller's whole
+    /// request, built from what the store holds now (the active Consents), so
+    /// a changed Consent takes effect on the next request. `store` is the
+    /// unguarded store; `audit` collects what decided.
+    async fn guard(
+        &self,
+        _who: &Principal,
+        _store: &dyn Store,
+        _audit: &Arc<RequestAudit>,
+        _at: OffsetDateTime,
+    ) -> Result<Arc<dyn ContentGuard>, ApiError> {
+        Ok(Arc::new(Unguarded))
+    }
+
+    /// The store writes go through, under the guard: where labels are added.
+    fn labeling_store(&self, store: Arc<dyn Store>) -> Arc<dyn Store> {
+        store
+    }
 }
 
 /// Stage 6. The labeling requirement fills it: Bundles carry the highest
@@ -131,6 +150,7 @@ pub trait ResultLabeler: Send + Sync + Debug {
         &self,
         who: &Principal,
         decision: &AccessDecision,
+        guard: &dyn ContentGuard,
         response: &mut FhirResponse,
     ) -> Result<(), ApiError>;
 }
@@ -201,6 +221,7 @@ impl ResultLabeler for AllowAll {
         &self,
         _: &Principal,
         _: &AccessDecision,
+        _: &dyn ContentGuard,
         _: &mut FhirResponse,
     ) -> Result<(), ApiError> {
         Ok(())
@@ -260,15 +281,15 @@ impl SecurityStages {
 pub(crate) struct Gate<'a> {
     pub stages: &'a SecurityStages,
     pub principal: &'a Principal,
+    /// The request's guard: the scopes' and the policy's.
+    pub guard: &'a Arc<dyn ContentGuard>,
 }
 
 impl Gate<'_> {
     /// Whether the caller may read this content (for reads made inside a
     /// write transaction, whose store allows what may be changed).
     pub fn may_read(&self, resource: &serde_json::Value) -> bool {
-        self.stages
-            .authorizer
-            .guard(self.principal)
+        self.guard
             .rule(haven_auth::scope::Permission::Read)
             .admits(resource)
     }
@@ -473,16 +494,24 @@ async fn run(
 
     // From here on the store is seen through the caller's guard, above the
     // recorder's store, which notes what is touched and adds what writes carry.
+    // The policy's guard reads the active Consents now, from the unguarded store.
+    let policy = state
+        .security
+        .consent
+        .guard(principal, &*state.store, audit, state.clock.now())
+        .await?;
+    let guard: Arc<dyn ContentGuard> = Arc::new(BothGuards(
+        state.security.authorizer.guard(principal),
+        policy,
+    ));
     let recorded =
         state
             .security
             .recorder
             .store_for(state.store.clone(), principal, interaction, audit);
+    let labeled = state.security.consent.labeling_store(recorded);
     let guarded = AppState {
-        store: Arc::new(GuardedStore::new(
-            recorded,
-            state.security.authorizer.guard(principal),
-        )),
+        store: Arc::new(GuardedStore::new(labeled, guard.clone())),
         ..state.clone()
     };
     let state = &guarded;
@@ -491,6 +520,7 @@ async fn run(
     let gate = Gate {
         stages: &state.security,
         principal,
+        guard: &guard,
     };
     let decision = &*trace.decision.insert(gate.admit(interaction).await?);
 
@@ -506,7 +536,7 @@ async fn run(
     state
         .security
         .labeler
-        .label(principal, decision, &mut response)
+        .label(principal, decision, &*guard, &mut response)
         .await?;
     Ok(response)
 }

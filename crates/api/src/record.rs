@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use haven_audit::{
     audit_event, auth_event, provenance, Action, Activity, AuditFacts, AuthEventKind, AuthFacts,
-    Entity, Outcome, Who,
+    Decision, Entity, Outcome, Who,
 };
 use haven_model::clock::Clock;
 use haven_model::id::new_id;
@@ -53,6 +53,8 @@ pub struct RequestAudit {
     /// The peer's address, when the connection has one.
     pub peer: Option<IpAddr>,
     ledger: Mutex<Ledger>,
+    /// What decided the request, as the consent and labels stage learns it.
+    decision: Mutex<Option<Decision>>,
 }
 
 #[derive(Debug, Default)]
@@ -97,7 +99,21 @@ impl RequestAudit {
             request_id: request_id.to_owned(),
             peer,
             ledger: Mutex::default(),
+            decision: Mutex::default(),
         }
+    }
+
+    /// Adds to the request's decision record.
+    pub fn decide(&self, change: impl FnOnce(&mut Decision)) {
+        let mut decision = self.decision.lock().unwrap_or_else(|e| e.into_inner());
+        change(decision.get_or_insert_with(Decision::default));
+    }
+
+    pub fn decision(&self) -> Option<Decision> {
+        self.decision
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
@@ -324,6 +340,7 @@ struct EventContext {
     interaction: &'static str,
     action: Action,
     query: Option<String>,
+    decision: Option<Decision>,
 }
 
 impl EventContext {
@@ -340,6 +357,7 @@ impl EventContext {
             interaction: interaction.map_or("", interaction_code),
             action: interaction.map_or(Action::Execute, action_of),
             query: interaction.and_then(query_of),
+            decision: audit.decision(),
         }
     }
 }
@@ -367,6 +385,18 @@ impl AuditRecorder {
         touched: &[Touched],
     ) -> Vec<Value> {
         let recorded = self.clock.now();
+        let decision = context.decision.clone().map(|mut d| {
+            d.outcome = match outcome {
+                Outcome::Success if d.labels.iter().any(|l| l.starts_with("masked")) => {
+                    "permit with redaction"
+                }
+                Outcome::Success => "permit",
+                Outcome::Denied => "deny",
+                _ => "not decided: the request failed",
+            }
+            .to_owned();
+            d
+        });
         by_patient(touched)
             .into_iter()
             .map(|(patient, references)| {
@@ -387,7 +417,7 @@ impl AuditRecorder {
                     request_id: context.request_id.clone(),
                     entities,
                     patient,
-                    decision: context.decision.clone(),
+                    decision: decision.clone(),
                 })
             })
             .collect()
@@ -904,6 +934,7 @@ impl RecordedTx {
                         interaction,
                         action,
                         query: None,
+                        decision: shared.audit.decision(),
                         ..shared.context.clone()
                     };
                     shared
@@ -921,6 +952,7 @@ impl RecordedTx {
                 .collect::<Vec<_>>(),
         );
         let mut context = shared.context.clone();
+        context.decision = shared.audit.decision();
         // An update that created the resource created it.
         if context.action == Action::Update
             && !self.written.is_empty()

@@ -237,7 +237,8 @@ pub fn audit_event(facts: &AuditFacts) -> Value {
                 requestor["policy"] = json!(policies);
             }
             if let Some(purpose) = &decision.purpose {
-                requestor["purposeOfUse"] = json!([{"coding": [coding(PURPOSE_OF_USE, purpose, purpose)]}]);
+                requestor["purposeOfUse"] =
+                    json!([{"coding": [coding(PURPOSE_OF_USE, purpose, purpose)]}]);
             }
         }
         if let Some(purpose) = &decision.purpose {
@@ -554,7 +555,10 @@ mod tests {
         assert_valid(&event);
         assert_eq!(event["purposeOfEvent"][0]["coding"][0]["code"], "BTG");
         let agent = &event["agent"][0];
-        assert_eq!(agent["policy"], json!(["Consent/c1", BREAK_THE_GLASS_POLICY]));
+        assert_eq!(
+            agent["policy"],
+            json!(["Consent/c1", BREAK_THE_GLASS_POLICY])
+        );
         let decision = event["entity"]
             .as_array()
             .unwrap()

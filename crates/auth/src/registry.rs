@@ -7,8 +7,8 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ring::rand::SecureRandom;
 use haven_policy::clearance::Clearance;
+use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -106,7 +106,11 @@ pub struct ClientRecord {
     pub registered_at: i64,
     /// The most its tokens may see; `None`: its users' clearance (or, for a
     /// Backend Services client, the site's default for such clients).
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "clearance_text")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "clearance_text"
+    )]
     pub clearance: Option<Clearance>,
     /// The purposes of use (v3 PurposeOfUse codes) it may ask for; empty:
     /// treatment only.
@@ -175,7 +179,11 @@ pub struct UserRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub display_name: Option<String>,
     /// Their own clearance; `None`: their role's.
-    #[serde(default, skip_serializing_if = "Option::is_none", with = "clearance_text")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "clearance_text"
+    )]
     pub clearance: Option<Clearance>,
     /// Whether they may break the glass (purpose BTG, with a reason).
     #[serde(default)]

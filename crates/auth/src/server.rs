@@ -323,15 +323,31 @@ struct AccessClaims {
     )]
     role: Option<Role>,
     /// The purpose of use (v3 PurposeOfUse).
-    #[serde(default, rename = "haven_purpose", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "haven_purpose",
+        skip_serializing_if = "Option::is_none"
+    )]
     purpose: Option<String>,
     /// The clearance (`N`, `R:ETH,PSY`, `V:*`).
-    #[serde(default, rename = "haven_clearance", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "haven_clearance",
+        skip_serializing_if = "Option::is_none"
+    )]
     clearance: Option<String>,
-    #[serde(default, rename = "haven_btg_reason", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "haven_btg_reason",
+        skip_serializing_if = "Option::is_none"
+    )]
     break_glass_reason: Option<String>,
     /// The user's organization, which Consents may name.
-    #[serde(default, rename = "haven_organization", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        rename = "haven_organization",
+        skip_serializing_if = "Option::is_none"
+    )]
     organization: Option<String>,
 }
 
@@ -1834,11 +1850,9 @@ impl AuthServer {
                 "this user may not break the glass",
             ));
         }
-        let clearance = if break_glass {
-            Clearance::unlimited()
-        } else {
-            self.clearance_of(user, client)
-        };
+        // A broken glass overrides the clearance where the token is used;
+        // the token still says what the user's own clearance is.
+        let clearance = self.clearance_of(user, client);
         let lifetime = if break_glass {
             self.config
                 .break_glass_lifetime
@@ -2091,9 +2105,8 @@ impl AuthServer {
                 "none of the requested scopes can be granted",
             ));
         }
-        let (purpose, _) = requested_purpose(form, client).map_err(|(error, text)| {
-            OAuthError::new(400, error, &text)
-        })?;
+        let (purpose, _) = requested_purpose(form, client)
+            .map_err(|(error, text)| OAuthError::new(400, error, &text))?;
         if purpose == BREAK_THE_GLASS {
             return Err(OAuthError::new(
                 400,

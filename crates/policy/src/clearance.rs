@@ -81,7 +81,11 @@ impl Clearance {
             (true, true) => BTreeSet::new(),
             (true, false) => cap.categories.clone(),
             (false, true) => self.categories.clone(),
-            (false, false) => self.categories.intersection(&cap.categories).cloned().collect(),
+            (false, false) => self
+                .categories
+                .intersection(&cap.categories)
+                .cloned()
+                .collect(),
         };
         Clearance {
             confidentiality: self.confidentiality.min(cap.confidentiality),

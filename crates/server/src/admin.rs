@@ -18,10 +18,10 @@ use haven_audit::{
 };
 use haven_auth::registry::{ClientAuth, Role};
 use haven_auth::server::{ClientSpec, UserPolicy};
-use haven_policy::clearance::Clearance;
 use haven_auth::{AuthConfig, AuthServer};
 use haven_model::clock::Clock;
 use haven_model::id::new_id;
+use haven_policy::clearance::Clearance;
 use haven_store::Store;
 use serde_json::{json, Value};
 
@@ -31,7 +31,7 @@ use crate::signing_keys;
 #[derive(Debug, Clone, Subcommand)]
 pub enum ClientsCommand {
     /// Register a client application and print it (with its secret, shown once).
-    Add(ClientAddArgs),
+    Add(Box<ClientAddArgs>),
     /// List registered clients.
     List,
     /// Print a one-time initial access token for dynamic registration (RFC 7591).
@@ -275,6 +275,7 @@ pub async fn clients(
     let (server, store) = auth_server(config, clock.clone()).await?;
     match command {
         ClientsCommand::Add(args) => {
+            let args = *args;
             let jwks = match &args.jwks {
                 Some(path) => Some(
                     serde_json::from_str::<Value>(

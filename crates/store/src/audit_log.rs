@@ -304,8 +304,18 @@ pub(crate) fn index_entries(event: &Value) -> Vec<IndexEntry> {
         if let Some(value) = text(agent, &["who", "identifier", "value"]) {
             add("agent", "", &value);
         }
+        for policy in items(agent.get("policy")) {
+            if let Some(policy) = policy.as_str() {
+                add("policy", "", policy);
+            }
+        }
     }
     for entity in items(event.get("entity")) {
+        if text(entity, &["type", "code"]).as_deref() == Some("XrequestId") {
+            if let Some(id) = text(entity, &["what", "identifier", "value"]) {
+                add("request", "", &id);
+            }
+        }
         if let Some(reference) = text(entity, &["what", "reference"]) {
             add("entity", "", &reference);
             add("entity", "", unversioned(&reference));
@@ -397,6 +407,8 @@ fn criteria(sql: &mut Sql, query: &AuditQuery) {
     values(sql, "entity", &query.entity);
     values(sql, "outcome", &query.outcome);
     values(sql, "action", &query.action);
+    values(sql, "policy", &query.policy);
+    values(sql, "request", &query.request);
     tokens(sql, "type", &query.event_type);
     tokens(sql, "subtype", &query.subtype);
 }

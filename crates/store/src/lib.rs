@@ -297,6 +297,10 @@ pub struct AuditQuery {
     pub outcome: Vec<String>,
     /// `action`: `C`, `R`, `U`, `D` or `E`.
     pub action: Vec<String>,
+    /// `policy`: an agent's `policy` (a Consent, break the glass) equals one of these.
+    pub policy: Vec<String>,
+    /// `request`: the request id (`X-Request-Id`) the event records.
+    pub request: Vec<String>,
     /// `type`: a code of `AuditEvent.type`.
     pub event_type: Vec<TokenValue>,
     /// `subtype`: a code of `AuditEvent.subtype`.

@@ -4400,10 +4400,22 @@ async fn token_outside_and_compartment_outside_find_labels_and_patients_beyond_a
     };
     create(&world, "Patient", "a", patient("A")).await;
     create(&world, "Patient", "b", patient("B")).await;
-    create(&world, "Observation", "plain", observation("Patient/a", "8867-4", 70)).await;
+    create(
+        &world,
+        "Observation",
+        "plain",
+        observation("Patient/a", "8867-4", 70),
+    )
+    .await;
     create(&world, "Observation", "eth", labeled("Patient/a", &["ETH"])).await;
     create(&world, "Observation", "psy", labeled("Patient/b", &["PSY"])).await;
-    create(&world, "Observation", "both", labeled("Patient/b", &["ETH", "PSY"])).await;
+    create(
+        &world,
+        "Observation",
+        "both",
+        labeled("Patient/b", &["ETH", "PSY"]),
+    )
+    .await;
     let outside = |codes: &[&str]| Criterion::TokenOutside {
         param: "_security".into(),
         system: act.into(),
@@ -4419,9 +4431,8 @@ async fn token_outside_and_compartment_outside_find_labels_and_patients_beyond_a
         &["plain", "eth"],
     )
     .await;
-    let beyond = |ids: &[&str]| {
-        Criterion::CompartmentOutside(ids.iter().map(|c| (*c).to_owned()).collect())
-    };
+    let beyond =
+        |ids: &[&str]| Criterion::CompartmentOutside(ids.iter().map(|c| (*c).to_owned()).collect());
     finds(&world, "Observation", beyond(&["a"]), &["psy", "both"]).await;
     finds(&world, "Observation", beyond(&["a", "b"]), &[]).await;
     finds(&world, "Patient", beyond(&["b"]), &["a"]).await;
@@ -4429,6 +4440,10 @@ async fn token_outside_and_compartment_outside_find_labels_and_patients_beyond_a
     system.criterion = beyond(&["b"]);
     assert_eq!(
         found_keys(&world, &system).await,
-        keys(&[("Observation", "eth"), ("Observation", "plain"), ("Patient", "a")])
+        keys(&[
+            ("Observation", "eth"),
+            ("Observation", "plain"),
+            ("Patient", "a")
+        ])
     );
 }

@@ -113,6 +113,9 @@ fn parse_audit_search(
                 }
             }
             "entity" => query.entity.extend(alternatives(name, value)?),
+            "policy" => query.policy.extend(alternatives(name, value)?),
+            // Haven's own: the events of one request, by its X-Request-Id.
+            "request" => query.request.extend(alternatives(name, value)?),
             "outcome" => {
                 for o in alternatives(name, value)? {
                     if !matches!(o.as_str(), "0" | "4" | "8" | "12") {

@@ -188,9 +188,21 @@ fn audit_event_entry() -> Value {
             "AuditEvent-subtype",
             "The interaction, e.g. read.",
         ),
+        (
+            "policy",
+            "uri",
+            "AuditEvent-policy",
+            "A policy the requester acted under: a Consent, or urn:haven:policy:break-the-glass.",
+        ),
     ] {
         params.push(search_param(name, kind, Some(definition), doc));
     }
+    params.push(search_param(
+        "request",
+        "token",
+        None,
+        "The X-Request-Id of the request the event records (Haven's own parameter).",
+    ));
     json!({
         "type": "AuditEvent",
         "profile": "http://hl7.org/fhir/StructureDefinition/AuditEvent",

@@ -47,6 +47,7 @@ pub async fn secure(
             redirect_uris: vec![REDIRECT.into()],
             scopes: "launch/patient openid fhirUser patient/*.cruds user/*.cruds".into(),
             auth: Some(ClientAuth::None),
+            purposes: ["TREAT", "HRESCH", "BTG"].map(str::to_owned).to_vec(),
             ..ClientSpec::default()
         })
         .await
@@ -73,24 +74,42 @@ impl Smart {
     /// A user's token for "Chart" with `scope`, through the authorization
     /// server's steps. A patient user's token has their patient in context.
     pub async fn token(&self, username: &str, scope: &str) -> String {
+        self.token_with(username, scope, &[]).await.unwrap()
+    }
+
+    /// A token as [`Smart::token`] gets it, with more authorization request
+    /// parameters (`purpose_of_use`, `btg_reason`); the refusal's description
+    /// when the authorization server refuses.
+    pub async fn token_with(
+        &self,
+        username: &str,
+        scope: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<String, String> {
         let challenge = pkce_s256(VERIFIER);
-        let params = form(&[
+        let mut pairs = vec![
             ("response_type", "code"),
-            ("client_id", &self.client_id),
+            ("client_id", self.client_id.as_str()),
             ("redirect_uri", REDIRECT),
             ("scope", scope),
             ("state", "s"),
-            ("aud", &self.base),
-            ("code_challenge", &challenge),
+            ("aud", self.base.as_str()),
+            ("code_challenge", challenge.as_str()),
             ("code_challenge_method", "S256"),
-        ]);
-        let pending = self.server.begin_authorization(&params).await.unwrap();
+        ];
+        pairs.extend_from_slice(extra);
+        let params = form(&pairs);
+        let pending = self
+            .server
+            .begin_authorization(&params)
+            .await
+            .map_err(|e| format!("{e:?}"))?;
         let user = self.server.user(username).await.unwrap();
         let pending = self
             .server
             .attach_user(pending, &user, "cookie")
             .await
-            .unwrap();
+            .map_err(|e| e.description)?;
         let redirect = self
             .server
             .approve(&pending, &pending.scopes)
@@ -115,8 +134,8 @@ impl Smart {
                 None,
             )
             .await
-            .unwrap();
-        answer["access_token"].as_str().unwrap().to_owned()
+            .map_err(|e| e.description)?;
+        Ok(answer["access_token"].as_str().unwrap().to_owned())
     }
 }
 
