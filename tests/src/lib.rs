@@ -188,6 +188,16 @@ impl Haven {
     /// Registers a Backend Services client allowed `scope` (e.g. `system/*.cruds`)
     /// with `haven clients add`, its RS384 key pair kept in the data directory.
     pub fn register_backend_client(&self, scope: &str) -> Result<BackendClient> {
+        self.register_backend_client_with(scope, &[])
+    }
+
+    /// [`Haven::register_backend_client`] with more `haven clients add`
+    /// arguments (e.g. `--clearance V:*`).
+    pub fn register_backend_client_with(
+        &self,
+        scope: &str,
+        extra: &[&str],
+    ) -> Result<BackendClient> {
         let key = haven_auth::client::ClientKey::generate_rsa();
         let name = uuid::Uuid::new_v4().simple().to_string();
         let key_file = self.data_dir.join(format!("client-{name}.pem"));
@@ -213,6 +223,7 @@ impl Haven {
             "--contact",
             "tests@haven.invalid",
         ];
+        args.extend_from_slice(extra);
         // The command must write where the server reads.
         if let Some(url) = &self.database_url {
             args.extend(["--database-url", url.as_str()]);

@@ -482,9 +482,10 @@ impl Server {
             stdout.trim()
         );
 
-        // An administrator's view: a Backend Services client that may do anything.
+        // An administrator's view: a Backend Services client that may do
+        // anything and is cleared for every label.
         let scope = "system/*.cruds";
-        let registered = haven.register_backend_client(scope)?;
+        let registered = haven.register_backend_client_with(scope, &["--clearance", "V:*"])?;
         let key = ClientKey::from_pem(&std::fs::read_to_string(&registered.key_file)?)?;
         let auth = BackendServicesClient::new(
             haven.base_url.parse()?,
@@ -1173,6 +1174,41 @@ async fn include_adds_the_subject_once_beside_the_matching_observations(
     Ok(())
 }
 
+/// The Synthea patients have no substance use, mental health or other
+/// sensitive condition: no resource of theirs gets a security label.
+async fn nothing_of_the_synthea_patients_is_labeled_sensitive(
+    server: &Server,
+    _: &Corpus,
+    _: &Picks,
+) -> Result<()> {
+    for resource_type in [
+        "Condition",
+        "Observation",
+        "Procedure",
+        "MedicationRequest",
+        "MedicationStatement",
+        "MedicationAdministration",
+        "DiagnosticReport",
+        "Encounter",
+        "CarePlan",
+        "CareTeam",
+        "Goal",
+        "Claim",
+        "ExplanationOfBenefit",
+        "DocumentReference",
+    ] {
+        let all = server.total(resource_type, &[]).await?;
+        let labeled = server
+            .total(resource_type, &[("_security:missing", "false".into())])
+            .await?;
+        ensure!(
+            labeled == 0,
+            "{labeled} of {all} {resource_type} resources carry security labels"
+        );
+    }
+    Ok(())
+}
+
 async fn revinclude_adds_exactly_the_conditions_of_the_patient(
     server: &Server,
     corpus: &Corpus,
@@ -1713,6 +1749,13 @@ async fn search_the_synthea_patients(backend: &'static str, database: Option<Pos
     check!(
         report,
         include_adds_the_subject_once_beside_the_matching_observations,
+        s,
+        c,
+        p
+    );
+    check!(
+        report,
+        nothing_of_the_synthea_patients_is_labeled_sensitive,
         s,
         c,
         p

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use haven_auth::scope::Permission;
 use haven_store::{
-    Access, AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, BothAccess,
-    ContentFilter, HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery,
-    Store, StoreError, StoreTx,
+    Access, AccessRule, AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend,
+    BothAccess, ContentFilter, Criterion, HistoryPage, HistoryQuery, ResourceVersion, Result,
+    SearchPage, SearchQuery, Store, StoreError, StoreTx, TypeAccess,
 };
 use serde_json::Value;
 
@@ -75,6 +75,30 @@ pub trait ContentGuard: Send + Sync + Debug {
     /// How a resource in an answer is shown to the caller.
     fn present(&self, _resource: &Value) -> Shown {
         Shown::AsStored
+    }
+
+    /// Whether searches tell the caller that this guard left matches out.
+    fn reports_withheld(&self) -> bool {
+        false
+    }
+
+    /// A guard made of two: the first, and the one layered over it.
+    fn layers(&self) -> Option<(Arc<dyn ContentGuard>, Arc<dyn ContentGuard>)> {
+        None
+    }
+}
+
+/// Admits what an access rule refuses: what a policy withholds.
+#[derive(Debug)]
+struct Refused(Access);
+
+impl AccessRule for Refused {
+    fn for_type(&self, resource_type: &str) -> TypeAccess {
+        match self.0.for_type(resource_type) {
+            TypeAccess::All => TypeAccess::Nothing,
+            TypeAccess::Nothing => TypeAccess::All,
+            TypeAccess::Only(criterion) => TypeAccess::Only(Criterion::Not(Box::new(criterion))),
+        }
     }
 }
 
@@ -164,6 +188,10 @@ impl ContentGuard for BothGuards {
         } else {
             self.0.hides_as_missing(permission, resource)
         }
+    }
+
+    fn layers(&self) -> Option<(Arc<dyn ContentGuard>, Arc<dyn ContentGuard>)> {
+        Some((self.0.clone(), self.1.clone()))
     }
 
     fn present(&self, resource: &Value) -> Shown {
@@ -416,6 +444,34 @@ impl Store for GuardedStore {
     async fn search_keys(&self, query: &SearchQuery, limit: u32) -> Result<Vec<(String, String)>> {
         let (query, _) = guarded_search(&*self.guard, query);
         self.inner.search_keys(&query, limit).await
+    }
+
+    /// One probe for a match the outer guard admits and the policy layered
+    /// over it refuses.
+    async fn withheld(&self, query: &SearchQuery) -> Result<bool> {
+        let Some((outer, policy)) = self.guard.layers() else {
+            return Ok(false);
+        };
+        if !policy.reports_withheld() {
+            return Ok(false);
+        }
+        if let ContentRule::Unrestricted = policy.search_rule(Permission::Search, query) {
+            return Ok(false);
+        }
+        let Some(refused) = policy.search_access(Permission::Search, query) else {
+            return Ok(false);
+        };
+        let (mut probe, _) = guarded_search(&*outer, query);
+        let refused: Access = Arc::new(Refused(refused));
+        probe.access = Some(match probe.access.take() {
+            Some(own) => Arc::new(BothAccess(own, refused)),
+            None => refused,
+        });
+        probe.count = 1;
+        probe.offset = 0;
+        probe.total = false;
+        probe.sort = Vec::new();
+        Ok(!self.inner.search(&probe).await?.resources.is_empty())
     }
 
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage> {

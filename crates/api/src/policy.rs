@@ -703,6 +703,10 @@ impl ContentGuard for PolicyGuard {
         self.0.config.hidden_as_missing
     }
 
+    fn reports_withheld(&self) -> bool {
+        self.0.config.report_suppressed
+    }
+
     fn present(&self, resource: &Value) -> Shown {
         if !self.0.restricts(Permission::Read)
             || self.0.break_glass
@@ -759,6 +763,7 @@ impl Store for LabelingStore {
         Ok(Box::new(LabelingTx {
             inner: self.inner.begin().await?,
             labeler: self.labeler.clone(),
+            passed_on: 0,
         }))
     }
 
@@ -803,6 +808,8 @@ impl Store for LabelingStore {
 struct LabelingTx {
     inner: Box<dyn StoreTx>,
     labeler: Arc<Labeler>,
+    /// Resources relabeled because another one passed its labels on.
+    passed_on: u64,
 }
 
 fn local_reference(reference: &str) -> Option<(&str, &str)> {
@@ -871,6 +878,7 @@ impl LabelingTx {
                 self.inner
                     .update(t, i, target, Some(current.version))
                     .await?;
+                self.passed_on += 1;
             }
         }
         Ok(())
@@ -931,4 +939,99 @@ impl StoreTx for LabelingTx {
     async fn commit(self: Box<Self>) -> Result<()> {
         self.inner.commit().await
     }
+}
+
+/// What `haven labels apply` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RelabelReport {
+    /// Resources of the labeled types looked at.
+    pub examined: u64,
+    /// Resources that got a new version with more labels (Encounters labeled
+    /// through their Conditions included).
+    pub relabeled: u64,
+}
+
+/// The name the relabeling command acts under in Provenance and AuditEvents.
+pub const RELABEL_ACTOR: &str = "haven labels apply";
+
+/// Labels the stored data as the current value sets say: every resource of a
+/// labeled type whose labels the rules would raise gets a new version, with
+/// its Provenance and AuditEvent, as any write does. Labels are never removed.
+pub async fn relabel(state: &crate::AppState) -> std::result::Result<RelabelReport, ApiError> {
+    let labeler = Arc::new(Labeler::built_in());
+    let principal = Principal {
+        subject: Some(RELABEL_ACTOR.into()),
+        access: Some(haven_auth::AccessContext {
+            subject: RELABEL_ACTOR.into(),
+            client_id: RELABEL_ACTOR.into(),
+            scopes: haven_auth::scope::ScopeSet::parse("system/*.cruds"),
+            patient: None,
+            encounter: None,
+            fhir_user: None,
+            role: Some(Role::Admin),
+            token_id: String::new(),
+            expires_at: state.clock.now(),
+            purpose: "HOPERAT".into(),
+            clearance: Clearance::unlimited(),
+            break_glass_reason: None,
+            organization: None,
+        }),
+    };
+    let mut report = RelabelReport::default();
+    const PAGE: u32 = 200;
+    for resource_type in Labeler::labeled_types() {
+        let mut offset = 0;
+        loop {
+            let query = SearchQuery {
+                count: PAGE,
+                offset,
+                sort: vec![haven_store::SortKey {
+                    by: SortBy::Id,
+                    descending: false,
+                }],
+                ..SearchQuery::of_type(resource_type)
+            };
+            let page = state.store.search(&query).await?;
+            for version in &page.resources {
+                let Some(current) = &version.resource else {
+                    continue;
+                };
+                report.examined += 1;
+                let interaction = Interaction::Update {
+                    resource_type: resource_type.to_owned(),
+                    id: version.id.clone(),
+                    resource: current.clone(),
+                    if_match: Some(version.version),
+                };
+                let audit = Arc::new(RequestAudit::new(&uuid::Uuid::new_v4().to_string(), None));
+                let recorded = state.security.recorder.store_for(
+                    state.store.clone(),
+                    &principal,
+                    &interaction,
+                    &audit,
+                );
+                let mut tx = LabelingTx {
+                    inner: recorded.begin().await?,
+                    labeler: labeler.clone(),
+                    passed_on: 0,
+                };
+                let labeled = tx
+                    .labeled(resource_type, &version.id, current.clone())
+                    .await?;
+                if ResourceLabels::of(&labeled) == ResourceLabels::of(current) {
+                    continue;
+                }
+                tx.update(resource_type, &version.id, labeled, Some(version.version))
+                    .await?;
+                let passed_on = tx.passed_on;
+                Box::new(tx).commit().await?;
+                report.relabeled += 1 + passed_on;
+            }
+            if !page.more {
+                break;
+            }
+            offset += u64::from(PAGE);
+        }
+    }
+    Ok(report)
 }

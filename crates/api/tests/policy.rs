@@ -46,6 +46,8 @@ const ADMIN: &str = "admin";
 struct Haven {
     router: Router,
     smart: secured::Smart,
+    state: AppState,
+    store: Arc<dyn haven_store::Store>,
     _dir: Option<TempDir>,
 }
 
@@ -55,7 +57,7 @@ async fn spawn_on(database_url: &str, dir: Option<TempDir>, policy: PolicyConfig
         .await
         .unwrap();
     let state = AppState::new(store.clone(), clock.clone(), ApiConfig::new(BASE));
-    let (state, smart) = secured::secure(state, store, clock.clone(), BASE).await;
+    let (state, smart) = secured::secure(state, store.clone(), clock.clone(), BASE).await;
     let state = state.with_policy(policy);
     smart
         .add_users(&[
@@ -86,8 +88,10 @@ async fn spawn_on(database_url: &str, dir: Option<TempDir>, policy: PolicyConfig
         .await
         .unwrap();
     Haven {
-        router: router(state),
+        router: router(state.clone()),
         smart,
+        state,
+        store,
         _dir: dir,
     }
 }
@@ -173,6 +177,7 @@ stories!(
     a_consent_denying_one_practitioner_hides_the_record_from_that_practitioner_only,
     break_the_glass_needs_the_permission_and_a_reason_and_leaves_a_trail,
     a_read_refused_by_policy_is_explained_by_its_request_id,
+    relabeling_labels_data_stored_before_the_rules_and_records_each_change,
 );
 
 fn masking_mental_health() -> PolicyConfig {
@@ -283,6 +288,18 @@ fn decision_of(event: &Value) -> String {
         .find(|e| e["type"]["code"] == "decision")
         .map(|e| e.to_string())
         .unwrap_or_default()
+}
+
+/// Whether a searchset says, in its outcome entry, that matches were withheld.
+fn suppressed(bundle: &Value) -> bool {
+    bundle["entry"].as_array().into_iter().flatten().any(|e| {
+        e["search"]["mode"] == "outcome"
+            && e["resource"]["issue"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|i| i["code"] == "suppressed" && i["severity"] == "information")
+    })
 }
 
 fn sorted(items: &[&str]) -> Vec<String> {
@@ -464,8 +481,12 @@ async fn a_clinician_without_clearance_cannot_reach_sensitive_records_by_any_sea
     let by_code = format!("/fhir/Condition?code={SCT}|{OPIOID_ABUSE}&_total=accurate");
     assert_eq!(haven.total(&by_code, &no).await, 0);
     assert_eq!(haven.total(&by_code, &yes).await, 1);
+    // The uncleared search says that something was left out; the cleared one does not.
+    let (_, bundle) = haven.search(&conditions, &no).await;
+    assert!(suppressed(&bundle), "{bundle}");
     // A searchset carries the highest confidentiality of its entries.
     let (_, bundle) = haven.search(&conditions, &yes).await;
+    assert!(!suppressed(&bundle), "{bundle}");
     assert_eq!(
         labels(&bundle),
         vec![format!("{CONFIDENTIALITY}|R")],
@@ -584,6 +605,10 @@ async fn a_consent_denying_research_hides_data_from_research_only_until_it_is_re
     let reply = haven.get(&format!("/fhir/{o}"), &research).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
     assert_eq!(haven.total(&observations, &research).await, 0);
+    assert!(suppressed(&haven.search(&observations, &research).await.1));
+    assert!(!suppressed(
+        &haven.search(&observations, &treatment).await.1
+    ));
     assert_eq!(
         haven.get(&format!("/fhir/{o}"), &treatment).await.status,
         StatusCode::OK
@@ -749,4 +774,67 @@ async fn a_read_refused_by_policy_is_explained_by_its_request_id(haven: Haven) {
     ] {
         assert!(decision.contains(expected), "{expected} in {decision}");
     }
+}
+
+async fn relabeling_labels_data_stored_before_the_rules_and_records_each_change(haven: Haven) {
+    // Data stored without the labeling layer, as before the rules existed.
+    let mut tx = haven.store.begin().await.unwrap();
+    tx.create("Patient", "p1", patient()).await.unwrap();
+    tx.create("Encounter", "e1", encounter("Patient/p1"))
+        .await
+        .unwrap();
+    tx.create(
+        "Condition",
+        "c1",
+        condition("Patient/p1", OPIOID_ABUSE, Some("Encounter/e1")),
+    )
+    .await
+    .unwrap();
+    tx.create(
+        "Condition",
+        "c2",
+        condition("Patient/p1", PREDIABETES, None),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let no = haven.token(UNCLEARED).await;
+    assert_eq!(
+        haven.get("/fhir/Condition/c1", &no).await.status,
+        StatusCode::OK
+    );
+
+    let report = haven_api::policy::relabel(&haven.state).await.unwrap();
+    assert_eq!(
+        report.relabeled, 2,
+        "{report:?}: the Condition and its Encounter"
+    );
+    assert_eq!(
+        haven.get("/fhir/Condition/c1", &no).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        haven.get("/fhir/Encounter/e1", &no).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        haven.get("/fhir/Condition/c2", &no).await.status,
+        StatusCode::OK
+    );
+    let admin = haven.token(ADMIN).await;
+    let c1 = haven.get("/fhir/Condition/c1", &admin).await.body;
+    assert_eq!(labels(&c1), eth_r());
+    assert_eq!(c1["meta"]["versionId"], "2");
+    // Each change has its Provenance and its AuditEvent, by the command.
+    let (provenance, _) = haven
+        .search("/fhir/Provenance?target=Condition/c1/_history/2", &admin)
+        .await;
+    assert_eq!(provenance.len(), 1);
+    let events = haven.audit("entity=Condition/c1/_history/2").await;
+    assert!(events
+        .iter()
+        .any(|e| e.to_string().contains(haven_api::policy::RELABEL_ACTOR)));
+    // Running it again changes nothing.
+    let again = haven_api::policy::relabel(&haven.state).await.unwrap();
+    assert_eq!(again.relabeled, 0);
 }

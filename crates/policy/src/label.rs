@@ -346,6 +346,11 @@ impl Labeler {
         Ok(Self { rules, by_code })
     }
 
+    /// The resource types the labeler labels.
+    pub fn labeled_types() -> impl Iterator<Item = &'static str> {
+        LABELED_TYPES.iter().map(|t| t.resource_type)
+    }
+
     pub fn rules(&self) -> &[SensitivityRule] {
         &self.rules
     }

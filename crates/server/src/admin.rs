@@ -121,6 +121,15 @@ pub struct UserAddArgs {
 }
 
 #[derive(Debug, Clone, Subcommand)]
+pub enum LabelsCommand {
+    /// Give every stored resource the labels the current value sets call for.
+    ///
+    /// Each resource whose labels rise gets a new version, with its Provenance
+    /// and AuditEvent; no label is ever removed.
+    Apply,
+}
+
+#[derive(Debug, Clone, Subcommand)]
 pub enum KeysCommand {
     /// Start signing with a new key; the old public key stays published until
     /// the tokens it signed have expired. The rotation is recorded in the audit
@@ -189,12 +198,9 @@ async fn auth_server(
 ) -> Result<(AuthServer, Arc<dyn Store>)> {
     let store = open_store(config, clock.clone()).await?;
     let (keys, _) = signing_keys::ensure(&config.data_dir, clock.now())?;
-    let server = AuthServer::new(
-        AuthConfig::new(&fhir_base(config)),
-        store.clone(),
-        clock,
-        keys,
-    );
+    let mut auth_config = AuthConfig::new(&fhir_base(config));
+    auth_config.clearances = config.policy.clearances.clone();
+    let server = AuthServer::new(auth_config, store.clone(), clock, keys);
     Ok((server, store))
 }
 
@@ -402,6 +408,22 @@ pub async fn users(config: &Config, clock: Arc<dyn Clock>, command: UsersCommand
     })
     .await?;
     Ok(user.public_view())
+}
+
+pub async fn labels(
+    config: &Config,
+    clock: Arc<dyn Clock>,
+    command: LabelsCommand,
+) -> Result<Value> {
+    let LabelsCommand::Apply = command;
+    let store = open_store(config, clock.clone()).await?;
+    let base = fhir_base(config);
+    let state = haven_api::AppState::new(store, clock, haven_api::ApiConfig::new(&base))
+        .with_audit(observer(&base));
+    let report = haven_api::policy::relabel(&state)
+        .await
+        .map_err(|e| anyhow!("relabeling failed: {e}"))?;
+    Ok(serde_json::to_value(report)?)
 }
 
 fn parse_clearance(text: &str) -> Result<Clearance> {

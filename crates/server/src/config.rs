@@ -45,6 +45,44 @@ pub struct Layer {
     pub limits: LimitsLayer,
     pub default_page_size: Option<u32>,
     pub max_page_size: Option<u32>,
+    #[serde(default)]
+    pub policy: PolicyLayer,
+}
+
+/// The consent and label policy of one source.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyLayer {
+    /// `opt-out` (shared unless a Consent denies) or `opt-in`.
+    pub consent_default: Option<String>,
+    /// Sensitivity categories masked instead of denied (e.g. `["PSY"]`).
+    pub mask: Option<Vec<String>>,
+    /// `forbidden` (403) or `not-found` (404) for a read the policy refuses.
+    pub refused_reads: Option<String>,
+    /// Clearances (`N`, `R:ETH,PSY`, `V:*`) by role, where a user or client has none.
+    pub patient_clearance: Option<String>,
+    pub practitioner_clearance: Option<String>,
+    pub admin_clearance: Option<String>,
+    pub backend_clearance: Option<String>,
+}
+
+/// The resolved consent and label policy.
+#[derive(Debug, Clone)]
+pub struct PolicySettings {
+    pub consent_default: haven_policy::consent::SiteDefault,
+    pub mask: Vec<String>,
+    pub hidden_as_missing: bool,
+    pub clearances: haven_auth::server::RoleClearances,
+}
+
+impl PolicySettings {
+    /// The API's policy configuration.
+    pub fn api_config(&self) -> haven_api::policy::PolicyConfig {
+        let mut config = haven_api::policy::PolicyConfig::default().masking(self.mask.clone());
+        config.site_default = self.consent_default;
+        config.hidden_as_missing = self.hidden_as_missing;
+        config
+    }
 }
 
 /// The request limits of one source.
@@ -74,6 +112,7 @@ pub struct Config {
     pub limits: haven_api::Limits,
     pub default_page_size: u32,
     pub max_page_size: u32,
+    pub policy: PolicySettings,
 }
 
 pub const DEFAULT_DATA_DIR: &str = "./haven-data";
@@ -128,6 +167,24 @@ impl Layer {
                     "MAX_BUNDLE_ENTRIES" => l.max_bundle_entries = Some(value.parse()?),
                     "DEFAULT_PAGE_SIZE" => layer.default_page_size = Some(value.parse()?),
                     "MAX_PAGE_SIZE" => layer.max_page_size = Some(value.parse()?),
+                    "CONSENT_DEFAULT" => layer.policy.consent_default = Some(value.into()),
+                    "MASK" => {
+                        layer.policy.mask = Some(
+                            value
+                                .split(',')
+                                .map(str::trim)
+                                .filter(|c| !c.is_empty())
+                                .map(str::to_owned)
+                                .collect(),
+                        )
+                    }
+                    "REFUSED_READS" => layer.policy.refused_reads = Some(value.into()),
+                    "PATIENT_CLEARANCE" => layer.policy.patient_clearance = Some(value.into()),
+                    "PRACTITIONER_CLEARANCE" => {
+                        layer.policy.practitioner_clearance = Some(value.into())
+                    }
+                    "ADMIN_CLEARANCE" => layer.policy.admin_clearance = Some(value.into()),
+                    "BACKEND_CLEARANCE" => layer.policy.backend_clearance = Some(value.into()),
                     // Other HAVEN_* variables belong to tests and tools, not the server.
                     _ => {}
                 }
@@ -161,6 +218,18 @@ impl Layer {
             },
             default_page_size: other.default_page_size.or(self.default_page_size),
             max_page_size: other.max_page_size.or(self.max_page_size),
+            policy: {
+                let (p, o) = (self.policy, other.policy);
+                PolicyLayer {
+                    consent_default: o.consent_default.or(p.consent_default),
+                    mask: o.mask.or(p.mask),
+                    refused_reads: o.refused_reads.or(p.refused_reads),
+                    patient_clearance: o.patient_clearance.or(p.patient_clearance),
+                    practitioner_clearance: o.practitioner_clearance.or(p.practitioner_clearance),
+                    admin_clearance: o.admin_clearance.or(p.admin_clearance),
+                    backend_clearance: o.backend_clearance.or(p.backend_clearance),
+                }
+            },
         }
     }
 
@@ -193,6 +262,7 @@ impl Layer {
             max_bundle_entries: l.max_bundle_entries.unwrap_or(defaults.max_bundle_entries),
         };
         let api_defaults = haven_api::ApiConfig::new("");
+        let policy = resolve_policy(self.policy)?;
         Ok(Config {
             data_dir,
             database_url,
@@ -209,8 +279,61 @@ impl Layer {
                 .default_page_size
                 .unwrap_or(api_defaults.default_page_size),
             max_page_size: self.max_page_size.unwrap_or(api_defaults.max_page_size),
+            policy,
         })
     }
+}
+
+fn resolve_policy(layer: PolicyLayer) -> Result<PolicySettings> {
+    use haven_policy::clearance::Clearance;
+    use haven_policy::consent::SiteDefault;
+    let consent_default = match layer.consent_default.as_deref() {
+        None => SiteDefault::OptOut,
+        Some(text) => SiteDefault::parse(text)
+            .with_context(|| format!("consent_default must be opt-out or opt-in, not {text:?}"))?,
+    };
+    let hidden_as_missing = match layer.refused_reads.as_deref() {
+        None | Some("forbidden") => false,
+        Some("not-found") => true,
+        Some(other) => bail!("refused_reads must be forbidden or not-found, not {other:?}"),
+    };
+    let labeler = haven_policy::label::Labeler::built_in();
+    let mask = layer.mask.unwrap_or_default();
+    for category in &mask {
+        if !labeler.rules().iter().any(|r| &r.category == category) {
+            bail!("mask: {category:?} is not a sensitivity category of the value sets");
+        }
+    }
+    let defaults = haven_auth::server::RoleClearances::default();
+    let clearance = |text: Option<String>, default: Clearance, name: &str| -> Result<Clearance> {
+        match text {
+            None => Ok(default),
+            Some(t) => Clearance::parse(&t).map_err(|e| anyhow::anyhow!("{name}: {e}")),
+        }
+    };
+    Ok(PolicySettings {
+        consent_default,
+        mask,
+        hidden_as_missing,
+        clearances: haven_auth::server::RoleClearances {
+            patient: clearance(
+                layer.patient_clearance,
+                defaults.patient,
+                "patient_clearance",
+            )?,
+            practitioner: clearance(
+                layer.practitioner_clearance,
+                defaults.practitioner,
+                "practitioner_clearance",
+            )?,
+            admin: clearance(layer.admin_clearance, defaults.admin, "admin_clearance")?,
+            backend: clearance(
+                layer.backend_clearance,
+                defaults.backend,
+                "backend_clearance",
+            )?,
+        },
+    })
 }
 
 /// The SQLite file `haven.db` in the data directory, as an absolute URL so that the
@@ -380,6 +503,34 @@ mod tests {
         Layer::from_toml(example).unwrap();
         let layer = Layer::from_toml(&uncommented).unwrap();
         assert_eq!(layer.limits.max_json_depth, Some(64));
+        let config = layer.resolve().unwrap();
+        assert_eq!(config.policy.clearances.patient.to_string(), "V:*");
+        assert_eq!(config.policy.clearances.practitioner.to_string(), "N");
+    }
+
+    #[test]
+    fn the_policy_is_read_from_the_file_and_the_environment_and_checked() {
+        let file = Layer::from_toml(
+            "[policy]\nconsent_default = \"opt-in\"\nmask = [\"PSY\"]\nrefused_reads = \"not-found\"",
+        )
+        .unwrap();
+        let env = Layer::from_env([("HAVEN_PRACTITIONER_CLEARANCE", "R:ETH")]).unwrap();
+        let config = file.overlay(env).resolve().unwrap();
+        assert_eq!(
+            config.policy.consent_default,
+            haven_policy::consent::SiteDefault::OptIn
+        );
+        assert_eq!(config.policy.mask, vec!["PSY".to_owned()]);
+        assert!(config.policy.hidden_as_missing);
+        assert_eq!(config.policy.clearances.practitioner.to_string(), "R:ETH");
+        for bad in [
+            "[policy]\nconsent_default = \"maybe\"",
+            "[policy]\nmask = [\"XYZ\"]",
+            "[policy]\nrefused_reads = \"410\"",
+            "[policy]\nadmin_clearance = \"Q\"",
+        ] {
+            assert!(Layer::from_toml(bad).unwrap().resolve().is_err(), "{bad}");
+        }
     }
 
     #[test]

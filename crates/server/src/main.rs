@@ -61,6 +61,13 @@ enum Command {
         #[command(subcommand)]
         command: admin::KeysCommand,
     },
+    /// Label the stored data as the sensitivity value sets say (after they change).
+    Labels {
+        #[command(flatten)]
+        database: DatabaseArgs,
+        #[command(subcommand)]
+        command: admin::LabelsCommand,
+    },
     /// Check the audit trail.
     Audit {
         #[command(flatten)]
@@ -253,6 +260,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = config::load(database.config.as_deref(), &env, database.layer())?;
             init_logging(config.log_format, "warn")?;
             print_json(&runtime.block_on(admin::keys(&config, clock, command))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Labels { database, command } => {
+            let config = config::load(database.config.as_deref(), &env, database.layer())?;
+            init_logging(config.log_format, "warn")?;
+            print_json(&runtime.block_on(admin::labels(&config, clock, command))?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Audit { database, command } => {

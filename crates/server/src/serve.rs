@@ -112,8 +112,10 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
             config.data_dir.join("keys").display()
         );
     }
+    let mut auth_config = haven_auth::AuthConfig::new(&base_url);
+    auth_config.clearances = config.policy.clearances.clone();
     let auth = Arc::new(haven_auth::AuthServer::new(
-        haven_auth::AuthConfig::new(&base_url),
+        auth_config,
         store.clone(),
         clock.clone(),
         keys,
@@ -126,7 +128,8 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     // Every FHIR request and every auth event leaves an AuditEvent.
     let state = haven_api::AppState::new(store, clock, api_config)
         .with_audit(crate::admin::observer(&base_url))
-        .with_smart(auth);
+        .with_smart(auth)
+        .with_policy(config.policy.api_config());
     let app = haven_api::router(state);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

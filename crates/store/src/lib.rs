@@ -233,6 +233,13 @@ pub trait Store: Send + Sync + Debug {
         keys_by_reading(self, query, limit).await
     }
 
+    /// Whether the caller's access policy left out some match of this query
+    /// that the rest of its access would admit. Stores that apply no such
+    /// policy know of nothing withheld.
+    async fn withheld(&self, _query: &SearchQuery) -> Result<bool> {
+        Ok(false)
+    }
+
     async fn history(&self, query: &HistoryQuery) -> Result<HistoryPage>;
 
     /// How many current, non-deleted resources of each type there are.

@@ -159,6 +159,7 @@ pub(crate) async fn search(
     }
     let fingerprint = search_fingerprint(&path, &link_params);
 
+    let mut withheld = false;
     let (matches, total, snapshot) = match (tx, page_id) {
         (Some(tx), _) => {
             let page = tx.search(&parsed.query).await?;
@@ -174,6 +175,9 @@ pub(crate) async fn search(
         }
         (None, None) => {
             let page = exec.state.store.search(&parsed.query).await?;
+            if parsed.query.offset == 0 && exec.state.store.withheld(&parsed.query).await? {
+                withheld = true;
+            }
             // Kept keys end on a page boundary, so no page straddles them.
             let count = parsed.query.count;
             let limit = SNAPSHOT_LIMIT.checked_div(count).unwrap_or(0) * count;
@@ -233,6 +237,13 @@ pub(crate) async fn search(
                 format!("_include and _revinclude added only the first {MAX_INCLUDED} resources"),
             ));
         }
+    }
+    if withheld {
+        warnings.push(Issue::information(
+            IssueCode::Suppressed,
+            "some matches are not shown: their security labels or their patient's consent \
+             do not let this requester see them",
+        ));
     }
     entries.extend(search_outcome(&parsed.ignored, warnings));
 
