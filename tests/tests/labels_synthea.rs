@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use haven_auth::client::{BackendServicesClient, ClientKey};
 use haven_e2e::{haven_binary, run_haven, shared_dir, spawn_haven, workspace_root, HavenOptions};
 use serde_json::Value;
