@@ -250,6 +250,20 @@ async fn loading_the_sensitive_synthea_patients_labels_what_the_rules_say_and_tr
     let sets = value_sets().unwrap();
     let failures = check(&stored, &sets);
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let mut labeled: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for resource in stored.by_reference.values() {
+        for category in labels_of(resource).0 {
+            *labeled
+                .entry(resource["resourceType"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .entry(category)
+                .or_default() += 1;
+        }
+    }
+    println!("labeled, by type and category: {labeled:?}");
+    for kind in ["Condition", "Encounter", "MedicationRequest", "CarePlan", "Claim"] {
+        assert!(labeled.contains_key(kind), "no {kind} labeled: {labeled:?}");
+    }
 
     // The command that relabels after the rules change finds nothing to do.
     let data_dir = haven.data_dir.display().to_string();
