@@ -254,14 +254,25 @@ async fn loading_the_sensitive_synthea_patients_labels_what_the_rules_say_and_tr
     for resource in stored.by_reference.values() {
         for category in labels_of(resource).0 {
             *labeled
-                .entry(resource["resourceType"].as_str().unwrap_or_default().to_owned())
+                .entry(
+                    resource["resourceType"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                )
                 .or_default()
                 .entry(category)
                 .or_default() += 1;
         }
     }
     println!("labeled, by type and category: {labeled:?}");
-    for kind in ["Condition", "Encounter", "MedicationRequest", "CarePlan", "Claim"] {
+    for kind in [
+        "Condition",
+        "Encounter",
+        "MedicationRequest",
+        "CarePlan",
+        "Claim",
+    ] {
         assert!(labeled.contains_key(kind), "no {kind} labeled: {labeled:?}");
     }
 

@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use haven_auth::registry::{ClientAuth, Role, UserRecord};
-use haven_auth::server::{AuthorizeError, ClientSpec, Pending};
+use haven_auth::server::{AuthorizeError, ClientSpec, Pending, UserPolicy};
 use haven_auth::TokenRejection;
+use haven_policy::clearance::Clearance;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{json, Value};
 use support::{form, harness, refused, Harness, FHIR_BASE};
@@ -982,4 +983,149 @@ async fn after_a_key_rotation_new_tokens_use_the_new_key_and_old_ones_still_work
     let after = tokens(&h, &app, &user).await;
     let header = jsonwebtoken::decode_header(text(&after, "access_token")).unwrap();
     assert_eq!(header.kid.as_deref(), Some(h.server.signing_kid().as_str()));
+}
+
+// ----- Purpose of use and clearance -----------------------------------------------------
+
+#[tokio::test]
+async fn introspection_shows_the_purpose_of_use_and_the_clearance_of_the_role_or_the_user() {
+    let h = harness().await;
+    let (app, secret) = confidential_app(&h).await;
+    let dana = practitioner(&h).await;
+    let basic = Some((app.clone(), secret));
+    let introspect = |response: Value| {
+        let h = &h;
+        let basic = basic.clone();
+        async move {
+            h.server
+                .introspect(&form(&[("token", text(&response, "access_token"))]), basic)
+                .await
+                .expect("introspected")
+        }
+    };
+    let exchange_basic = |code: &str| {
+        let mut e = exchange(&app, code);
+        e.remove("client_id");
+        e
+    };
+    // The role's clearance, and treatment when no purpose is asked for.
+    let code = code(&h, &app, &dana).await;
+    let response = h
+        .server
+        .token(&exchange_basic(&code), basic.clone())
+        .await
+        .unwrap();
+    assert_eq!(response["purpose_of_use"], "TREAT");
+    let body = introspect(response).await;
+    assert_eq!(body["purpose_of_use"], "TREAT");
+    assert_eq!(body["clearance"], "N");
+    assert!(body.get("break_glass_reason").is_none());
+
+    // The user's own clearance wins over the role's.
+    h.server
+        .set_user_policy(
+            "dana",
+            UserPolicy {
+                clearance: Some(Clearance::parse("R:ETH,PSY").unwrap()),
+                ..UserPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let dana = h.server.user("dana").await.unwrap();
+    let code = code_with(&h, &authorize_params(&app, SCOPE), &dana, Some(PATIENT)).await;
+    let response = h
+        .server
+        .token(&exchange_basic(&code), basic.clone())
+        .await
+        .unwrap();
+    assert_eq!(introspect(response).await["clearance"], "R:ETH,PSY");
+}
+
+#[tokio::test]
+async fn a_purpose_of_use_the_client_is_not_registered_for_is_refused() {
+    let h = harness().await;
+    let app = public_app(&h).await;
+    let mut params = authorize_params(&app, SCOPE);
+    params.insert("purpose_of_use".into(), "HRESCH".into());
+    assert_redirected(h.server.begin_authorization(&params).await, "invalid_scope");
+    params.insert("purpose_of_use".into(), "NOT-A-PURPOSE".into());
+    assert_redirected(
+        h.server.begin_authorization(&params).await,
+        "invalid_request",
+    );
+    // A client registered for research may ask for it.
+    let (research, _) = h
+        .server
+        .add_client(ClientSpec {
+            purposes: vec!["TREAT".into(), "HRESCH".into()],
+            ..spec("Research portal", None)
+        })
+        .await
+        .unwrap();
+    let mut params = authorize_params(&research.client_id, SCOPE);
+    params.insert("purpose_of_use".into(), "HRESCH".into());
+    let code = code_with(&h, &params, &practitioner(&h).await, Some(PATIENT)).await;
+    let response = h
+        .server
+        .token(&exchange(&research.client_id, &code), None)
+        .await
+        .unwrap();
+    assert_eq!(response["purpose_of_use"], "HRESCH");
+    let access = h
+        .server
+        .verify_access_token(text(&response, "access_token"))
+        .await
+        .unwrap();
+    assert_eq!(access.purpose, "HRESCH");
+}
+
+#[tokio::test]
+async fn a_break_the_glass_token_is_short_lived_never_refreshed_and_carries_its_reason() {
+    let h = harness().await;
+    let (app, _) = h
+        .server
+        .add_client(ClientSpec {
+            purposes: vec!["TREAT".into(), "BTG".into()],
+            ..spec("Emergency chart", None)
+        })
+        .await
+        .unwrap();
+    practitioner(&h).await;
+    h.server
+        .set_user_policy(
+            "dana",
+            UserPolicy {
+                break_glass: true,
+                ..UserPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let dana = h.server.user("dana").await.unwrap();
+    let mut params = authorize_params(&app.client_id, SCOPE);
+    params.insert("purpose_of_use".into(), "BTG".into());
+    assert_redirected(
+        h.server.begin_authorization(&params).await,
+        "invalid_request",
+    );
+    params.insert("btg_reason".into(), "cardiac arrest on arrival".into());
+    let code = code_with(&h, &params, &dana, Some(PATIENT)).await;
+    let response = h
+        .server
+        .token(&exchange(&app.client_id, &code), None)
+        .await
+        .unwrap();
+    assert_eq!(response["purpose_of_use"], "BTG");
+    assert_eq!(response["expires_in"], 15 * 60);
+    assert!(response.get("refresh_token").is_none(), "{response}");
+    let access = h
+        .server
+        .verify_access_token(text(&response, "access_token"))
+        .await
+        .unwrap();
+    assert_eq!(
+        access.break_glass_reason.as_deref(),
+        Some("cardiac arrest on arrival")
+    );
 }

@@ -244,6 +244,18 @@ mod tests {
     }
 
     #[test]
+    fn a_client_clearance_caps_its_users_clearance() {
+        let user = Clearance::parse("R:ETH,PSY").unwrap();
+        let client = Clearance::parse("V:ETH,HIV").unwrap();
+        assert_eq!(user.within(&client).to_string(), "R:ETH");
+        assert_eq!(
+            Clearance::unlimited().within(&client).to_string(),
+            "V:ETH,HIV"
+        );
+        assert_eq!(user.within(&Clearance::unlimited()), user);
+    }
+
+    #[test]
     fn labels_above_a_clearance_are_denied_and_within_it_permitted() {
         let rules = LabelRules::default();
         let normal = Clearance::default();
