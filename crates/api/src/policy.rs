@@ -58,6 +58,9 @@ pub struct PolicyConfig {
     /// Tell a search, in an informational OperationOutcome entry, that the
     /// policy left data out.
     pub report_suppressed: bool,
+    /// The most a token with one of these purposes of use may see, whatever
+    /// its clearance: labels are judged against the purpose too.
+    pub purpose_caps: std::collections::BTreeMap<String, Clearance>,
 }
 
 impl Default for PolicyConfig {
@@ -68,6 +71,11 @@ impl Default for PolicyConfig {
             site_default: SiteDefault::OptOut,
             hidden_as_missing: false,
             report_suppressed: true,
+            // Marketing and directories never see sensitive data.
+            purpose_caps: ["HMARKT", "HDIRECT"]
+                .into_iter()
+                .map(|p| (p.to_owned(), Clearance::default()))
+                .collect(),
         }
     }
 }
@@ -176,7 +184,10 @@ impl ConsentGate for PolicyStage {
             return Ok(Arc::new(crate::guard::Unguarded));
         };
         let break_glass = access.purpose == BREAK_THE_GLASS && access.break_glass_reason.is_some();
-        let clearance = access.clearance.clone();
+        let clearance = match self.config.purpose_caps.get(&access.purpose) {
+            Some(cap) => access.clearance.within(cap),
+            None => access.clearance.clone(),
+        };
         audit.decide(|d| {
             d.purpose = Some(access.purpose.clone());
             d.scopes = Some(access.scopes.to_string());

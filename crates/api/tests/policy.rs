@@ -178,6 +178,8 @@ stories!(
     break_the_glass_needs_the_permission_and_a_reason_and_leaves_a_trail,
     a_read_refused_by_policy_is_explained_by_its_request_id,
     relabeling_labels_data_stored_before_the_rules_and_records_each_change,
+    a_patient_sees_their_own_sensitive_record_unless_their_clearance_says_otherwise,
+    a_marketing_purpose_sees_no_sensitive_data_whatever_the_clearance,
 );
 
 fn masking_mental_health() -> PolicyConfig {
@@ -837,4 +839,66 @@ async fn relabeling_labels_data_stored_before_the_rules_and_records_each_change(
     // Running it again changes nothing.
     let again = haven_api::policy::relabel(&haven.state).await.unwrap();
     assert_eq!(again.relabeled, 0);
+}
+
+async fn a_patient_sees_their_own_sensitive_record_unless_their_clearance_says_otherwise(
+    haven: Haven,
+) {
+    let [p, c, ..] = sensitive_chart(&haven).await;
+    haven
+        .smart
+        .add_users(&[("pat", Role::Patient, Some(p.as_str()))])
+        .await;
+    // Their own Consent denying research does not hide their record from them.
+    let writer = haven.token(CLEARED).await;
+    haven
+        .create(&writer, &privacy_consent(&p, json!({"type": "deny"})))
+        .await;
+    let own = haven.smart.token("pat", "patient/*.rs").await;
+    let reply = haven.get(&format!("/fhir/{c}"), &own).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    // The clinician is now denied by that Consent.
+    assert_eq!(
+        haven.get(&format!("/fhir/{c}"), &writer).await.status,
+        StatusCode::FORBIDDEN
+    );
+    // A site may give patients less than their whole record.
+    haven
+        .smart
+        .server
+        .set_user_policy(
+            "pat",
+            UserPolicy {
+                clearance: Some(Clearance::parse("N").unwrap()),
+                ..UserPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    let limited = haven.smart.token("pat", "patient/*.rs").await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{c}"), &limited).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+async fn a_marketing_purpose_sees_no_sensitive_data_whatever_the_clearance(haven: Haven) {
+    let [_, c, _, _, _, plain] = sensitive_chart(&haven).await;
+    let marketing = haven.token_for(CLEARED, "HMARKT").await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{c}"), &marketing).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        haven
+            .get(&format!("/fhir/{plain}"), &marketing)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let treatment = haven.token_for(CLEARED, "TREAT").await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{c}"), &treatment).await.status,
+        StatusCode::OK
+    );
 }

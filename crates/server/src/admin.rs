@@ -515,6 +515,21 @@ mod tests {
     use haven_audit::ChainBreak;
 
     #[test]
+    fn clearances_and_purposes_on_the_command_line_are_checked() {
+        assert_eq!(parse_clearance("R:ETH").unwrap().to_string(), "R:ETH");
+        let err = parse_clearance("Z").unwrap_err().to_string();
+        assert!(err.contains("--clearance"), "{err}");
+        assert_eq!(
+            parse_purposes(vec!["TREAT".into(), "BTG".into()]).unwrap(),
+            vec!["TREAT".to_owned(), "BTG".to_owned()]
+        );
+        let err = parse_purposes(vec!["SHOPPING".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--purpose SHOPPING"), "{err}");
+    }
+
+    #[test]
     fn the_observer_names_the_public_host_and_port() {
         assert_eq!(
             observer("https://fhir.example.org:8443/fhir"),

@@ -47,7 +47,9 @@ pub async fn secure(
             redirect_uris: vec![REDIRECT.into()],
             scopes: "launch/patient openid fhirUser patient/*.cruds user/*.cruds".into(),
             auth: Some(ClientAuth::None),
-            purposes: ["TREAT", "HRESCH", "BTG"].map(str::to_owned).to_vec(),
+            purposes: ["TREAT", "HRESCH", "HMARKT", "BTG"]
+                .map(str::to_owned)
+                .to_vec(),
             ..ClientSpec::default()
         })
         .await
