@@ -143,6 +143,14 @@ macro_rules! stories {
                 }
             )*
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_site_may_answer_refused_reads_as_not_found() {
+                super::on_sqlite_with(
+                    super::refusing_as_missing(),
+                    super::a_site_may_answer_refused_reads_as_not_found,
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_masked_view_hides_exactly_the_sensitive_elements() {
                 super::on_sqlite_with(
                     super::masking_mental_health(),
@@ -158,6 +166,14 @@ macro_rules! stories {
                     super::on_postgres(super::$story).await;
                 }
             )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_site_may_answer_refused_reads_as_not_found() {
+                super::on_postgres_with(
+                    super::refusing_as_missing(),
+                    super::a_site_may_answer_refused_reads_as_not_found,
+                )
+                .await;
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_masked_view_hides_exactly_the_sensitive_elements() {
                 super::on_postgres_with(
@@ -180,7 +196,15 @@ stories!(
     relabeling_labels_data_stored_before_the_rules_and_records_each_change,
     a_patient_sees_their_own_sensitive_record_unless_their_clearance_says_otherwise,
     a_marketing_purpose_sees_no_sensitive_data_whatever_the_clearance,
+    consent_provisions_on_type_code_instance_related_data_and_organization_apply_to_reads_and_searches_alike,
 );
+
+fn refusing_as_missing() -> PolicyConfig {
+    PolicyConfig {
+        hidden_as_missing: true,
+        ..PolicyConfig::default()
+    }
+}
 
 fn masking_mental_health() -> PolicyConfig {
     PolicyConfig::default().masking(["PSY".to_owned()])
@@ -899,6 +923,128 @@ async fn a_marketing_purpose_sees_no_sensitive_data_whatever_the_clearance(haven
     let treatment = haven.token_for(CLEARED, "TREAT").await;
     assert_eq!(
         haven.get(&format!("/fhir/{c}"), &treatment).await.status,
+        StatusCode::OK
+    );
+}
+
+async fn a_site_may_answer_refused_reads_as_not_found(haven: Haven) {
+    let [_, c, ..] = sensitive_chart(&haven).await;
+    let no = haven.token(UNCLEARED).await;
+    let reply = haven.get(&format!("/fhir/{c}"), &no).await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND, "{}", reply.body);
+    assert_eq!(reply.body["resourceType"], "OperationOutcome");
+    let yes = haven.token(CLEARED).await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{c}"), &yes).await.status,
+        StatusCode::OK
+    );
+}
+
+async fn consent_provisions_on_type_code_instance_related_data_and_organization_apply_to_reads_and_searches_alike(
+    haven: Haven,
+) {
+    let writer = haven.token(CLEARED).await;
+    let p = haven.create(&writer, &patient()).await;
+    let pid = p.split('/').nth(1).unwrap().to_owned();
+    let e = haven.create(&writer, &encounter(&p)).await;
+    let heart = haven.create(&writer, &observation(&p, None)).await;
+    let mut weight = observation(&p, None);
+    weight["code"] = json!({"coding": [{"system": "http://loinc.org", "code": "29463-7"}]});
+    let weight = haven.create(&writer, &weight).await;
+    let in_encounter = {
+        let mut o = observation(&p, Some(&e));
+        o["code"] = json!({"coding": [{"system": "http://loinc.org", "code": "8302-2"}]});
+        haven.create(&writer, &o).await
+    };
+    let named = haven
+        .create(&writer, &condition(&p, PREDIABETES, None))
+        .await;
+    let other = haven
+        .create(&writer, &condition(&p, "271737000", None))
+        .await;
+    haven
+        .create(
+            &writer,
+            &privacy_consent(
+                &p,
+                json!({"type": "permit", "provision": [
+                    {"type": "deny",
+                     "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}],
+                     "code": [{"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}]},
+                    {"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": named}}]},
+                    {"type": "deny", "data": [{"meaning": "related", "reference": {"reference": e}}]}
+                ]}),
+            ),
+        )
+        .await;
+    let no = haven.token(UNCLEARED).await;
+    let hidden = [&heart, &named, &e, &in_encounter];
+    let shown = [&weight, &other, &p];
+    for r in hidden {
+        let reply = haven.get(&format!("/fhir/{r}"), &no).await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{r}");
+    }
+    for r in shown {
+        assert_eq!(
+            haven.get(&format!("/fhir/{r}"), &no).await.status,
+            StatusCode::OK,
+            "{r}"
+        );
+    }
+    // Searches agree with the reads (a disagreement would be a 500).
+    let (observations, _) = haven
+        .search(&format!("/fhir/Observation?patient={pid}"), &no)
+        .await;
+    assert_eq!(observations, vec![weight.clone()]);
+    let (conditions, _) = haven
+        .search(&format!("/fhir/Condition?patient={pid}"), &no)
+        .await;
+    assert_eq!(conditions, vec![other.clone()]);
+    let (encounters, _) = haven
+        .search(&format!("/fhir/Encounter?patient={pid}"), &no)
+        .await;
+    assert!(encounters.is_empty());
+    let (everything, _) = haven
+        .search(&format!("/fhir/Patient/{pid}/$everything"), &no)
+        .await;
+    for r in hidden {
+        assert!(!everything.contains(r), "{r}");
+    }
+    for r in shown {
+        assert!(everything.contains(r), "{r}");
+    }
+
+    // A Consent naming an organization hides the data from its members.
+    haven
+        .smart
+        .server
+        .set_user_policy(
+            UNCLEARED,
+            UserPolicy {
+                organization: Some("Organization/clinic".into()),
+                ..UserPolicy::default()
+            },
+        )
+        .await
+        .unwrap();
+    haven
+        .create(
+            &writer,
+            &privacy_consent(
+                &p,
+                json!({"type": "permit", "provision": [{"type": "deny",
+                    "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "CST"}]},
+                               "reference": {"reference": "Organization/clinic"}}]}]}),
+            ),
+        )
+        .await;
+    let member = haven.token(UNCLEARED).await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{weight}"), &member).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        haven.get(&format!("/fhir/{weight}"), &writer).await.status,
         StatusCode::OK
     );
 }

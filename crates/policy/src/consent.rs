@@ -753,6 +753,69 @@ mod tests {
     }
 
     #[test]
+    fn action_security_label_and_data_narrow_a_provision() {
+        let mut writer = who("TREAT", "x");
+        writer.action = "correct".into();
+        let rule = consent(json!({"type": "permit", "provision": [{"type": "deny",
+            "action": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentaction", "code": "correct"}]}]}]}));
+        assert!(matches!(
+            verdict(&rule, &writer, SiteDefault::OptOut),
+            ConsentVerdict::Deny(_)
+        ));
+        assert!(matches!(
+            verdict(&rule, &who("TREAT", "x"), SiteDefault::OptOut),
+            ConsentVerdict::Permit(_)
+        ));
+
+        let labeled = Facts::of(&json!({"resourceType": "Observation", "id": "o9",
+            "meta": {"security": [{"system": ACT_CODE, "code": "PSY"}]},
+            "subject": {"reference": "Patient/p1"}}));
+        let rule = consent(json!({"type": "permit", "provision": [{"type": "deny",
+            "securityLabel": [{"system": ACT_CODE, "code": "PSY"}]}]}));
+        let view = ConsentView::new(
+            std::slice::from_ref(&rule),
+            &[],
+            &who("TREAT", "x"),
+            SiteDefault::OptOut,
+        );
+        assert!(matches!(
+            view.judge(&labeled, &["p1".into()]),
+            ConsentVerdict::Deny(_)
+        ));
+        assert!(matches!(
+            view.judge(&observation(), &["p1".into()]),
+            ConsentVerdict::Permit(_)
+        ));
+
+        let rule = consent(json!({"type": "permit", "provision": [{"type": "deny",
+            "data": [{"meaning": "related", "reference": {"reference": "Encounter/e1"}}]}]}));
+        let view = ConsentView::new(
+            std::slice::from_ref(&rule),
+            &[],
+            &who("TREAT", "x"),
+            SiteDefault::OptOut,
+        );
+        let in_encounter = Facts::of(
+            &json!({"resourceType": "Observation", "id": "o2", "status": "final",
+            "code": {"text": "x"}, "subject": {"reference": "Patient/p1"},
+            "encounter": {"reference": "Encounter/e1"}}),
+        );
+        let encounter = Facts::of(&json!({"resourceType": "Encounter", "id": "e1"}));
+        assert!(matches!(
+            view.judge(&in_encounter, &["p1".into()]),
+            ConsentVerdict::Deny(_)
+        ));
+        assert!(matches!(
+            view.judge(&encounter, &["p1".into()]),
+            ConsentVerdict::Deny(_)
+        ));
+        assert!(matches!(
+            view.judge(&observation(), &["p1".into()]),
+            ConsentVerdict::Permit(_)
+        ));
+    }
+
+    #[test]
     fn a_client_app_is_named_by_its_client_id() {
         let rule = consent(json!({"type": "permit", "provision": [{"type": "deny",
             "actor": [{"role": {"coding": [{"code": "IRCP"}]},

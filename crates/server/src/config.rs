@@ -59,6 +59,8 @@ pub struct PolicyLayer {
     pub mask: Option<Vec<String>>,
     /// `forbidden` (403) or `not-found` (404) for a read the policy refuses.
     pub refused_reads: Option<String>,
+    /// Whether a search the policy narrowed says so (an informational issue).
+    pub report_suppressed: Option<bool>,
     /// Clearances (`N`, `R:ETH,PSY`, `V:*`) by role, where a user or client has none.
     pub patient_clearance: Option<String>,
     pub practitioner_clearance: Option<String>,
@@ -72,6 +74,7 @@ pub struct PolicySettings {
     pub consent_default: haven_policy::consent::SiteDefault,
     pub mask: Vec<String>,
     pub hidden_as_missing: bool,
+    pub report_suppressed: bool,
     pub clearances: haven_auth::server::RoleClearances,
 }
 
@@ -81,6 +84,7 @@ impl PolicySettings {
         let mut config = haven_api::policy::PolicyConfig::default().masking(self.mask.clone());
         config.site_default = self.consent_default;
         config.hidden_as_missing = self.hidden_as_missing;
+        config.report_suppressed = self.report_suppressed;
         config
     }
 }
@@ -179,6 +183,9 @@ impl Layer {
                         )
                     }
                     "REFUSED_READS" => layer.policy.refused_reads = Some(value.into()),
+                    "REPORT_SUPPRESSED" => {
+                        layer.policy.report_suppressed = Some(parse_bool(value)?)
+                    }
                     "PATIENT_CLEARANCE" => layer.policy.patient_clearance = Some(value.into()),
                     "PRACTITIONER_CLEARANCE" => {
                         layer.policy.practitioner_clearance = Some(value.into())
@@ -224,6 +231,7 @@ impl Layer {
                     consent_default: o.consent_default.or(p.consent_default),
                     mask: o.mask.or(p.mask),
                     refused_reads: o.refused_reads.or(p.refused_reads),
+                    report_suppressed: o.report_suppressed.or(p.report_suppressed),
                     patient_clearance: o.patient_clearance.or(p.patient_clearance),
                     practitioner_clearance: o.practitioner_clearance.or(p.practitioner_clearance),
                     admin_clearance: o.admin_clearance.or(p.admin_clearance),
@@ -315,6 +323,7 @@ fn resolve_policy(layer: PolicyLayer) -> Result<PolicySettings> {
         consent_default,
         mask,
         hidden_as_missing,
+        report_suppressed: layer.report_suppressed.unwrap_or(true),
         clearances: haven_auth::server::RoleClearances {
             patient: clearance(
                 layer.patient_clearance,
@@ -514,7 +523,11 @@ mod tests {
             "[policy]\nconsent_default = \"opt-in\"\nmask = [\"PSY\"]\nrefused_reads = \"not-found\"",
         )
         .unwrap();
-        let env = Layer::from_env([("HAVEN_PRACTITIONER_CLEARANCE", "R:ETH")]).unwrap();
+        let env = Layer::from_env([
+            ("HAVEN_PRACTITIONER_CLEARANCE", "R:ETH"),
+            ("HAVEN_REPORT_SUPPRESSED", "false"),
+        ])
+        .unwrap();
         let config = file.overlay(env).resolve().unwrap();
         assert_eq!(
             config.policy.consent_default,
@@ -522,6 +535,7 @@ mod tests {
         );
         assert_eq!(config.policy.mask, vec!["PSY".to_owned()]);
         assert!(config.policy.hidden_as_missing);
+        assert!(!config.policy.report_suppressed);
         assert_eq!(config.policy.clearances.practitioner.to_string(), "R:ETH");
         for bad in [
             "[policy]\nconsent_default = \"maybe\"",
