@@ -143,6 +143,14 @@ macro_rules! stories {
                 }
             )*
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_an_opt_in_site_only_patients_whose_consent_permits_are_shared() {
+                super::on_sqlite_with(
+                    super::opting_in(),
+                    super::on_an_opt_in_site_only_patients_whose_consent_permits_are_shared,
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_site_may_answer_refused_reads_as_not_found() {
                 super::on_sqlite_with(
                     super::refusing_as_missing(),
@@ -166,6 +174,14 @@ macro_rules! stories {
                     super::on_postgres(super::$story).await;
                 }
             )*
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_an_opt_in_site_only_patients_whose_consent_permits_are_shared() {
+                super::on_postgres_with(
+                    super::opting_in(),
+                    super::on_an_opt_in_site_only_patients_whose_consent_permits_are_shared,
+                )
+                .await;
+            }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_site_may_answer_refused_reads_as_not_found() {
                 super::on_postgres_with(
@@ -198,6 +214,13 @@ stories!(
     a_marketing_purpose_sees_no_sensitive_data_whatever_the_clearance,
     consent_provisions_on_type_code_instance_related_data_and_organization_apply_to_reads_and_searches_alike,
 );
+
+fn opting_in() -> PolicyConfig {
+    PolicyConfig {
+        site_default: haven_policy::consent::SiteDefault::OptIn,
+        ..PolicyConfig::default()
+    }
+}
 
 fn refusing_as_missing() -> PolicyConfig {
     PolicyConfig {
@@ -1045,6 +1068,48 @@ async fn consent_provisions_on_type_code_instance_related_data_and_organization_
     );
     assert_eq!(
         haven.get(&format!("/fhir/{weight}"), &writer).await.status,
+        StatusCode::OK
+    );
+}
+
+async fn on_an_opt_in_site_only_patients_whose_consent_permits_are_shared(haven: Haven) {
+    let writer = haven.token(CLEARED).await;
+    let silent = haven.create(&writer, &patient()).await;
+    let willing = haven.create(&writer, &patient()).await;
+    let silent_obs = haven.create(&writer, &observation(&silent, None)).await;
+    let willing_obs = haven.create(&writer, &observation(&willing, None)).await;
+    let no = haven.token(UNCLEARED).await;
+    // Nobody has consented yet: no patient data is shared.
+    let (found, bundle) = haven.search("/fhir/Observation", &no).await;
+    assert!(found.is_empty(), "{found:?}");
+    assert!(suppressed(&bundle));
+    haven
+        .create(
+            &writer,
+            &privacy_consent(&willing, json!({"type": "permit"})),
+        )
+        .await;
+    let (found, _) = haven.search("/fhir/Observation", &no).await;
+    assert_eq!(found, vec![willing_obs.clone()]);
+    assert_eq!(
+        haven.get(&format!("/fhir/{silent_obs}"), &no).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        haven.get(&format!("/fhir/{willing_obs}"), &no).await.status,
+        StatusCode::OK
+    );
+    let (patients, _) = haven.search("/fhir/Patient", &no).await;
+    assert_eq!(patients, vec![willing.clone()]);
+    // Data about no patient is not patient data.
+    let org = haven
+        .create(
+            &writer,
+            &json!({"resourceType": "Organization", "name": "Clinic"}),
+        )
+        .await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{org}"), &no).await.status,
         StatusCode::OK
     );
 }
