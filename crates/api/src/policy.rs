@@ -775,6 +775,7 @@ impl Store for LabelingStore {
             inner: self.inner.begin().await?,
             labeler: self.labeler.clone(),
             passed_on: 0,
+            unresolved: Vec::new(),
         }))
     }
 
@@ -821,6 +822,10 @@ struct LabelingTx {
     labeler: Arc<Labeler>,
     /// Resources relabeled because another one passed its labels on.
     passed_on: u64,
+    /// Resources written in this transaction that refer to one not (yet)
+    /// written: they are labeled again before the transaction commits, so
+    /// the order of a Bundle's entries does not matter.
+    unresolved: Vec<(String, String)>,
 }
 
 fn local_reference(reference: &str) -> Option<(&str, &str)> {
@@ -843,10 +848,20 @@ impl LabelingTx {
             let Some((t, i)) = local_reference(&reference) else {
                 continue;
             };
-            if let Some(target) = self.inner.read(t, i).await?.and_then(|v| v.resource) {
-                let labels = ResourceLabels::of(&target);
-                if !labels.categories.is_empty() {
-                    labeling.inherit(&reference, &labels, &self.labeler);
+            match self.inner.read(t, i).await? {
+                Some(version) => {
+                    if let Some(target) = version.resource {
+                        let labels = ResourceLabels::of(&target);
+                        if !labels.categories.is_empty() {
+                            labeling.inherit(&reference, &labels, &self.labeler);
+                        }
+                    }
+                }
+                None => {
+                    let key = (resource_type.to_owned(), id.to_owned());
+                    if !self.unresolved.contains(&key) {
+                        self.unresolved.push(key);
+                    }
                 }
             }
         }
@@ -947,7 +962,20 @@ impl StoreTx for LabelingTx {
         self.inner.append_audit(events).await
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        for (resource_type, id) in std::mem::take(&mut self.unresolved) {
+            let Some(current) = self.inner.read(&resource_type, &id).await? else {
+                continue;
+            };
+            let Some(resource) = current.resource else {
+                continue;
+            };
+            let labeled = self.labeled(&resource_type, &id, resource.clone()).await?;
+            if ResourceLabels::of(&labeled) != ResourceLabels::of(&resource) {
+                self.update(&resource_type, &id, labeled, Some(current.version))
+                    .await?;
+            }
+        }
         self.inner.commit().await
     }
 }
@@ -1025,6 +1053,7 @@ pub async fn relabel(state: &crate::AppState) -> std::result::Result<RelabelRepo
                     inner: recorded.begin().await?,
                     labeler: labeler.clone(),
                     passed_on: 0,
+                    unresolved: Vec::new(),
                 };
                 let labeled = tx
                     .labeled(resource_type, &version.id, current.clone())

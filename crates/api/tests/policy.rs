@@ -213,6 +213,7 @@ stories!(
     a_patient_sees_their_own_sensitive_record_unless_their_clearance_says_otherwise,
     a_marketing_purpose_sees_no_sensitive_data_whatever_the_clearance,
     consent_provisions_on_type_code_instance_related_data_and_organization_apply_to_reads_and_searches_alike,
+    a_transaction_labels_an_entry_that_refers_to_a_sensitive_one_written_after_it,
 );
 
 fn opting_in() -> PolicyConfig {
@@ -1111,5 +1112,46 @@ async fn on_an_opt_in_site_only_patients_whose_consent_permits_are_shared(haven:
     assert_eq!(
         haven.get(&format!("/fhir/{org}"), &no).await.status,
         StatusCode::OK
+    );
+}
+
+async fn a_transaction_labels_an_entry_that_refers_to_a_sensitive_one_written_after_it(
+    haven: Haven,
+) {
+    let writer = haven.token(CLEARED).await;
+    let p = haven.create(&writer, &patient()).await;
+    // The MedicationRequest comes first and names the Condition by its urn.
+    let condition_urn = "urn:uuid:6f0e4d0c-0d7e-4a8c-9d3b-0b6a3f1e2c11";
+    let bundle = json!({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:0c1b7a52-2f61-4b8e-8d0e-5a4a9f9e7d21",
+         "resource": medication_request(&p, condition_urn),
+         "request": {"method": "POST", "url": "MedicationRequest"}},
+        {"fullUrl": condition_urn,
+         "resource": condition(&p, OPIOID_ABUSE, None),
+         "request": {"method": "POST", "url": "Condition"}}
+    ]});
+    let reply = haven
+        .send(Method::POST, "/fhir", &writer, Some(&bundle))
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let location = reply.body["entry"][0]["response"]["location"]
+        .as_str()
+        .unwrap();
+    let medication = location
+        .split("/fhir/")
+        .nth(1)
+        .unwrap()
+        .split("/_history")
+        .next()
+        .unwrap();
+    let stored = haven
+        .get(&format!("/fhir/{medication}"), &writer)
+        .await
+        .body;
+    assert_eq!(labels(&stored), eth_r(), "{stored}");
+    let no = haven.token(UNCLEARED).await;
+    assert_eq!(
+        haven.get(&format!("/fhir/{medication}"), &no).await.status,
+        StatusCode::FORBIDDEN
     );
 }
