@@ -335,7 +335,10 @@ struct GuardedAuditLog {
 /// access log must not learn.
 fn redact_queries(event: &mut Value) {
     if let Some(entities) = event.get_mut("entity").and_then(Value::as_array_mut) {
-        entities.retain(|e| e.get("query").is_none());
+        // The access decision may name other patients' resources and Consents too.
+        entities.retain(|e| {
+            e.get("query").is_none() && e["type"]["system"] != haven_audit::DECISION_ENTITY
+        });
     }
 }
 
@@ -406,6 +409,21 @@ impl AuditLog for GuardedAuditLog {
     }
 }
 
+impl GuardedStore {
+    /// Whether the current version (if any, and not deleted) is readable.
+    async fn current_readable(&self, resource_type: &str, id: &str) -> Result<bool> {
+        let rule = self.guard.rule(Permission::Read);
+        if let ContentRule::Unrestricted = rule {
+            return Ok(true);
+        }
+        let current = self.inner.read(resource_type, id).await?;
+        Ok(match current.and_then(|v| v.resource) {
+            Some(resource) => rule.admits(&resource),
+            None => true,
+        })
+    }
+}
+
 #[async_trait]
 impl Store for GuardedStore {
     fn backend(&self) -> Backend {
@@ -429,10 +447,15 @@ impl Store for GuardedStore {
         id: &str,
         version: i64,
     ) -> Result<Option<ResourceVersion>> {
-        check_read(
+        let found = check_read(
             &*self.guard,
             self.inner.vread(resource_type, id, version).await?,
-        )
+        )?;
+        if found.is_some() && !self.current_readable(resource_type, id).await? {
+            // Labels only rise: an older version is as sensitive as the current.
+            return check_read(&*self.guard, self.inner.read(resource_type, id).await?);
+        }
+        Ok(found)
     }
 
     async fn search(&self, query: &SearchQuery) -> Result<SearchPage> {
@@ -461,7 +484,13 @@ impl Store for GuardedStore {
         let Some(refused) = policy.search_access(Permission::Search, query) else {
             return Ok(false);
         };
-        let (mut probe, _) = guarded_search(&*outer, query);
+        // The probe keeps the query's types and nothing of its criteria, so the
+        // notice cannot answer a question about what is hidden.
+        let bare = SearchQuery {
+            criterion: Criterion::Always,
+            ..query.clone()
+        };
+        let (mut probe, _) = guarded_search(&*outer, &bare);
         let refused: Access = Arc::new(Refused(refused));
         probe.access = Some(match probe.access.take() {
             Some(own) => Arc::new(BothAccess(own, refused)),
@@ -481,8 +510,34 @@ impl Store for GuardedStore {
         } else {
             Permission::Search
         };
+        if let (Some(resource_type), Some(id)) = (&query.resource_type, &query.id) {
+            // The current version's labels and Consents cover every version.
+            if !self.current_readable(resource_type, id).await? {
+                check_read(&*self.guard, self.inner.read(resource_type, id).await?)?;
+                return Ok(HistoryPage {
+                    versions: Vec::new(),
+                    total: query.total.then_some(0),
+                    next: None,
+                });
+            }
+        }
         query.filter = combine(query.filter.take(), self.guard.rule(permission));
-        self.inner.history(&query).await
+        let mut page = self.inner.history(&query).await?;
+        if query.id.is_none() {
+            // Older versions are judged by their current version too: labels
+            // and Consents may have risen since (the page may come out short).
+            let mut kept = Vec::with_capacity(page.versions.len());
+            for version in std::mem::take(&mut page.versions) {
+                if self
+                    .current_readable(&version.resource_type, &version.id)
+                    .await?
+                {
+                    kept.push(version);
+                }
+            }
+            page.versions = kept;
+        }
+        Ok(page)
     }
 
     async fn count_by_type(&self) -> Result<Vec<(String, u64)>> {
@@ -533,10 +588,14 @@ impl StoreTx for GuardedTx {
     async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
         let version = self.inner.read(resource_type, id).await?;
         if let Some(resource) = version.as_ref().and_then(|v| v.resource.as_ref()) {
-            // Inside a write, the current version is read to be changed or deleted.
-            let open = [Permission::Read, Permission::Update, Permission::Delete]
-                .into_iter()
-                .any(|p| self.guard.rule(p).admits(resource));
+            // Inside a write, the current version is read to be changed or
+            // deleted; what would be shown masked is not readable here.
+            let readable = self.guard.rule(Permission::Read).admits(resource)
+                && self.guard.present(resource) == Shown::AsStored;
+            let open = readable
+                || [Permission::Update, Permission::Delete]
+                    .into_iter()
+                    .any(|p| self.guard.rule(p).admits(resource));
             if !open {
                 return Err(refused(resource_type, id, "access to"));
             }

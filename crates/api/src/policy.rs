@@ -220,6 +220,7 @@ impl ConsentGate for PolicyStage {
             reading: views("access"),
             writing: views("correct"),
             own_patient,
+            consent_writes_limited: matches!(access.role, Some(Role::Patient | Role::Practitioner)),
             audit: audit.clone(),
         }))))
     }
@@ -245,27 +246,7 @@ impl ResultLabeler for PolicyStage {
             return Ok(());
         };
         if body["resourceType"] == "Bundle" {
-            let mut highest: Option<Confidentiality> = None;
-            for entry in body["entry"].as_array_mut().into_iter().flatten() {
-                let Some(resource) = entry.get_mut("resource") else {
-                    continue;
-                };
-                match guard.present(resource) {
-                    Shown::AsStored => {}
-                    Shown::Copy(copy) => *resource = copy,
-                    // A written resource the writer may not read is not shown back.
-                    Shown::Withheld => {
-                        if let Some(map) = entry.as_object_mut() {
-                            map.remove("resource");
-                        }
-                        continue;
-                    }
-                }
-                highest = highest.max(ResourceLabels::of(resource).confidentiality);
-            }
-            if let Some(level) = highest {
-                set_confidentiality(body, level);
-            }
+            present_bundle(guard, body);
         } else if body.get("resourceType").is_some() {
             let shown = guard.present(body);
             if let Shown::Copy(copy) = shown {
@@ -280,6 +261,38 @@ impl ResultLabeler for PolicyStage {
         }
         Ok(())
     }
+}
+
+/// Presents every entry of a Bundle (and of the Bundles in it: a batch's
+/// searches) as the guard says, and labels the Bundle with the highest
+/// confidentiality of its entries.
+fn present_bundle(guard: &dyn ContentGuard, bundle: &mut Value) -> Option<Confidentiality> {
+    let mut highest: Option<Confidentiality> = None;
+    for entry in bundle["entry"].as_array_mut().into_iter().flatten() {
+        let Some(resource) = entry.get_mut("resource") else {
+            continue;
+        };
+        if resource["resourceType"] == "Bundle" {
+            highest = highest.max(present_bundle(guard, resource));
+            continue;
+        }
+        match guard.present(resource) {
+            Shown::AsStored => {}
+            Shown::Copy(copy) => *resource = copy,
+            // A written resource the writer may not read is not shown back.
+            Shown::Withheld => {
+                if let Some(map) = entry.as_object_mut() {
+                    map.remove("resource");
+                }
+                continue;
+            }
+        }
+        highest = highest.max(ResourceLabels::of(resource).confidentiality);
+    }
+    if let Some(level) = highest {
+        set_confidentiality(bundle, level);
+    }
+    highest
 }
 
 /// Gives a Bundle the confidentiality label of its most confidential entry.
@@ -308,6 +321,9 @@ struct PolicyState {
     /// ... and when writing.
     writing: ConsentView,
     own_patient: Option<String>,
+    /// Privacy Consents are written only by administrators, Backend Services
+    /// clients and the patient they are about.
+    consent_writes_limited: bool,
     audit: Arc<RequestAudit>,
 }
 
@@ -345,15 +361,38 @@ impl PolicyState {
         patients
     }
 
+    /// Whether this requester may write this resource when it is a Consent:
+    /// a practitioner could otherwise grant themselves access, or revoke a
+    /// denial, by writing the patient's Consent.
+    fn may_write_consent(&self, resource: &Value) -> bool {
+        if !self.consent_writes_limited || resource["resourceType"] != "Consent" {
+            return true;
+        }
+        let patient = resource["patient"]["reference"]
+            .as_str()
+            .and_then(|r| r.strip_prefix("Patient/"));
+        patient.is_some() && patient == self.own_patient.as_deref()
+    }
+
     /// The verdict, noted in the request's decision record.
     fn verdict(&self, permission: Permission, resource: &Value) -> Verdict {
+        if resource["resourceType"] == "AuditEvent" {
+            return Verdict::Permit;
+        }
         let reference = format!(
             "{}/{}",
             resource["resourceType"].as_str().unwrap_or_default(),
             resource["id"].as_str().unwrap_or_default()
         );
         let labels = ResourceLabels::of(resource);
-        let label_verdict = judge(&self.clearance, &labels, &self.config.label_rules);
+        let mut label_verdict = judge(&self.clearance, &labels, &self.config.label_rules);
+        let resource_type = resource["resourceType"].as_str().unwrap_or_default();
+        if let LabelVerdict::Mask(categories) = &label_verdict {
+            // Only a type whose sensitive elements are known can be masked.
+            if !Labeler::labeled_types().any(|t| t == resource_type) {
+                label_verdict = LabelVerdict::Deny(categories.clone());
+            }
+        }
         let view = self.view(permission);
         let consent_verdict = if view.is_empty() {
             ConsentVerdict::Permit(Vec::new())
@@ -436,7 +475,11 @@ impl PolicyState {
 
     /// The criterion that hides, for one type, what the policy hides.
     fn hidden(&self, permission: Permission, resource_type: &str, safe: bool) -> Criterion {
-        let mut hidden = vec![self.hidden_by_labels(safe)];
+        if resource_type == "AuditEvent" {
+            return Criterion::Never;
+        }
+        let maskable = Labeler::labeled_types().any(|t| t == resource_type);
+        let mut hidden = vec![self.hidden_by_labels(safe && maskable)];
         let view = self.view(permission);
         let in_compartment = compartment_types().contains(resource_type);
         if in_compartment {
@@ -483,19 +526,22 @@ impl PolicyState {
                 codes: allowed,
             });
         }
-        let mask_level = masked.iter().map(|m| self.config.labeler.level_of(m)).max();
         for level in LEVELS {
             if level <= self.clearance.confidentiality {
                 continue;
             }
             let above = token(CONFIDENTIALITY, level.code());
             // As in `judge`: masking stands in for clearance up to the level
-            // the masked categories demand.
-            if mask_level.is_some_and(|m| level <= m) {
-                hidden.push(above.and(Criterion::Not(Box::new(has_masked.clone()))));
-            } else {
-                hidden.push(above);
-            }
+            // a masked category of the resource demands.
+            let enough = any(masked
+                .iter()
+                .filter(|m| level <= rules.level_of(m))
+                .map(|m| token(ACT_CODE, m))
+                .collect());
+            hidden.push(match enough {
+                Criterion::Never => above,
+                enough => above.and(Criterion::Not(Box::new(enough))),
+            });
         }
         if !safe {
             hidden.push(has_masked);
@@ -646,17 +692,29 @@ struct PolicyGuard(Arc<PolicyState>);
 
 impl PolicyGuard {
     fn rule_for(&self, permission: Permission, safe: bool) -> ContentRule {
-        // New data may carry any labels: writing up is not reading.
-        if permission == Permission::Create {
-            return ContentRule::Unrestricted;
-        }
+        let writes = !matches!(permission, Permission::Read | Permission::Search);
         // Under broken glass every resource is still judged, so that the
         // record says what the glass overrode.
-        if !self.0.restricts(permission) && !self.0.break_glass {
+        let restricts = self.0.restricts(permission) || self.0.break_glass;
+        if !restricts && !(writes && self.0.consent_writes_limited) {
             return ContentRule::Unrestricted;
         }
         let state = self.0.clone();
         ContentRule::Only(ContentFilter::new(move |resource| {
+            if writes && !state.may_write_consent(resource) {
+                return false;
+            }
+            // New data may carry any labels: writing up is not reading.
+            if permission == Permission::Create || !restricts {
+                return true;
+            }
+            if writes {
+                // Changing or deleting needs the whole resource to be readable
+                // (a masked copy hides what a write could test or copy out),
+                // and the Consents' view of writing to admit it too.
+                return state.verdict(Permission::Read, resource) == Verdict::Permit
+                    && state.verdict(permission, resource) == Verdict::Permit;
+            }
             match state.verdict(permission, resource) {
                 Verdict::Permit => true,
                 Verdict::Mask(_) => safe,

@@ -843,6 +843,22 @@ impl RecordedTx {
             "code": SERVER_PROVENANCE_TAG.1,
             "display": "made by the server",
         }]});
+        // A Provenance is as sensitive as its target: it carries its labels.
+        let labels: Vec<Value> = v
+            .resource
+            .as_ref()
+            .and_then(|r| r["meta"]["security"].as_array())
+            .into_iter()
+            .flatten()
+            .filter(|c| {
+                c["system"] == haven_policy::label::ACT_CODE
+                    || c["system"] == haven_policy::label::CONFIDENTIALITY
+            })
+            .map(|c| json!({"system": c["system"], "code": c["code"]}))
+            .collect();
+        if !labels.is_empty() {
+            resource["meta"]["security"] = Value::Array(labels);
+        }
         if !written.patients.is_empty() {
             resource["extension"] = Value::Array(
                 written

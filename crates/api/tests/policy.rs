@@ -531,9 +531,26 @@ async fn a_clinician_without_clearance_cannot_reach_sensitive_records_by_any_sea
     let by_code = format!("/fhir/Condition?code={SCT}|{OPIOID_ABUSE}&_total=accurate");
     assert_eq!(haven.total(&by_code, &no).await, 0);
     assert_eq!(haven.total(&by_code, &yes).await, 1);
-    // The uncleared search says that something was left out; the cleared one does not.
+    // The uncleared search says that something was left out; the cleared one
+    // does not. The notice does not depend on the search's criteria, so it
+    // cannot tell which hidden codes a patient has.
     let (_, bundle) = haven.search(&conditions, &no).await;
     assert!(suppressed(&bundle), "{bundle}");
+    let other_code = format!("/fhir/Condition?patient={pid}&code={SCT}|44054006");
+    let (_, with_code) = haven.search(&by_code, &no).await;
+    let (_, without) = haven.search(&other_code, &no).await;
+    assert_eq!(suppressed(&with_code), suppressed(&without));
+    // The server's Provenance of a sensitive version carries its labels.
+    let (provenance, bundle) = haven
+        .search(&format!("/fhir/Provenance?target={c}"), &yes)
+        .await;
+    assert_eq!(provenance.len(), 1, "{bundle}");
+    assert_eq!(labels(&bundle["entry"][0]["resource"]), eth_r());
+    assert!(haven
+        .search(&format!("/fhir/Provenance?target={c}"), &no)
+        .await
+        .0
+        .is_empty());
     // A searchset carries the highest confidentiality of its entries.
     let (_, bundle) = haven.search(&conditions, &yes).await;
     assert!(!suppressed(&bundle), "{bundle}");
@@ -623,7 +640,36 @@ async fn a_masked_view_hides_exactly_the_sensitive_elements(haven: Haven) {
     assert!(!bundle.to_string().contains(MAJOR_DEPRESSION));
     let by_code = format!("/fhir/Condition?code={SCT}|{MAJOR_DEPRESSION}");
     assert!(haven.search(&by_code, &no).await.0.is_empty());
-    assert_eq!(haven.search(&by_code, &writer).await.0, vec![c]);
+    assert_eq!(haven.search(&by_code, &writer).await.0, vec![c.clone()]);
+    // A search inside a batch is masked too.
+    let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"request": {"method": "GET", "url": format!("Condition?patient={pid}")}}]});
+    let reply = haven.send(Method::POST, "/fhir", &no, Some(&batch)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let text = reply.body.to_string();
+    assert!(text.contains("masked"), "{text}");
+    assert!(!text.contains(MAJOR_DEPRESSION), "{text}");
+    // What a masked copy hides cannot be tested, copied out or overwritten.
+    let patch = json!([{"op": "test", "path": "/code/coding/0/code", "value": MAJOR_DEPRESSION}]);
+    let request = support::fhir_request(Method::PATCH, &format!("/fhir/{c}"), Some(&no), None, &[])
+        .map(|_| axum::body::Body::from(patch.to_string()));
+    let (mut parts, body) = request.into_parts();
+    parts.headers.insert(
+        "content-type",
+        "application/json-patch+json".parse().unwrap(),
+    );
+    let reply = support::call(&haven.router, http::Request::from_parts(parts, body)).await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let reply = haven
+        .send(Method::PUT, &format!("/fhir/{c}"), &no, Some(&masked))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let reply = haven
+        .send(Method::DELETE, &format!("/fhir/{c}"), &no, None)
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let again = haven.get(&format!("/fhir/{c}"), &writer).await.body;
+    assert_eq!(again["code"], full["code"]);
 }
 
 fn privacy_consent(patient: &str, provision: Value) -> Value {
@@ -647,7 +693,13 @@ async fn a_consent_denying_research_hides_data_from_research_only_until_it_is_re
         json!({"type": "permit", "provision": [{"type": "deny",
             "purpose": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]}]}),
     );
-    let consent_ref = haven.create(&writer, &consent).await;
+    // A practitioner may not write a patient's privacy Consent.
+    let reply = haven
+        .send(Method::POST, "/fhir/Consent", &writer, Some(&consent))
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let admin = haven.token(ADMIN).await;
+    let consent_ref = haven.create(&admin, &consent).await;
     let research = haven.token_for(UNCLEARED, "HRESCH").await;
     let treatment = haven.token_for(UNCLEARED, "TREAT").await;
     let observations = format!("/fhir/Observation?patient={pid}&_total=accurate");
@@ -694,6 +746,15 @@ async fn a_consent_denying_research_hides_data_from_research_only_until_it_is_re
             Some(&revoked),
         )
         .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+    let reply = haven
+        .send(
+            Method::PUT,
+            &format!("/fhir/{consent_ref}"),
+            &admin,
+            Some(&revoked),
+        )
+        .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(
         haven.get(&format!("/fhir/{o}"), &research).await.status,
@@ -714,7 +775,7 @@ async fn a_consent_denying_one_practitioner_hides_the_record_from_that_practitio
         .await;
     haven
         .create(
-            &writer,
+            &haven.token(ADMIN).await,
             &privacy_consent(
                 &p,
                 json!({"type": "permit", "provision": [{"type": "deny",
@@ -884,6 +945,17 @@ async fn relabeling_labels_data_stored_before_the_rules_and_records_each_change(
     assert!(events
         .iter()
         .any(|e| e.to_string().contains(haven_api::policy::RELABEL_ACTOR)));
+    // The version stored before the labels is as sensitive as the current one.
+    assert_eq!(
+        haven.get("/fhir/Condition/c1/_history/1", &no).await.status,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        haven.get("/fhir/Condition/c1/_history", &no).await.status,
+        StatusCode::FORBIDDEN
+    );
+    let (history, _) = haven.search("/fhir/Condition/_history", &no).await;
+    assert_eq!(history, vec!["Condition/c2".to_owned()]);
     // Running it again changes nothing.
     let again = haven_api::policy::relabel(&haven.state).await.unwrap();
     assert_eq!(again.relabeled, 0);
@@ -900,7 +972,10 @@ async fn a_patient_sees_their_own_sensitive_record_unless_their_clearance_says_o
     // Their own Consent denying research does not hide their record from them.
     let writer = haven.token(CLEARED).await;
     haven
-        .create(&writer, &privacy_consent(&p, json!({"type": "deny"})))
+        .create(
+            &haven.token(ADMIN).await,
+            &privacy_consent(&p, json!({"type": "deny"})),
+        )
         .await;
     let own = haven.smart.token("pat", "patient/*.rs").await;
     let reply = haven.get(&format!("/fhir/{c}"), &own).await;
@@ -988,7 +1063,7 @@ async fn consent_provisions_on_type_code_instance_related_data_and_organization_
         .await;
     haven
         .create(
-            &writer,
+            &haven.token(ADMIN).await,
             &privacy_consent(
                 &p,
                 json!({"type": "permit", "provision": [
@@ -1053,7 +1128,7 @@ async fn consent_provisions_on_type_code_instance_related_data_and_organization_
         .unwrap();
     haven
         .create(
-            &writer,
+            &haven.token(ADMIN).await,
             &privacy_consent(
                 &p,
                 json!({"type": "permit", "provision": [{"type": "deny",
@@ -1086,7 +1161,7 @@ async fn on_an_opt_in_site_only_patients_whose_consent_permits_are_shared(haven:
     assert!(suppressed(&bundle));
     haven
         .create(
-            &writer,
+            &haven.token(ADMIN).await,
             &privacy_consent(&willing, json!({"type": "permit"})),
         )
         .await;

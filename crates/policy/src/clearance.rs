@@ -118,14 +118,25 @@ impl fmt::Display for Clearance {
 #[derive(Debug, Clone, Default)]
 pub struct LabelRules {
     pub masked: BTreeSet<String>,
-    /// The highest confidentiality a masked category gives its data.
-    mask_level: Option<Confidentiality>,
+    /// The confidentiality each masked category gives its data.
+    levels: std::collections::BTreeMap<String, Confidentiality>,
 }
 
 impl LabelRules {
     pub fn new(masked: BTreeSet<String>, labeler: &Labeler) -> Self {
-        let mask_level = masked.iter().map(|c| labeler.level_of(c)).max();
-        Self { masked, mask_level }
+        let levels = masked
+            .iter()
+            .map(|c| (c.clone(), labeler.level_of(c)))
+            .collect();
+        Self { masked, levels }
+    }
+
+    /// The confidentiality a masked category gives its data.
+    pub fn level_of(&self, category: &str) -> Confidentiality {
+        self.levels
+            .get(category)
+            .copied()
+            .unwrap_or(Confidentiality::Restricted)
     }
 }
 
@@ -154,9 +165,9 @@ pub fn judge(clearance: &Clearance, labels: &ResourceLabels, rules: &LabelRules)
     }
     if let Some(level) = labels.confidentiality {
         if level > clearance.confidentiality {
-            // Masking stands in for clearance only up to what the masked
-            // categories themselves demand.
-            let masked_enough = !masked.is_empty() && rules.mask_level.is_some_and(|m| level <= m);
+            // Masking stands in for clearance only up to what a masked
+            // category of this resource demands.
+            let masked_enough = masked.iter().any(|m| level <= rules.level_of(m));
             if !masked_enough {
                 return LabelVerdict::Deny(BTreeSet::from([format!("confidentiality {level}")]));
             }

@@ -164,7 +164,7 @@ impl Facts {
             match value {
                 IndexValue::Token {
                     param,
-                    system: Some(system),
+                    system,
                     code: Some(code),
                     ..
                 } if param == "_security" || param == "code" => {
@@ -173,7 +173,9 @@ impl Facts {
                     } else {
                         &mut facts.labels
                     };
-                    set.insert((system, code));
+                    // A code without a system is kept as system "", which
+                    // a search reads as "no system".
+                    set.insert((system.unwrap_or_default(), code));
                 }
                 IndexValue::Reference {
                     target_type: Some(t),
