@@ -24,6 +24,25 @@ use anyhow::{anyhow, bail, Context, Result};
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The workspace root, for resolving relative paths given in the environment.
+/// The resource types the server labels (the list and the other
+/// clinical types whose codes or references tell the same story).
+pub const LABELED_TYPES: &[&str] = &[
+    "Condition",
+    "Observation",
+    "Procedure",
+    "MedicationRequest",
+    "MedicationStatement",
+    "MedicationAdministration",
+    "DiagnosticReport",
+    "Encounter",
+    "CarePlan",
+    "CareTeam",
+    "Goal",
+    "Claim",
+    "ExplanationOfBenefit",
+    "DocumentReference",
+];
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -13,31 +13,14 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use haven_auth::client::{BackendServicesClient, ClientKey};
-use haven_e2e::{haven_binary, run_haven, shared_dir, spawn_haven, workspace_root, HavenOptions};
+use haven_e2e::{
+    haven_binary, run_haven, shared_dir, spawn_haven, workspace_root, HavenOptions, LABELED_TYPES,
+};
 use serde_json::Value;
 
 const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
 const CONFIDENTIALITY: &str = "http://terminology.hl7.org/CodeSystem/v3-Confidentiality";
 const LABEL_BASIS: &str = "urn:haven:label-basis";
-
-/// The types the issue names, and the other clinical types whose codes or
-/// references tell the same story.
-const LABELED_TYPES: &[&str] = &[
-    "Condition",
-    "Observation",
-    "Procedure",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicationAdministration",
-    "DiagnosticReport",
-    "Encounter",
-    "CarePlan",
-    "CareTeam",
-    "Goal",
-    "Claim",
-    "ExplanationOfBenefit",
-    "DocumentReference",
-];
 
 /// Every other type the bundles hold.
 const OTHER_TYPES: &[&str] = &[

@@ -1181,22 +1181,7 @@ async fn nothing_of_the_synthea_patients_is_labeled_sensitive(
     _: &Corpus,
     _: &Picks,
 ) -> Result<()> {
-    for resource_type in [
-        "Condition",
-        "Observation",
-        "Procedure",
-        "MedicationRequest",
-        "MedicationStatement",
-        "MedicationAdministration",
-        "DiagnosticReport",
-        "Encounter",
-        "CarePlan",
-        "CareTeam",
-        "Goal",
-        "Claim",
-        "ExplanationOfBenefit",
-        "DocumentReference",
-    ] {
+    for &resource_type in haven_e2e::LABELED_TYPES {
         let all = server.total(resource_type, &[]).await?;
         let labeled = server
             .total(resource_type, &[("_security:missing", "false".into())])

@@ -696,7 +696,8 @@ impl PolicyGuard {
         // Under broken glass every resource is still judged, so that the
         // record says what the glass overrode.
         let restricts = self.0.restricts(permission) || self.0.break_glass;
-        if !restricts && !(writes && self.0.consent_writes_limited) {
+        let guards_consents = writes && self.0.consent_writes_limited;
+        if !(restricts || guards_consents) {
             return ContentRule::Unrestricted;
         }
         let state = self.0.clone();

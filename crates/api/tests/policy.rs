@@ -314,6 +314,14 @@ impl Haven {
             .unwrap_or_else(|| panic!("{path}: no total"))
     }
 
+    /// Writes a privacy Consent of `patient` as the administrator (who may);
+    /// returns `Consent/id`.
+    async fn consent(&self, patient: &str, provision: Value) -> String {
+        let admin = self.token(ADMIN).await;
+        self.create(&admin, &privacy_consent(patient, provision))
+            .await
+    }
+
     /// The AuditEvents an administrator finds with `query`.
     async fn audit(&self, query: &str) -> Vec<Value> {
         let admin = self.token(ADMIN).await;
@@ -672,6 +680,14 @@ async fn a_masked_view_hides_exactly_the_sensitive_elements(haven: Haven) {
     assert_eq!(again["code"], full["code"]);
 }
 
+/// A provision that permits all but what `actor` (with a ParticipationType
+/// role) asks for.
+fn denying_actor(role: &str, actor: &str) -> Value {
+    json!({"type": "permit", "provision": [{"type": "deny",
+        "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": role}]},
+                   "reference": {"reference": actor}}]}]})
+}
+
 fn privacy_consent(patient: &str, provision: Value) -> Value {
     json!({"resourceType": "Consent", "status": "active",
         "scope": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "patient-privacy"}]},
@@ -774,15 +790,7 @@ async fn a_consent_denying_one_practitioner_hides_the_record_from_that_practitio
         .create(&writer, &condition(&p, PREDIABETES, None))
         .await;
     haven
-        .create(
-            &haven.token(ADMIN).await,
-            &privacy_consent(
-                &p,
-                json!({"type": "permit", "provision": [{"type": "deny",
-                    "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "PRCP"}]},
-                               "reference": {"reference": "Practitioner/no"}}]}]}),
-            ),
-        )
+        .consent(&p, denying_actor("PRCP", "Practitioner/no"))
         .await;
     let no = haven.token(UNCLEARED).await;
     for hidden in [&o, &plain, &p] {
@@ -971,12 +979,7 @@ async fn a_patient_sees_their_own_sensitive_record_unless_their_clearance_says_o
         .await;
     // Their own Consent denying research does not hide their record from them.
     let writer = haven.token(CLEARED).await;
-    haven
-        .create(
-            &haven.token(ADMIN).await,
-            &privacy_consent(&p, json!({"type": "deny"})),
-        )
-        .await;
+    haven.consent(&p, json!({"type": "deny"})).await;
     let own = haven.smart.token("pat", "patient/*.rs").await;
     let reply = haven.get(&format!("/fhir/{c}"), &own).await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
@@ -1061,21 +1064,13 @@ async fn consent_provisions_on_type_code_instance_related_data_and_organization_
     let other = haven
         .create(&writer, &condition(&p, "271737000", None))
         .await;
-    haven
-        .create(
-            &haven.token(ADMIN).await,
-            &privacy_consent(
-                &p,
-                json!({"type": "permit", "provision": [
+    haven.consent(&p, json!({"type": "permit", "provision": [
                     {"type": "deny",
                      "class": [{"system": "http://hl7.org/fhir/resource-types", "code": "Observation"}],
                      "code": [{"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}]},
                     {"type": "deny", "data": [{"meaning": "instance", "reference": {"reference": named}}]},
                     {"type": "deny", "data": [{"meaning": "related", "reference": {"reference": e}}]}
-                ]}),
-            ),
-        )
-        .await;
+                ]})).await;
     let no = haven.token(UNCLEARED).await;
     let hidden = [&heart, &named, &e, &in_encounter];
     let shown = [&weight, &other, &p];
@@ -1127,15 +1122,7 @@ async fn consent_provisions_on_type_code_instance_related_data_and_organization_
         .await
         .unwrap();
     haven
-        .create(
-            &haven.token(ADMIN).await,
-            &privacy_consent(
-                &p,
-                json!({"type": "permit", "provision": [{"type": "deny",
-                    "actor": [{"role": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "CST"}]},
-                               "reference": {"reference": "Organization/clinic"}}]}]}),
-            ),
-        )
+        .consent(&p, denying_actor("CST", "Organization/clinic"))
         .await;
     let member = haven.token(UNCLEARED).await;
     assert_eq!(
@@ -1159,12 +1146,7 @@ async fn on_an_opt_in_site_only_patients_whose_consent_permits_are_shared(haven:
     let (found, bundle) = haven.search("/fhir/Observation", &no).await;
     assert!(found.is_empty(), "{found:?}");
     assert!(suppressed(&bundle));
-    haven
-        .create(
-            &haven.token(ADMIN).await,
-            &privacy_consent(&willing, json!({"type": "permit"})),
-        )
-        .await;
+    haven.consent(&willing, json!({"type": "permit"})).await;
     let (found, _) = haven.search("/fhir/Observation", &no).await;
     assert_eq!(found, vec![willing_obs.clone()]);
     assert_eq!(
