@@ -367,9 +367,33 @@ fn check(stored: &Stored, sets: &BTreeMap<(String, String), (String, String)>) -
         failures.push("no MedicationRequest labeled (sertraline, fluoxetine)".into());
     }
 
-    // 4. Every label is traced to a rule and a code the resource holds, or to
+    // 4. The server's Provenance carries the labels of the version it is
+    // about: those of the current version when it is about that one, never
+    // more (labels only rise).
+    for (reference, provenance) in stored.of_type("Provenance") {
+        let categories = labels_of(provenance).0;
+        let Some(target) = provenance["target"][0]["reference"].as_str() else {
+            continue;
+        };
+        let (unversioned, version) = target.split_once("/_history/").unwrap_or((target, ""));
+        let Some(current) = stored.by_reference.get(unversioned) else {
+            continue;
+        };
+        let now = labels_of(current).0;
+        let is_current = current["meta"]["versionId"] == version;
+        if !categories.is_subset(&now) || (is_current && categories != now) {
+            failures.push(format!(
+                "{reference}: labels {categories:?}, its target {target} has {now:?}"
+            ));
+        }
+    }
+
+    // 5. Every label is traced to a rule and a code the resource holds, or to
     // a labeled resource it refers to or that refers to it.
     for (reference, resource) in &stored.by_reference {
+        if resource["resourceType"] == "Provenance" {
+            continue;
+        }
         let (categories, _, bases) = labels_of(resource);
         let codes = own(resource);
         let mut refers = Vec::new();
@@ -406,7 +430,7 @@ fn check(stored: &Stored, sets: &BTreeMap<(String, String), (String, String)>) -
                 }
             }
         }
-        // 5. Types outside the labeled ones carry no label.
+        // 6. Types outside the labeled ones carry no label.
         let resource_type = resource["resourceType"].as_str().unwrap_or_default();
         if !LABELED_TYPES.contains(&resource_type) && !categories.is_empty() {
             failures.push(format!(
