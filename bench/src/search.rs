@@ -10,8 +10,6 @@
 //! `system/*.rs` token, and the patient-scoped queries with `patient/*.rs`
 //! tokens of the patients they ask about.
 
-mod synthea;
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::ops::Range;
@@ -34,6 +32,8 @@ use tower::ServiceExt;
 
 use crate::load::{process_cpu, HIGHEST_MICROS, LOWEST_MICROS, SIGNIFICANT_DIGITS};
 use crate::setup::{Bench, BASE};
+use haven_bench::mix::{query, Kind, Patient};
+use haven_bench::synthea;
 use synthea::SourceBundle;
 
 /// What the bundles are loaded with when they go through the API.
@@ -42,8 +42,6 @@ const LOADER_SCOPE: &str = "system/*.cruds";
 const PATIENT_SCOPE: &str = "launch/patient patient/*.rs";
 const APP_REDIRECT: &str = "https://app.example/callback";
 const PKCE_VERIFIER: &str = "haven-bench-search-pkce-verifier-0123456789abcdef";
-/// Characters of a family name that `Patient?name=` asks for.
-const NAME_PREFIX_CHARS: usize = 4;
 /// Loading tasks re-mint their token this often; Backend Services tokens live
 /// at least five minutes.
 const LOADER_TOKEN_AGE: Duration = Duration::from_secs(60);
@@ -98,92 +96,6 @@ pub struct Args {
 pub enum LoadVia {
     Api,
     Store,
-}
-
-/// The queries of the mix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    ObservationByCode,
-    ObservationByDate,
-    ConditionByPatient,
-    PatientByName,
-}
-
-impl Kind {
-    pub const ALL: [Kind; 4] = [
-        Kind::ObservationByCode,
-        Kind::ObservationByDate,
-        Kind::ConditionByPatient,
-        Kind::PatientByName,
-    ];
-    /// The queries about one patient, which a `patient/` token may send.
-    pub const PATIENT_SCOPED: [Kind; 3] = [
-        Kind::ObservationByCode,
-        Kind::ObservationByDate,
-        Kind::ConditionByPatient,
-    ];
-
-    pub fn template(self) -> &'static str {
-        match self {
-            Kind::ObservationByCode => {
-                "Observation?subject=Patient/{id}&code=http://loinc.org|{code}"
-            }
-            Kind::ObservationByDate => {
-                "Observation?subject=Patient/{id}&date=ge{y}-01-01&date=lt{y+1}-01-01"
-            }
-            Kind::ConditionByPatient => "Condition?subject=Patient/{id}",
-            Kind::PatientByName => "Patient?name={first 4 letters of a family name}",
-        }
-    }
-}
-
-/// A loaded patient and what the queries may ask about them.
-#[derive(Debug, Clone)]
-pub struct Patient {
-    pub id: String,
-    pub family: String,
-    pub codes: Vec<String>,
-    pub years: Vec<i32>,
-}
-
-/// One request's path: `kind` about `patient`, the code or year drawn from
-/// the patient's own Observations.
-pub fn query(kind: Kind, patient: &Patient, rng: &mut fastrand::Rng) -> String {
-    let id = &patient.id;
-    match kind {
-        Kind::ObservationByCode => {
-            let code = &patient.codes[rng.usize(..patient.codes.len())];
-            format!(
-                "/fhir/Observation?subject=Patient/{id}&code={}",
-                encode(&format!("http://loinc.org|{code}"))
-            )
-        }
-        Kind::ObservationByDate => {
-            let year = patient.years[rng.usize(..patient.years.len())];
-            format!(
-                "/fhir/Observation?subject=Patient/{id}&date=ge{year}-01-01&date=lt{}-01-01",
-                year + 1
-            )
-        }
-        Kind::ConditionByPatient => format!("/fhir/Condition?subject=Patient/{id}"),
-        Kind::PatientByName => {
-            let prefix: String = patient.family.chars().take(NAME_PREFIX_CHARS).collect();
-            format!("/fhir/Patient?name={}", encode(&prefix))
-        }
-    }
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn encode(value: &str) -> String {
-    let mut out = String::with_capacity(value.len() * 3);
-    for b in value.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
 }
 
 /// Who sends requests in a run: a token and the patients its queries are about.

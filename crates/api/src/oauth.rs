@@ -197,10 +197,6 @@ fn too_many(wait: u64, as_json: bool) -> Response {
     response
 }
 
-const TOKEN_RATE: Rate = Rate {
-    requests: 120,
-    window: Duration::minutes(1),
-};
 const LOGIN_RATE: Rate = Rate {
     requests: 30,
     window: Duration::minutes(1),
@@ -1285,7 +1281,11 @@ async fn client_call(
         ClientCall::Revoke => "revoke",
     };
     let (parts, body) = request.into_parts();
-    if let Some(refusal) = over_rate(state, endpoint, &parts, TOKEN_RATE, true) {
+    let rate = Rate {
+        requests: state.server.config().token_requests_per_minute,
+        window: Duration::minutes(1),
+    };
+    if let Some(refusal) = over_rate(state, endpoint, &parts, rate, true) {
         return refusal;
     }
     let (form, basic) = match oauth_form(&parts, body).await {

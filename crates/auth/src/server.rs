@@ -47,6 +47,9 @@ pub struct AuthConfig {
     /// The clearance of each role's users, and of Backend Services clients,
     /// where the user or client has none of its own.
     pub clearances: RoleClearances,
+    /// Requests each caller address may make per minute to the token,
+    /// introspection and revocation endpoints (429 beyond it).
+    pub token_requests_per_minute: u32,
 }
 
 /// Clearances by role, in the form `N`, `R:ETH,PSY` or `V:*`.
@@ -97,6 +100,7 @@ impl AuthConfig {
             launch_lifetime: Duration::minutes(5),
             break_glass_lifetime: Duration::minutes(15),
             clearances: RoleClearances::default(),
+            token_requests_per_minute: 120,
         }
     }
 

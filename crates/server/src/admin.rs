@@ -200,6 +200,7 @@ async fn auth_server(
     let (keys, _) = signing_keys::ensure(&config.data_dir, clock.now())?;
     let mut auth_config = AuthConfig::new(&fhir_base(config));
     auth_config.clearances = config.policy.clearances.clone();
+    auth_config.token_requests_per_minute = config.token_requests_per_minute;
     let server = AuthServer::new(auth_config, store.clone(), clock, keys);
     Ok((server, store))
 }

@@ -98,6 +98,7 @@ pub struct LimitsLayer {
     pub max_header_bytes: Option<usize>,
     pub request_timeout_secs: Option<u64>,
     pub max_bundle_entries: Option<usize>,
+    pub token_requests_per_minute: Option<u32>,
 }
 
 /// The resolved configuration that `serve` and `migrate` run with.
@@ -114,6 +115,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log: String,
     pub limits: haven_api::Limits,
+    /// Token, introspection and revocation requests per caller address and minute.
+    pub token_requests_per_minute: u32,
     pub default_page_size: u32,
     pub max_page_size: u32,
     pub policy: PolicySettings,
@@ -121,6 +124,9 @@ pub struct Config {
 
 pub const DEFAULT_DATA_DIR: &str = "./haven-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+/// Token requests per caller address and minute: enough for any client, few
+/// enough to slow a flood.
+pub const DEFAULT_TOKEN_REQUESTS_PER_MINUTE: u32 = 120;
 
 impl Layer {
     /// Reads a `haven.toml`.
@@ -169,6 +175,9 @@ impl Layer {
                     "MAX_HEADER_BYTES" => l.max_header_bytes = Some(value.parse()?),
                     "REQUEST_TIMEOUT_SECS" => l.request_timeout_secs = Some(value.parse()?),
                     "MAX_BUNDLE_ENTRIES" => l.max_bundle_entries = Some(value.parse()?),
+                    "TOKEN_REQUESTS_PER_MINUTE" => {
+                        l.token_requests_per_minute = Some(value.parse()?)
+                    }
                     "DEFAULT_PAGE_SIZE" => layer.default_page_size = Some(value.parse()?),
                     "MAX_PAGE_SIZE" => layer.max_page_size = Some(value.parse()?),
                     "CONSENT_DEFAULT" => layer.policy.consent_default = Some(value.into()),
@@ -222,6 +231,9 @@ impl Layer {
                 max_header_bytes: o.max_header_bytes.or(l.max_header_bytes),
                 request_timeout_secs: o.request_timeout_secs.or(l.request_timeout_secs),
                 max_bundle_entries: o.max_bundle_entries.or(l.max_bundle_entries),
+                token_requests_per_minute: o
+                    .token_requests_per_minute
+                    .or(l.token_requests_per_minute),
             },
             default_page_size: other.default_page_size.or(self.default_page_size),
             max_page_size: other.max_page_size.or(self.max_page_size),
@@ -269,6 +281,12 @@ impl Layer {
                 .unwrap_or(defaults.request_timeout),
             max_bundle_entries: l.max_bundle_entries.unwrap_or(defaults.max_bundle_entries),
         };
+        let token_requests_per_minute = l
+            .token_requests_per_minute
+            .unwrap_or(DEFAULT_TOKEN_REQUESTS_PER_MINUTE);
+        if token_requests_per_minute == 0 {
+            anyhow::bail!("token_requests_per_minute must be at least 1");
+        }
         let api_defaults = haven_api::ApiConfig::new("");
         let policy = resolve_policy(self.policy)?;
         Ok(Config {
@@ -283,6 +301,7 @@ impl Layer {
             log_format: self.log_format.unwrap_or(LogFormat::Human),
             log: self.log.unwrap_or_else(|| "info".into()),
             limits,
+            token_requests_per_minute,
             default_page_size: self
                 .default_page_size
                 .unwrap_or(api_defaults.default_page_size),
@@ -472,6 +491,34 @@ mod tests {
         assert_eq!(config.limits.max_body_bytes, 200);
         assert_eq!(config.limits.max_json_depth, 10);
         assert_eq!(config.data_dir, dir.path());
+    }
+
+    #[test]
+    fn the_token_rate_limit_defaults_to_120_a_minute_and_is_set_from_the_file_or_environment() {
+        assert_eq!(
+            Layer::default()
+                .resolve()
+                .unwrap()
+                .token_requests_per_minute,
+            120
+        );
+        let file = Layer::from_toml("[limits]\ntoken_requests_per_minute = 600\n").unwrap();
+        assert_eq!(
+            file.clone().resolve().unwrap().token_requests_per_minute,
+            600
+        );
+        let from_env =
+            Layer::from_env(env(&[("HAVEN_TOKEN_REQUESTS_PER_MINUTE", "5000")])).unwrap();
+        assert_eq!(
+            file.overlay(from_env)
+                .resolve()
+                .unwrap()
+                .token_requests_per_minute,
+            5000
+        );
+        let zero = Layer::from_toml("[limits]\ntoken_requests_per_minute = 0\n").unwrap();
+        let refused = zero.resolve().unwrap_err().to_string();
+        assert!(refused.contains("token_requests_per_minute"), "{refused}");
     }
 
     #[test]

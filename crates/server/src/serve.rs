@@ -114,6 +114,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
     }
     let mut auth_config = haven_auth::AuthConfig::new(&base_url);
     auth_config.clearances = config.policy.clearances.clone();
+    auth_config.token_requests_per_minute = config.token_requests_per_minute;
     let auth = Arc::new(haven_auth::AuthServer::new(
         auth_config,
         store.clone(),
