@@ -102,6 +102,10 @@ struct Compiler<'q> {
     access: Option<&'q Access>,
     local_base: Option<&'q str>,
     aliases: u32,
+    /// Set while compiling a conjunct after the one that drives: its index
+    /// rows are probed per candidate (a correlated EXISTS) rather than listed
+    /// in full (an IN list), whose size grows with the database.
+    probe: bool,
 }
 
 impl<'q> Compiler<'q> {
@@ -111,6 +115,7 @@ impl<'q> Compiler<'q> {
             access: query.access.as_ref(),
             local_base: query.local_base.as_deref(),
             aliases: 0,
+            probe: false,
         }
     }
 
@@ -307,17 +312,18 @@ impl<'q> Compiler<'q> {
                 }
                 let row = self.alias("x");
                 match resource_type {
-                    Some(own) => {
+                    Some(own) if !self.probe => {
                         let _ = write!(
                             self.sql.text,
                             "{alias}.id IN (SELECT {row}.id FROM search_reference {row} WHERE {row}.resource_type = "
                         );
                         self.text(own);
                     }
-                    None => {
+                    _ => {
+                        let probe = self.probe_from("search_reference", &row);
                         let _ = write!(
                             self.sql.text,
-                            "EXISTS (SELECT 1 FROM search_reference {row} WHERE {row}.resource_type = {alias}.resource_type \
+                            "EXISTS (SELECT 1 FROM {probe} WHERE {row}.resource_type = {alias}.resource_type \
                              AND {row}.id = {alias}.id"
                         );
                     }
@@ -434,9 +440,15 @@ impl<'q> Compiler<'q> {
                         " AND {row}.target_id IN (SELECT {target}.id FROM current_resources {target} WHERE {} AND ",
                         self.sql.dialect.live_of(&target)
                     );
-                    self.types_with_access(&target, std::slice::from_ref(target_type), depth + 1)?;
-                    self.push(" AND ");
-                    self.criterion(inner, &target, Some(target_type), depth + 1)?;
+                    self.nested(|this| {
+                        this.types_with_access(
+                            &target,
+                            std::slice::from_ref(target_type),
+                            depth + 1,
+                        )?;
+                        this.push(" AND ");
+                        this.criterion(inner, &target, Some(target_type), depth + 1)
+                    })?;
                     self.push("))");
                 }
                 self.push("))");
@@ -449,13 +461,13 @@ impl<'q> Compiler<'q> {
                 let row = self.alias("r");
                 let source = self.alias("s");
                 match resource_type {
-                    Some(own) => {
+                    Some(own) if !self.probe => {
                         let _ = write!(self.sql.text, "{alias}.id IN (SELECT {row}.target_id");
                         self.has_from(&row, &source, source_type, param);
                         let _ = write!(self.sql.text, " AND {row}.target_type = ");
                         self.text(own);
                     }
-                    None => {
+                    _ => {
                         self.push("EXISTS (SELECT 1");
                         self.has_from(&row, &source, source_type, param);
                         let _ = write!(
@@ -468,9 +480,11 @@ impl<'q> Compiler<'q> {
                 self.local(&format!("{row}.url"));
                 let _ = write!(self.sql.text, " AND {}", self.sql.dialect.live_of(&source));
                 self.push(" AND ");
-                self.types_with_access(&source, std::slice::from_ref(source_type), depth + 1)?;
-                self.push(" AND ");
-                self.criterion(inner, &source, Some(source_type), depth + 1)?;
+                self.nested(|this| {
+                    this.types_with_access(&source, std::slice::from_ref(source_type), depth + 1)?;
+                    this.push(" AND ");
+                    this.criterion(inner, &source, Some(source_type), depth + 1)
+                })?;
                 self.push(")");
             }
             value => {
@@ -499,22 +513,56 @@ impl<'q> Compiler<'q> {
         depth: usize,
     ) -> Result<()> {
         const FLAT: usize = 32;
+        let conjunction = joint == " AND ";
         self.push("(");
         if list.len() <= FLAT {
-            for (n, one) in list.iter().enumerate() {
+            let mut order: Vec<&Criterion> = list.iter().collect();
+            if conjunction {
+                // The conjunct likeliest to match few rows drives; the others
+                // are tested against its matches only.
+                order.sort_by_key(|c| drive_rank(c));
+            }
+            let outer = self.probe;
+            for (n, one) in order.into_iter().enumerate() {
                 if n > 0 {
                     self.push(joint);
+                    self.probe = outer || conjunction;
                 }
                 self.criterion(one, alias, resource_type, depth + 1)?;
             }
+            self.probe = outer;
         } else {
             let (left, right) = list.split_at(list.len() / 2);
             self.balanced(left, joint, alias, resource_type, depth)?;
             self.push(joint);
+            let outer = self.probe;
+            self.probe = outer || conjunction;
             self.balanced(right, joint, alias, resource_type, depth)?;
+            self.probe = outer;
         }
         self.push(")");
         Ok(())
+    }
+
+    /// `table row` for a probe of one resource's rows. SQLite, without
+    /// statistics, rates the value index (type, param, value) as good as the
+    /// resource index (type, id) and would scan every row of the parameter
+    /// per candidate; it is told which index to use.
+    fn probe_from(&self, table: &str, row: &str) -> String {
+        if self.sql.dialect.postgres {
+            format!("{table} {row}")
+        } else {
+            format!("{table} {row} INDEXED BY {table}_resource")
+        }
+    }
+
+    /// Compiles criteria over another resource (a chain's target, a `_has`
+    /// source): they drive their own subquery.
+    fn nested(&mut self, compile: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        let outer = std::mem::replace(&mut self.probe, false);
+        let result = compile(self);
+        self.probe = outer;
+        result
     }
 
     /// The FROM and first conditions of a `_has` subquery over references.
@@ -542,17 +590,18 @@ impl<'q> Compiler<'q> {
     ) -> String {
         let row = self.alias("x");
         match resource_type {
-            Some(own) => {
+            Some(own) if !self.probe => {
                 let _ = write!(
                     self.sql.text,
                     "{alias}.id IN (SELECT {row}.id FROM {table} {row} WHERE {row}.resource_type = "
                 );
                 self.text(own);
             }
-            None => {
+            _ => {
+                let probe = self.probe_from(table, &row);
                 let _ = write!(
                     self.sql.text,
-                    "EXISTS (SELECT 1 FROM {table} {row} WHERE {row}.resource_type = {alias}.resource_type \
+                    "EXISTS (SELECT 1 FROM {probe} WHERE {row}.resource_type = {alias}.resource_type \
                      AND {row}.id = {alias}.id"
                 );
             }
@@ -878,6 +927,32 @@ impl<'q> Compiler<'q> {
 }
 
 /// The table and parameter of a value criterion.
+/// How well a conjunct drives a search (lower is better): references and ids
+/// name few resources; codes and strings more; ranges of dates and numbers
+/// many; negations and missing values cannot drive at all.
+fn drive_rank(criterion: &Criterion) -> u8 {
+    match criterion {
+        Criterion::Id(_)
+        | Criterion::Keys(_)
+        | Criterion::ReferencesAny { .. }
+        | Criterion::Reference { .. }
+        | Criterion::PatientCompartment(_)
+        | Criterion::Has { .. } => 0,
+        Criterion::Token { .. }
+        | Criterion::TokenOfType { .. }
+        | Criterion::String { .. }
+        | Criterion::Uri { .. }
+        | Criterion::Composite { .. }
+        | Criterion::Chain { .. } => 1,
+        Criterion::Date { .. }
+        | Criterion::Number { .. }
+        | Criterion::Quantity { .. }
+        | Criterion::TokenText { .. }
+        | Criterion::LastUpdated(_) => 2,
+        _ => 3,
+    }
+}
+
 fn table_of(criterion: &Criterion) -> Option<(&'static str, &str)> {
     Some(match criterion {
         Criterion::String { param, .. } => ("search_string", param),
@@ -944,6 +1019,47 @@ mod tests {
             let (page, _) = search(dialect, &query).unwrap();
             assert!(!page.text.contains("brien"), "{}", page.text);
             assert_eq!(page.params.len(), 4);
+        }
+    }
+
+    #[test]
+    fn the_most_selective_conjunct_drives_and_the_others_are_probed_per_match() {
+        // The code comes first in the query but names far more resources
+        // than the patient reference, so the reference drives.
+        let query = SearchQuery {
+            types: vec!["Observation".into()],
+            criterion: Criterion::All(vec![
+                Criterion::Token {
+                    param: "code".into(),
+                    system: Some("http://loinc.org".into()),
+                    code: Some("8867-4".into()),
+                },
+                Criterion::Reference {
+                    param: "subject".into(),
+                    target_type: Some("Patient".into()),
+                    target_id: Some("p1".into()),
+                    url: None,
+                    version: None,
+                },
+            ]),
+            count: 10,
+            ..SearchQuery::default()
+        };
+        for dialect in [SQLITE, POSTGRES] {
+            let (page, _) = search(dialect, &query).unwrap();
+            let text = &page.text;
+            let reference = text.find("IN (SELECT x").expect("the reference drives");
+            assert!(
+                text[reference..].starts_with("IN (SELECT x1.id FROM search_reference"),
+                "{text}"
+            );
+            let probe = if dialect.postgres {
+                "EXISTS (SELECT 1 FROM search_token x2 WHERE x2.resource_type = c.resource_type AND x2.id = c.id"
+            } else {
+                "EXISTS (SELECT 1 FROM search_token x2 INDEXED BY search_token_resource \
+                 WHERE x2.resource_type = c.resource_type AND x2.id = c.id"
+            };
+            assert!(text.contains(probe), "{text}");
         }
     }
 
