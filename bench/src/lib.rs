@@ -2,4 +2,5 @@
 //! the search mix.
 
 pub mod mix;
+pub mod process;
 pub mod synthea;

@@ -154,24 +154,9 @@ pub async fn run(router: &Router, token: &str, load: Load) -> Result<Sample> {
     Ok(total)
 }
 
-/// User plus system CPU time of this process, from `/proc/self/stat` (Linux);
-/// `None` elsewhere. It tells whether a configuration is limited by the cores
-/// or by waiting.
+/// User plus system CPU time of this process; `None` off Linux.
 pub fn process_cpu() -> Option<Duration> {
-    parse_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?)
-}
-
-/// `utime` and `stime` are the 14th and 15th fields, in clock ticks of 1/100 s
-/// (`USER_HZ`, fixed by the kernel's ABI). The command name, the 2nd field, is
-/// in parentheses and may hold spaces, so fields are counted after its `)`.
-fn parse_cpu(stat: &str) -> Option<Duration> {
-    let mut fields = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((user + system) * 10))
+    haven_bench::process::cpu_time(std::process::id())
 }
 
 async fn drive(
@@ -223,13 +208,6 @@ mod tests {
         patients: 5,
         observations_per_patient: 3,
     };
-
-    #[test]
-    fn cpu_time_is_read_after_the_command_name() {
-        let stat = "42 (read heavy) R 1 42 42 0 -1 4194304 98 0 0 0 250 130 0 0 20 0 3 0";
-        assert_eq!(parse_cpu(stat), Some(Duration::from_millis(3800)));
-        assert_eq!(parse_cpu("42 (x) R 1"), None);
-    }
 
     #[test]
     fn the_mix_adds_up_to_one_hundred_percent_with_four_in_five_reads() {

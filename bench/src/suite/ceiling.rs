@@ -160,12 +160,7 @@ pub fn create_rate(
     warmup: Duration,
     duration: Duration,
 ) -> Result<WriteRate> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let store = haven_store::connect(&database_url, clock).await?;
+    on_store(database_url, move |store| async move {
         let started = Instant::now();
         let measure_from = started + warmup;
         let measure_until = measure_from + duration;
@@ -229,18 +224,15 @@ pub fn ingest_rate(
     bundles: Vec<Value>,
     concurrency: usize,
 ) -> Result<(u64, Duration)> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let store = haven_store::connect(&database_url, clock).await?;
+    on_store(database_url, move |store| async move {
         let started = Instant::now();
         let written = Arc::new(AtomicU64::new(0));
         // The shared organizations and practitioners first, as `haven load` does.
-        let (first, rest): (Vec<_>, Vec<_>) = bundles
-            .into_iter()
-            .partition(|b| !b["entry"].as_array().is_some_and(|e| e.iter().any(|e| e["resource"]["resourceType"] == "Patient")));
+        let (first, rest): (Vec<_>, Vec<_>) = bundles.into_iter().partition(|b| {
+            !b["entry"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e["resource"]["resourceType"] == "Patient"))
+        });
         for group in [first, rest] {
             let queue = Arc::new(std::sync::Mutex::new(group));
             let mut tasks = tokio::task::JoinSet::new();
@@ -283,6 +275,23 @@ pub fn ingest_rate(
             }
         }
         Ok((written.load(Ordering::Relaxed), started.elapsed()))
+    })
+}
+
+/// Runs `work` over the store of `database_url` on a runtime of its own, with
+/// as many threads as the machine has cores, as the server has.
+fn on_store<T, F, Fut>(database_url: String, work: F) -> Result<T>
+where
+    F: FnOnce(Arc<dyn haven_store::Store>) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let store = haven_store::connect(&database_url, clock).await?;
+        work(store).await
     })
 }
 

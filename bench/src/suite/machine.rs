@@ -1,10 +1,10 @@
 //! What the machine is: cores, memory, CPU, how fast its disk makes a write
-//! durable, and the code measured; and what a process uses of it.
+//! durable, and the code measured.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 
@@ -85,39 +85,4 @@ fn commit() -> String {
     } else {
         head
     }
-}
-
-/// CPU time a process has used so far (user and system).
-pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // utime and stime are the 14th and 15th fields, in 1/100 s (USER_HZ);
-    // the command name in parentheses may hold spaces.
-    let mut fields = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((user + system) * 10))
-}
-
-/// The highest resident set size of a process so far (`VmHWM`), in KiB.
-pub fn peak_rss_kib(pid: u32) -> Option<u64> {
-    status_field(pid, "VmHWM:")
-}
-
-/// The resident set size of a process now, in KiB.
-pub fn rss_kib(pid: u32) -> Option<u64> {
-    status_field(pid, "VmRSS:")
-}
-
-fn status_field(pid: u32, field: &str) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix(field))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
 }

@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
 use haven_auth::client::ClientKey;
 use haven_bench::mix::{query, Kind, Patient};
+use haven_bench::process;
 use haven_bench::synthea::{self, SourceBundle};
 use haven_e2e::{haven_binary, spawn_haven, Haven, HavenOptions, PostgresDatabase};
 use http::Request;
@@ -22,7 +23,7 @@ use serde_json::{json, Value};
 
 use crate::ceiling::{self, CeilingServer, CreateRows};
 use crate::drive::{self, Load, MakeRequest, Target};
-use crate::machine::{self, Machine};
+use crate::machine::Machine;
 use crate::smart::{self, PatientLogin};
 use crate::Args;
 
@@ -220,7 +221,7 @@ async fn backend(
         eprintln!("the server's log ends:\n{}", tail(&haven.log(), 40));
         return Err(anyhow!("{err:#}"));
     }
-    report.peak_rss_kib = machine::peak_rss_kib(haven.pid()).unwrap_or(0);
+    report.peak_rss_kib = process::peak_rss_kib(haven.pid()).unwrap_or(0);
     drop(haven);
     drop(db);
     Ok(report)
@@ -358,6 +359,19 @@ struct Server {
 }
 
 impl Server {
+    /// A Backend Services token of `client` for `scope`.
+    async fn token(&self, client: &Backend, scope: &str) -> Result<String> {
+        smart::backend_token(
+            &self.http,
+            &self.origin,
+            &self.token_url,
+            &client.key,
+            &client.client_id,
+            scope,
+        )
+        .await
+    }
+
     async fn fetch(&self, path: &str, token: &str) -> Result<Value> {
         let answer = self
             .http
@@ -416,15 +430,7 @@ async fn measure(
     report.rows.push(row);
     remember_memory(report, &server, "after P3 (1x loaded)");
 
-    let search_token = smart::backend_token(
-        &server.http,
-        &origin,
-        &server.token_url,
-        &loader.key,
-        &loader.client_id,
-        SEARCH_SCOPE,
-    )
-    .await?;
+    let search_token = server.token(&loader, SEARCH_SCOPE).await?;
     let patients = find_patients(&server, &search_token, corpus, 1).await?;
     ensure!(!patients.is_empty(), "no patients were loaded");
 
@@ -456,24 +462,24 @@ async fn measure(
             (0_usize, get_request(path, host, token))
         }) as MakeRequest
     };
-    let mut row = drive_row(
+    let row = single_run(
         &server.target,
         load,
-        1,
         read.clone(),
         drive::ok_with_body,
         server.pid,
-        &["read"],
+        Described {
+            id: "P1",
+            what: "read: `GET Patient/{id}`, `patient/*.rs` token of that patient".into(),
+            ceiling: Some("C1"),
+            goal: Goal {
+                min_per_second: Some(15_000.0),
+                max_p99_ms: Some(5.0),
+            },
+        },
     )
     .await?;
-    row[0].id = "P1".into();
-    row[0].what = "read: `GET Patient/{id}`, `patient/*.rs` token of that patient".into();
-    row[0].ceiling = Some("C1".into());
-    row[0].goal = Goal {
-        min_per_second: Some(15_000.0),
-        max_p99_ms: Some(5.0),
-    };
-    report.rows.extend(row);
+    report.rows.push(row);
     remember_memory(report, &server, "after P1");
 
     // C1: the same JSON from a minimal axum endpoint over the same TLS.
@@ -494,34 +500,28 @@ async fn measure(
         &body_file,
     )?;
     let ceiling_target = Target::new(ceiling_server.addr, &ca)?;
-    let mut row = drive_row(
+    let row = single_run(
         &ceiling_target,
         load,
-        1,
         read,
         drive::ok_with_body,
         ceiling_server.pid(),
-        &["ceiling"],
+        Described {
+            id: "C1",
+            what: format!(
+                "ceiling of P1: minimal axum endpoint, same {} bytes of Patient JSON, same TLS, no token, no audit",
+                body.len()
+            ),
+            ceiling: None,
+            goal: Goal::default(),
+        },
     )
     .await?;
     drop(ceiling_server);
-    row[0].id = "C1".into();
-    row[0].what = format!(
-        "ceiling of P1: minimal axum endpoint, same {} bytes of Patient JSON, same TLS, no token, no audit",
-        body.len()
-    );
-    report.rows.extend(row);
+    report.rows.push(row);
 
     // P2: creates, each with its Provenance and AuditEvent, by the loader.
-    let write_token = smart::backend_token(
-        &server.http,
-        &origin,
-        &server.token_url,
-        &loader.key,
-        &loader.client_id,
-        LOADER_SCOPE,
-    )
-    .await?;
+    let write_token = server.token(&loader, LOADER_SCOPE).await?;
     let observation = Bytes::from(serde_json::to_vec(&observation(&reader.id))?);
     let create = {
         let captured = (
@@ -541,26 +541,24 @@ async fn measure(
             (0_usize, request)
         }) as MakeRequest
     };
-    let mut row = drive_row(
+    let row = single_run(
         &server.target,
         load,
-        1,
         create,
         drive::created,
         server.pid,
-        &["create"],
+        Described {
+            id: "P2",
+            what: "create: `POST Observation` (`Prefer: return=minimal`), with its Provenance and AuditEvent".into(),
+            ceiling: Some("C2"),
+            goal: Goal {
+                min_per_second: Some(3_000.0),
+                max_p99_ms: None,
+            },
+        },
     )
     .await?;
-    row[0].id = "P2".into();
-    row[0].what =
-        "create: `POST Observation` (`Prefer: return=minimal`), with its Provenance and AuditEvent"
-            .into();
-    row[0].ceiling = Some("C2".into());
-    row[0].goal = Goal {
-        min_per_second: Some(3_000.0),
-        max_p99_ms: None,
-    };
-    report.rows.extend(row);
+    report.rows.push(row);
     remember_memory(report, &server, "after P2");
 
     // C2: the rows one create wrote, written straight through the store.
@@ -648,23 +646,24 @@ async fn measure(
             (0_usize, request)
         }) as MakeRequest
     };
-    let mut row = drive_row(
+    let row = single_run(
         &server.target,
         load,
-        1,
         tokens,
         drive::token,
         server.pid,
-        &["token"],
+        Described {
+            id: "P5",
+            what: "token: `client_credentials` with a `private_key_jwt` assertion (ES384), signed per request by the load generator".into(),
+            ceiling: None,
+            goal: Goal {
+                min_per_second: Some(2_000.0),
+                max_p99_ms: None,
+            },
+        },
     )
     .await?;
-    row[0].id = "P5".into();
-    row[0].what = "token: `client_credentials` with a `private_key_jwt` assertion (ES384), signed per request by the load generator".into();
-    row[0].goal = Goal {
-        min_per_second: Some(2_000.0),
-        max_p99_ms: None,
-    };
-    report.rows.extend(row);
+    report.rows.push(row);
     remember_memory(report, &server, "after P5");
 
     // The other copies, then P4 at 10x.
@@ -686,15 +685,7 @@ async fn measure(
         row.id = "P3b".into();
         report.rows.push(row);
         remember_memory(report, &server, &format!("after loading {}x", args.copies));
-        let search_token = smart::backend_token(
-            &server.http,
-            &origin,
-            &server.token_url,
-            &loader.key,
-            &loader.client_id,
-            SEARCH_SCOPE,
-        )
-        .await?;
+        let search_token = server.token(&loader, SEARCH_SCOPE).await?;
         let patients = find_patients(&server, &search_token, corpus, args.copies).await?;
         let rows = search_mix(
             &server,
@@ -720,9 +711,35 @@ fn get_request(path: &str, host: &str, token: &str) -> Request<Full<Bytes>> {
 }
 
 fn remember_memory(report: &mut BackendReport, server: &Server, phase: &str) {
-    if let Some(rss) = machine::rss_kib(server.pid) {
+    if let Some(rss) = process::rss_kib(server.pid) {
         report.memory.push((phase.to_owned(), rss));
     }
+}
+
+/// What a run of one kind of request measures, for its row.
+struct Described {
+    id: &'static str,
+    what: String,
+    ceiling: Option<&'static str>,
+    goal: Goal,
+}
+
+/// Drives a run of one kind of request; its row, as `described`.
+async fn single_run(
+    target: &Target,
+    load: Load,
+    make: MakeRequest,
+    check: drive::Check,
+    server_pid: u32,
+    described: Described,
+) -> Result<Row> {
+    let mut rows = drive_row(target, load, 1, make, check, server_pid, &[described.id]).await?;
+    let mut row = rows.remove(0);
+    row.id = described.id.into();
+    row.what = described.what;
+    row.ceiling = described.ceiling.map(str::to_owned);
+    row.goal = described.goal;
+    Ok(row)
 }
 
 /// Drives one run and turns it into rows: one per kind, then (for several
@@ -741,8 +758,8 @@ async fn drive_row(
     let at_start = tokio::task::spawn_local(async move {
         tokio::time::sleep(warmup).await;
         (
-            machine::cpu_time(server_pid),
-            machine::cpu_time(std::process::id()),
+            process::cpu_time(server_pid),
+            process::cpu_time(std::process::id()),
             Instant::now(),
         )
     });
@@ -750,7 +767,7 @@ async fn drive_row(
     let (server_then, own_then, then) = at_start.await?;
     let seconds = then.elapsed().as_secs_f64();
     let cores = |before: Option<Duration>, pid: u32| {
-        let after = machine::cpu_time(pid)?;
+        let after = process::cpu_time(pid)?;
         Some((after.saturating_sub(before?)).as_secs_f64() / seconds)
     };
     let server_cores = cores(server_then, server_pid);

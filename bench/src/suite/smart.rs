@@ -70,22 +70,34 @@ pub async fn backend_token(
     client_id: &str,
     scope: &str,
 ) -> Result<String> {
+    let body = request_token(
+        http,
+        origin,
+        client_credentials_form(key, client_id, token_url, scope)?,
+    )
+    .await?;
+    body["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no access_token in {body}"))
+}
+
+/// Posts a form to the token endpoint; the answer, which must be a 200 with
+/// an access token.
+async fn request_token(http: &reqwest::Client, origin: &str, form: String) -> Result<Value> {
     let answer = http
         .post(format!("{origin}/auth/token"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(client_credentials_form(key, client_id, token_url, scope)?)
+        .body(form)
         .send()
         .await?;
     let status = answer.status();
     let body: Value = answer.json().await?;
     ensure!(
-        status == StatusCode::OK,
-        "token request answered {status}: {body}"
+        status == StatusCode::OK && body["access_token"].is_string(),
+        "the token endpoint answered {status}: {body}"
     );
-    body["access_token"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow!("no access_token in {body}"))
+    Ok(body)
 }
 
 /// A browser's cookies for the server's pages.
@@ -271,27 +283,19 @@ async fn exchange(
     code: &str,
     verifier: &str,
 ) -> Result<(String, String)> {
-    let answer = http
-        .post(format!("{}/auth/token", login.origin))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(form(&[
+    let body = request_token(
+        http,
+        login.origin,
+        form(&[
             ("grant_type", "authorization_code"),
             ("code", code),
             ("redirect_uri", APP_REDIRECT),
             ("client_id", login.client_id),
             ("code_verifier", verifier),
-        ]))
-        .send()
-        .await?;
-    let status = answer.status();
-    let body: Value = answer.json().await?;
-    ensure!(
-        status == StatusCode::OK,
-        "the code exchange answered {status}: {body}"
-    );
-    let token = body["access_token"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no access_token in {body}"))?;
+        ]),
+    )
+    .await?;
+    let token = body["access_token"].as_str().unwrap_or_default();
     let patient = body["patient"]
         .as_str()
         .ok_or_else(|| anyhow!("no patient in {body}"))?;
