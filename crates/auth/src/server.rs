@@ -27,6 +27,10 @@ use crate::registry::{
 };
 use crate::scope::{self, Context, Scope, ScopeSet};
 
+/// Token requests per caller address and minute unless configured: enough
+/// for any client, few enough to slow a flood.
+pub const DEFAULT_TOKEN_REQUESTS_PER_MINUTE: u32 = 120;
+
 /// Lifetimes and addresses of the authorization server.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {
@@ -100,7 +104,7 @@ impl AuthConfig {
             launch_lifetime: Duration::minutes(5),
             break_glass_lifetime: Duration::minutes(15),
             clearances: RoleClearances::default(),
-            token_requests_per_minute: 120,
+            token_requests_per_minute: DEFAULT_TOKEN_REQUESTS_PER_MINUTE,
         }
     }
 

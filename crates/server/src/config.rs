@@ -124,9 +124,6 @@ pub struct Config {
 
 pub const DEFAULT_DATA_DIR: &str = "./haven-data";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
-/// Token requests per caller address and minute: enough for any client, few
-/// enough to slow a flood.
-pub const DEFAULT_TOKEN_REQUESTS_PER_MINUTE: u32 = 120;
 
 impl Layer {
     /// Reads a `haven.toml`.
@@ -283,7 +280,7 @@ impl Layer {
         };
         let token_requests_per_minute = l
             .token_requests_per_minute
-            .unwrap_or(DEFAULT_TOKEN_REQUESTS_PER_MINUTE);
+            .unwrap_or(haven_auth::server::DEFAULT_TOKEN_REQUESTS_PER_MINUTE);
         if token_requests_per_minute == 0 {
             anyhow::bail!("token_requests_per_minute must be at least 1");
         }
