@@ -21,6 +21,7 @@ use std::time::Duration;
 use haven_model::clock::Clock;
 use haven_store::Store;
 
+pub mod demo_app;
 pub mod error;
 mod execute;
 pub use execute::{verify_trail, TrailReport};
@@ -78,6 +79,8 @@ pub struct ApiConfig {
     pub default_page_size: u32,
     /// The largest `_count` honoured; larger requests are cut to it.
     pub max_page_size: u32,
+    /// The demo SMART app, served at `/apps/demo/` when registered.
+    pub demo_app: Option<demo_app::DemoApp>,
 }
 
 impl ApiConfig {
@@ -87,6 +90,7 @@ impl ApiConfig {
             limits: Limits::default(),
             default_page_size: 50,
             max_page_size: 1000,
+            demo_app: None,
         }
     }
 }
@@ -207,9 +211,10 @@ fn cors() -> tower_http::cors::CorsLayer {
         .max_age(std::time::Duration::from_secs(3600))
 }
 
-/// The whole application: `/fhir/...` and nothing else yet. Every request,
-/// including unknown paths, is answered by the pipeline, so even a 404 is an
-/// OperationOutcome with a request id.
+/// The whole application: `/fhir/...`, the authorization server's `/auth/...`
+/// and, when registered, the demo app's files under `/apps/demo/`. Every other
+/// request, including unknown paths, is answered by the pipeline, so even a 404
+/// is an OperationOutcome with a request id.
 pub fn router(state: AppState) -> axum::Router {
     let auth_routes = state.auth.clone().map(|server| {
         oauth::routes(oauth::AuthState {
@@ -218,13 +223,21 @@ pub fn router(state: AppState) -> axum::Router {
             audit: state.audit.clone(),
         })
     });
+    let demo_routes = state
+        .config
+        .demo_app
+        .as_ref()
+        .map(|app| demo_app::routes(app, &state.config.base_url));
     let fhir = axum::Router::new()
         .fallback(pipeline::handle)
         .with_state(state);
-    let app = match auth_routes {
+    let mut app = match auth_routes {
         Some(routes) => routes.merge(fhir),
         None => fhir,
     };
+    if let Some(routes) = demo_routes {
+        app = app.merge(routes);
+    }
     app.layer(cors())
         // A bug must still get a FHIR answer, never a dropped connection; the
         // transaction it was in rolls back when its task unwinds.

@@ -483,6 +483,14 @@ pub struct ClientSpec {
     pub purposes: Vec<String>,
 }
 
+/// The rule every password meets; tools check it before changing anything.
+pub fn check_password(password: &str) -> Result<(), &'static str> {
+    if password.chars().count() < 8 {
+        return Err("passwords have at least 8 characters");
+    }
+    Ok(())
+}
+
 /// What an administrator sets about a user beyond their sign-in.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct UserPolicy {
@@ -1038,8 +1046,8 @@ impl AuthServer {
                 "usernames are 1 to 64 letters, digits, '.', '_', '-' or '@'",
             ));
         }
-        if password.chars().count() < 8 {
-            return Err(invalid("passwords have at least 8 characters"));
+        if let Err(reason) = check_password(password) {
+            return Err(invalid(reason));
         }
         if let Some(reference) = &fhir_user {
             let (ty, id) = reference.split_once('/').unwrap_or_default();

@@ -110,6 +110,7 @@ const BUILT_IN: &[&str] = &[
     include_str!("../../../profiles/sensitivity/sexually-transmitted-disease.json"),
     include_str!("../../../profiles/sensitivity/sexual-violence.json"),
     include_str!("../../../profiles/sensitivity/genetic-disease.json"),
+    include_str!("../../../profiles/sensitivity/reproductive-health.json"),
 ];
 
 /// The elements of each labeled type: where its own codes are, and which of

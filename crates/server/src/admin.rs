@@ -241,12 +241,12 @@ impl CliChange<'_> {
 /// says what was done all the same.
 async fn record_change(
     store: &dyn Store,
-    config: &Config,
+    base: &str,
     clock: &dyn Clock,
     change: CliChange<'_>,
     unrecorded: impl FnOnce() -> String,
 ) -> Result<()> {
-    let base = fhir_base(config);
+    let base = base.to_owned();
     let event = auth_event(
         change.kind,
         &AuthFacts {
@@ -315,26 +315,13 @@ pub async fn clients(
                 clearance: args.clearance.as_deref().map(parse_clearance).transpose()?,
                 purposes: parse_purposes(args.purposes)?,
             };
-            let (record, secret) = server.add_client(spec).await.map_err(refused)?;
-            let mut change = CliChange::new(
-                AuthEventKind::ClientRegistration,
-                format!("client added: {} ({})", record.client_id, record.name),
-            );
-            change.client_id = Some(record.client_id.clone());
-            change.scopes = Some(record.scopes.to_string());
-            record_change(&*store, config, &*clock, change, || {
-                format!(
-                    "the client {} was added, but the addition could not be recorded in the \
-                     audit trail, so its details are not shown",
-                    record.client_id
-                )
-            })
-            .await?;
-            let mut out = record.public_view();
-            if let Some(secret) = secret {
-                out["client_secret"] = json!(secret);
-            }
-            Ok(out)
+            let registered = Registrar {
+                server: &server,
+                store: &*store,
+                base: fhir_base(config),
+                clock: &*clock,
+            };
+            registered.add_client(spec).await
         }
         ClientsCommand::List => {
             let clients = server.clients().await.map_err(refused)?;
@@ -355,7 +342,7 @@ pub async fn clients(
                 format!("initial access token issued for dynamic registration, usable for {hours} hours"),
             );
             change.token = Some(&token);
-            record_change(&*store, config, &*clock, change, || {
+            record_change(&*store, &fhir_base(config), &*clock, change, || {
                 "an initial access token was issued, but it could not be recorded in the audit \
                  trail, so it is not shown and will expire unused"
                     .to_owned()
@@ -381,34 +368,101 @@ pub async fn users(config: &Config, clock: Arc<dyn Clock>, command: UsersCommand
         organization: args.organization,
     };
     let (server, store) = auth_server(config, clock.clone()).await?;
-    server
-        .add_user(
-            &args.username,
-            password,
-            role,
-            args.fhir_user,
-            args.display_name,
-        )
-        .await
-        .map_err(refused)?;
-    let user = server
-        .set_user_policy(&args.username, policy)
-        .await
-        .map_err(refused)?;
-    // There is no kind for user administration; ClientRegistration is the
-    // Security Configuration event that creates something.
-    let change = CliChange::new(
-        AuthEventKind::ClientRegistration,
-        format!("user added: {} ({})", user.username, user.role.as_str()),
-    );
-    record_change(&*store, config, &*clock, change, || {
-        format!(
-            "the user {} was added, but the addition could not be recorded in the audit trail",
-            user.username
-        )
-    })
-    .await?;
-    Ok(user.public_view())
+    let registrar = Registrar {
+        server: &server,
+        store: &*store,
+        base: fhir_base(config),
+        clock: &*clock,
+    };
+    let user = NewUser {
+        username: args.username,
+        password: password.to_owned(),
+        role,
+        fhir_user: args.fhir_user,
+        display_name: args.display_name,
+        policy,
+    };
+    registrar.add_user(user).await
+}
+
+/// A user to add, with their password in the clear (stored only as a hash).
+pub struct NewUser {
+    pub username: String,
+    pub password: String,
+    pub role: Role,
+    pub fhir_user: Option<String>,
+    pub display_name: Option<String>,
+    pub policy: UserPolicy,
+}
+
+/// Adds clients and users with the AuditEvent each addition needs; shared by
+/// `haven clients add`, `haven users add` and `haven demo`.
+pub struct Registrar<'a> {
+    pub server: &'a AuthServer,
+    pub store: &'a dyn Store,
+    /// The FHIR base the server announces, named in the AuditEvents.
+    pub base: String,
+    pub clock: &'a dyn Clock,
+}
+
+impl Registrar<'_> {
+    /// Registers a client and prints nothing until its AuditEvent is stored; the
+    /// client as JSON, with its secret if it has one.
+    pub async fn add_client(&self, spec: ClientSpec) -> Result<Value> {
+        let (record, secret) = self.server.add_client(spec).await.map_err(refused)?;
+        let mut change = CliChange::new(
+            AuthEventKind::ClientRegistration,
+            format!("client added: {} ({})", record.client_id, record.name),
+        );
+        change.client_id = Some(record.client_id.clone());
+        change.scopes = Some(record.scopes.to_string());
+        record_change(self.store, &self.base, self.clock, change, || {
+            format!(
+                "the client {} was added, but the addition could not be recorded in the \
+                 audit trail, so its details are not shown",
+                record.client_id
+            )
+        })
+        .await?;
+        let mut out = record.public_view();
+        if let Some(secret) = secret {
+            out["client_secret"] = json!(secret);
+        }
+        Ok(out)
+    }
+
+    /// Adds a user with their policy; the user as JSON.
+    pub async fn add_user(&self, user: NewUser) -> Result<Value> {
+        self.server
+            .add_user(
+                &user.username,
+                &user.password,
+                user.role,
+                user.fhir_user,
+                user.display_name,
+            )
+            .await
+            .map_err(refused)?;
+        let added = self
+            .server
+            .set_user_policy(&user.username, user.policy)
+            .await
+            .map_err(refused)?;
+        // There is no kind for user administration; ClientRegistration is the
+        // Security Configuration event that creates something.
+        let change = CliChange::new(
+            AuthEventKind::ClientRegistration,
+            format!("user added: {} ({})", added.username, added.role.as_str()),
+        );
+        record_change(self.store, &self.base, self.clock, change, || {
+            format!(
+                "the user {} was added, but the addition could not be recorded in the audit trail",
+                added.username
+            )
+        })
+        .await?;
+        Ok(added.public_view())
+    }
 }
 
 pub async fn labels(
@@ -449,7 +503,7 @@ pub async fn keys(config: &Config, clock: Arc<dyn Clock>, command: KeysCommand) 
         AuthEventKind::KeyRotation,
         format!("new token signing key {kid}"),
     );
-    record_change(&*store, config, &*clock, change, || {
+    record_change(&*store, &fhir_base(config), &*clock, change, || {
         format!("the signing key was rotated to {kid}, but the rotation could not be recorded in the audit trail")
     })
     .await?;

@@ -18,7 +18,9 @@ use tracing_subscriber::EnvFilter;
 
 mod admin;
 mod config;
+mod demo;
 mod load;
+mod sample;
 mod serve;
 mod signing_keys;
 mod tls;
@@ -36,6 +38,11 @@ struct Cli {
 enum Command {
     /// Serve the FHIR API over HTTPS.
     Serve(ServeArgs),
+    /// Start a populated, SMART-ready demo server: generated patients, a demo
+    /// app, and a patient, a practitioner and an administrator to sign in as.
+    Demo(DemoArgs),
+    /// Write generated sample patients as transaction Bundles for `haven load`.
+    Sample(SampleArgs),
     /// Bring the database schema up to date and exit.
     Migrate(DatabaseArgs),
     /// Post transaction Bundles from files or folders to a running server.
@@ -134,6 +141,40 @@ struct ServeArgs {
     /// Most entries a batch or transaction Bundle may carry. [env: HAVEN_MAX_BUNDLE_ENTRIES]
     #[arg(long)]
     max_bundle_entries: Option<usize>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// How many patients to generate on the first start.
+    #[arg(long, default_value_t = demo::DEFAULT_PATIENTS)]
+    patients: usize,
+    /// The sample's seed; the same seed gives the same patients.
+    #[arg(long, default_value_t = haven_sample::DEFAULT_SEED)]
+    seed: u64,
+    /// The demo patient's password (default: generated and printed once).
+    #[arg(long)]
+    patient_password: Option<String>,
+    /// The demo practitioner's password (default: generated and printed once).
+    #[arg(long)]
+    practitioner_password: Option<String>,
+    /// The demo administrator's password (default: generated and printed once).
+    #[arg(long)]
+    admin_password: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+struct SampleArgs {
+    /// How many patients to generate.
+    #[arg(long, default_value_t = 100)]
+    patients: usize,
+    /// The folder to write the Bundles to (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// The same seed gives byte-identical Bundles.
+    #[arg(long, default_value_t = haven_sample::DEFAULT_SEED)]
+    seed: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -236,6 +277,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = config::load(args.database.config.as_deref(), &env, args.layer())?;
             init_logging(config.log_format, &config.log)?;
             runtime.block_on(serve::run(config, clock))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            let config = config::load(
+                args.serve.database.config.as_deref(),
+                &env,
+                args.serve.layer(),
+            )?;
+            // Request lines would scroll the instructions away; HAVEN_LOG brings them back.
+            let filter = env_value(&env, "HAVEN_LOG").unwrap_or("warn");
+            init_logging(config.log_format, filter)?;
+            let options = demo::DemoOptions {
+                patients: args.patients,
+                seed: args.seed,
+                patient_password: args.patient_password,
+                practitioner_password: args.practitioner_password,
+                admin_password: args.admin_password,
+            };
+            runtime.block_on(demo::run(config, clock, options))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sample(args) => {
+            let options = haven_sample::Options {
+                patients: args.patients,
+                seed: args.seed,
+            };
+            let sample = sample::write(&args.out, options)?;
+            println!("{}", sample::describe(&sample, &args.out, args.seed));
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate(args) => {

@@ -57,12 +57,38 @@ fn derived_public_url(scheme: &str, bound: SocketAddr) -> String {
 }
 
 pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
+    let bound = bind(config, clock).await?;
+    let demo_app = crate::demo::registered_app(&bound)?;
+    bound.serve(demo_app).await
+}
+
+/// A server with its store open and its address bound, not yet answering: what
+/// `haven demo` needs to register its app at the public URL before serving.
+pub struct Bound {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub store: Arc<dyn haven_store::Store>,
+    pub auth: Arc<haven_auth::AuthServer>,
+    /// E.g. `https://localhost:8443`.
+    pub public_url: String,
+    /// `<public_url>/fhir`.
+    pub base_url: String,
+    /// The CA file clients trust, when the server made its own certificate.
+    pub ca_file: Option<std::path::PathBuf>,
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    scheme: &'static str,
+}
+
+/// Opens the store, makes or reads the TLS files and signing keys, and binds.
+pub async fn bind(config: Config, clock: Arc<dyn Clock>) -> Result<Bound> {
     if config.insecure_http {
         check_loopback(config.listen)?;
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
 
+    let mut ca_file = None;
     let acceptor = if config.insecure_http {
         tracing::warn!(
             "serving plain HTTP without TLS (--insecure-http); only for local development"
@@ -79,6 +105,7 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
                     "haven {verb} its local certificate authority; clients trust it with: {}",
                     files.ca_cert.display()
                 );
+                ca_file = Some(files.ca_cert.clone());
                 (files.server_cert, files.server_key)
             }
         };
@@ -101,10 +128,6 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         .unwrap_or_else(|| derived_public_url(scheme, bound));
     let base_url = format!("{public_url}/fhir");
 
-    let mut api_config = haven_api::ApiConfig::new(base_url.clone());
-    api_config.limits = config.limits.clone();
-    api_config.default_page_size = config.default_page_size;
-    api_config.max_page_size = config.max_page_size;
     let (keys, created) = signing_keys::ensure(&config.data_dir, clock.now())?;
     if created {
         println!(
@@ -121,37 +144,77 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>) -> Result<()> {
         clock.clone(),
         keys,
     ));
-    tokio::spawn(reload_signing_keys(
-        auth.clone(),
-        config.data_dir.clone(),
-        clock.clone(),
-    ));
-    // Every FHIR request and every auth event leaves an AuditEvent.
-    let state = haven_api::AppState::new(store, clock, api_config)
-        .with_audit(crate::admin::observer(&base_url))
-        .with_smart(auth)
-        .with_policy(config.policy.api_config());
-    let app = haven_api::router(state);
+    Ok(Bound {
+        config,
+        clock,
+        store,
+        auth,
+        public_url,
+        base_url,
+        ca_file,
+        listener,
+        acceptor,
+        scheme,
+    })
+}
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    // The handlers are installed before "listening" is announced, so a signal
-    // sent as soon as the server says it listens is never missed.
-    let signals = ShutdownSignals::install();
-    tokio::spawn(async move {
-        signals.wait().await;
-        tracing::info!("shutdown requested; finishing open requests");
-        let _ = shutdown_tx.send(true);
-    });
+impl Bound {
+    /// The address actually bound (its port, when asked for port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
 
-    tracing::info!(address = %bound, base = %base_url, "listening");
-    println!("haven listening on {scheme}://{bound} (FHIR base {base_url})");
+    /// Serves until SIGTERM or Ctrl-C; `demo_app` adds the demo app's files.
+    pub async fn serve(self, demo_app: Option<haven_api::demo_app::DemoApp>) -> Result<()> {
+        let Bound {
+            config,
+            clock,
+            store,
+            auth,
+            base_url,
+            listener,
+            acceptor,
+            scheme,
+            ..
+        } = self;
+        let mut api_config = haven_api::ApiConfig::new(base_url.clone());
+        api_config.limits = config.limits.clone();
+        api_config.default_page_size = config.default_page_size;
+        api_config.max_page_size = config.max_page_size;
+        api_config.demo_app = demo_app;
+        tokio::spawn(reload_signing_keys(
+            auth.clone(),
+            config.data_dir.clone(),
+            clock.clone(),
+        ));
+        // Every FHIR request and every auth event leaves an AuditEvent.
+        let state = haven_api::AppState::new(store, clock, api_config)
+            .with_audit(crate::admin::observer(&base_url))
+            .with_smart(auth)
+            .with_policy(config.policy.api_config());
+        let app = haven_api::router(state);
 
-    let settings = Arc::new(ConnectionSettings {
-        max_header_bytes: config.limits.max_header_bytes,
-    });
-    accept_loop(listener, acceptor, app, settings, shutdown_rx).await;
-    tracing::info!("stopped");
-    Ok(())
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        // The handlers are installed before "listening" is announced, so a signal
+        // sent as soon as the server says it listens is never missed.
+        let signals = ShutdownSignals::install();
+        tokio::spawn(async move {
+            signals.wait().await;
+            tracing::info!("shutdown requested; finishing open requests");
+            let _ = shutdown_tx.send(true);
+        });
+
+        let bound = listener.local_addr()?;
+        tracing::info!(address = %bound, base = %base_url, "listening");
+        println!("haven listening on {scheme}://{bound} (FHIR base {base_url})");
+
+        let settings = Arc::new(ConnectionSettings {
+            max_header_bytes: config.limits.max_header_bytes,
+        });
+        accept_loop(listener, acceptor, app, settings, shutdown_rx).await;
+        tracing::info!("stopped");
+        Ok(())
+    }
 }
 
 /// How often the signing keys are read again from the data directory.
