@@ -103,7 +103,13 @@ pub struct HavenOptions {
     pub listen: Option<String>,
     /// Further arguments for `haven serve`.
     pub extra_args: Vec<String>,
+    /// `demo` runs `haven demo` instead of `haven serve`, and waits until it
+    /// says the sample is in.
+    pub command: Option<String>,
 }
+
+/// The line `haven demo` prints once its data is loaded.
+pub const DEMO_READY: &str = "haven demo ready";
 
 /// A running `haven serve`.
 pub struct Haven {
@@ -321,9 +327,10 @@ fn spawn_blocking(options: HavenOptions) -> Result<Haven> {
     let log_path = data_dir.join(format!("haven-{}.log", uuid::Uuid::new_v4().simple()));
     let log = std::fs::File::create(&log_path)?;
 
+    let subcommand = options.command.as_deref().unwrap_or("serve");
     let mut command = Command::new(&binary);
     command
-        .arg("serve")
+        .arg(subcommand)
         .arg("--listen")
         .arg(options.listen.as_deref().unwrap_or("127.0.0.1:0"))
         .arg("--data-dir")
@@ -380,6 +387,27 @@ fn spawn_blocking(options: HavenOptions) -> Result<Haven> {
             bail!("haven did not start listening within {STARTUP_TIMEOUT:?}");
         }
     };
+    if subcommand == "demo" {
+        loop {
+            let seen = lines
+                .lock()
+                .expect("not poisoned")
+                .iter()
+                .any(|l| l.starts_with(DEMO_READY));
+            if seen {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("haven demo exited with {status} before it was ready; its log:\n{log}");
+            }
+            if start.elapsed() > STARTUP_TIMEOUT {
+                let _ = child.kill();
+                bail!("haven demo was not ready within {STARTUP_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let (addr, announced_base_url) = parse_ready_line(&ready)?;
     let scheme = if options.insecure_http {
         "http"

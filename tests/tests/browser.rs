@@ -720,3 +720,203 @@ async fn denying_on_the_consent_page_sends_access_denied_back_to_the_app() {
     assert!(!params.contains_key("code"), "{landed}");
     browser.close().await;
 }
+
+// ----- haven demo and its app ---------------------------------------------------------
+
+const DEMO_PASSWORDS: [(&str, &str); 3] = [
+    ("--patient-password", "patient-pass-1"),
+    ("--practitioner-password", "practitioner-pass-1"),
+    ("--admin-password", "admin-pass-1"),
+];
+
+/// `haven demo` on a fresh data directory, and what it recorded in `demo.json`.
+struct Demo {
+    haven: Haven,
+    driver: Chromedriver,
+    record: Value,
+}
+
+impl Demo {
+    async fn start() -> Option<Demo> {
+        let Some(chromedriver) = find_chromedriver() else {
+            println!("not run: no chromedriver (set HAVEN_CHROMEDRIVER or put it on PATH)");
+            return None;
+        };
+        let driver = Chromedriver::start(&chromedriver);
+        let mut extra_args = vec!["--patients".to_string(), "8".to_string()];
+        for (flag, password) in DEMO_PASSWORDS {
+            extra_args.extend([flag.to_string(), password.to_string()]);
+        }
+        let haven = spawn_haven(HavenOptions {
+            command: Some("demo".into()),
+            extra_args,
+            ..HavenOptions::default()
+        })
+        .await
+        .unwrap();
+        let record: Value = serde_json::from_str(
+            &std::fs::read_to_string(haven.data_dir.join("demo.json")).unwrap(),
+        )
+        .unwrap();
+        Some(Demo {
+            haven,
+            driver,
+            record,
+        })
+    }
+
+    /// The origin the demo registered its app at (`https://localhost:PORT`).
+    fn origin(&self) -> String {
+        self.record["public_url"].as_str().unwrap().to_string()
+    }
+
+    fn patient_name(&self) -> String {
+        self.record["patient"]["name"].as_str().unwrap().to_string()
+    }
+}
+
+/// Waits until the demo app shows a record (or an error, which fails the test).
+async fn wait_for_record(browser: &Browser) {
+    let start = Instant::now();
+    loop {
+        let status = browser
+            .client
+            .find(Locator::Css("#status.error"))
+            .await
+            .ok();
+        if let Some(status) = status {
+            panic!("the demo app failed: {}", status.text().await.unwrap());
+        }
+        let shown = browser
+            .client
+            .find(Locator::Css("#record:not([hidden])"))
+            .await
+            .is_ok();
+        if shown {
+            return;
+        }
+        assert!(
+            start.elapsed() < PAGE_TIMEOUT,
+            "the demo app showed no record:\n{}",
+            browser.client.source().await.unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_patient_opens_the_demo_app_and_sees_their_record_chart_and_access_log() {
+    let Some(demo) = Demo::start().await else {
+        return;
+    };
+    let mut browser = demo.driver.browser("demo-standalone").await;
+    let app = format!("{}/apps/demo/", demo.origin());
+    browser.open(&app).await;
+    browser.wait_for("#standalone").await;
+    browser.screenshot("app-start").await;
+    browser.click("#standalone").await;
+
+    browser.wait_for("#sign-in").await;
+    assert!(browser.text("main").await.contains("Haven demo app"));
+    browser.screenshot("sign-in").await;
+    browser.sign_in("demo-patient", "patient-pass-1").await;
+    browser.wait_for("#approve").await;
+    assert_eq!(browser.text("#patient").await, demo.patient_name());
+    browser.screenshot("consent").await;
+    browser.click("#approve").await;
+
+    browser.wait_for_url(&app).await;
+    wait_for_record(&browser).await;
+    assert_eq!(browser.text("#patient-name").await, demo.patient_name());
+    assert!(
+        !query(&browser.url().await).contains_key("code"),
+        "the code is gone from the address bar"
+    );
+    let observations = browser.texts("#observations tbody tr").await;
+    assert_eq!(observations.len(), 12, "{observations:?}");
+    assert!(
+        browser.texts("#plot circle").await.len() >= 3,
+        "the chart has a point per measurement"
+    );
+    assert!(browser
+        .text("#plot-caption")
+        .await
+        .starts_with("Body weight (kg)"));
+    // The patient sees their own sensitive condition, with its label.
+    let conditions = browser.texts("#conditions li").await;
+    assert!(
+        conditions
+            .iter()
+            .any(|c| c.starts_with("Major depressive disorder") && c.ends_with("PSY")),
+        "{conditions:?}"
+    );
+    // Their access log names them, reading through this app, and the loader
+    // that wrote the record.
+    let log = browser.texts("#access-log tbody tr").await;
+    assert!(
+        log.iter()
+            .any(|row| row.contains("demo-patient (you) this app read")),
+        "{log:?}"
+    );
+    assert!(
+        log.iter()
+            .any(|row| row.contains("a system, no person signed in")),
+        "{log:?}"
+    );
+    browser.screenshot("patient-record").await;
+    browser.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_demo_practitioner_launches_the_app_from_the_launcher_without_the_sensitive_condition()
+{
+    let Some(demo) = Demo::start().await else {
+        return;
+    };
+    let mut browser = demo.driver.browser("demo-ehr-launch").await;
+    browser
+        .open(&format!("{}/auth/launcher", demo.origin()))
+        .await;
+    browser.wait_for("#sign-in").await;
+    browser.screenshot("sign-in").await;
+    browser
+        .sign_in("demo-practitioner", "practitioner-pass-1")
+        .await;
+    browser.wait_for("#launch").await;
+    assert_eq!(browser.texts("ul.choices label").await, ["Haven demo app"]);
+    browser.click_label(&demo.patient_name()).await;
+    browser.click_label("Haven demo app").await;
+    browser.screenshot("launcher").await;
+    browser.click("#launch").await;
+
+    // The app's launch page sends the browser on to authorize, signed in already.
+    browser.wait_for("#approve").await;
+    assert_eq!(browser.text("#patient").await, demo.patient_name());
+    browser.screenshot("consent").await;
+    browser.click("#approve").await;
+
+    browser
+        .wait_for_url(&format!("{}/apps/demo/", demo.origin()))
+        .await;
+    wait_for_record(&browser).await;
+    assert_eq!(browser.text("#patient-name").await, demo.patient_name());
+    assert!(!browser.texts("#observations tbody tr").await.is_empty());
+    let conditions = browser.texts("#conditions li").await;
+    assert!(
+        !conditions.iter().any(|c| c.contains("depress")),
+        "a practitioner without clearance does not see the mental health condition: {conditions:?}"
+    );
+    assert!(
+        browser
+            .text("#withheld")
+            .await
+            .starts_with("Some records are not shown"),
+        "the app says that something was withheld"
+    );
+    assert_eq!(
+        browser.text("#access-log-note").await,
+        "The access log is shown to the patient only."
+    );
+    browser.screenshot("practitioner-record").await;
+    browser.close().await;
+}

@@ -94,7 +94,9 @@ async function completeAuthorization(params) {
   });
   const token = await response.json();
   if (!response.ok) throw new Error('the token request failed: ' + (token.error_description || token.error));
-  const session = { accessToken: token.access_token, patient: token.patient, fhirBase: config.fhir_base };
+  const session = {
+    accessToken: token.access_token, patient: token.patient, fhirBase: config.fhir_base, clientId: config.client_id,
+  };
   sessionStorage.setItem('session', JSON.stringify(session));
   return session;
 }
@@ -197,7 +199,7 @@ async function showRecord(session) {
 
   try {
     const events = matches(await fhir(session, 'AuditEvent?patient=' + session.patient + '&_sort=-date&_count=15'));
-    for (const event of events.resources) row('access-log', accessLogRow(event));
+    for (const event of events.resources) row('access-log', accessLogRow(event, session));
     $('access-log-note').textContent = 'The most recent accesses, from the server\'s audit trail.';
   } catch (error) {
     // Only the patient (and administrators) may read a patient's access log.
@@ -208,17 +210,28 @@ async function showRecord(session) {
   $('record').hidden = false;
 }
 
-/** When, who, with which app and what, from one AuditEvent. */
-function accessLogRow(event) {
+function codes(concept) {
+  return ((concept || {}).coding || []).map((c) => c.code);
+}
+
+/**
+ * When, who, with which app and what, from one AuditEvent. Haven records the
+ * signed-in user (username and fhirUser) and the app (its client_id); a request
+ * with no user is a system's, such as the loader that wrote the record.
+ */
+function accessLogRow(event, session) {
   const agents = event.agent || [];
-  const person = agents.find((a) => a.requestor) || agents[0] || {};
-  const app = agents.find((a) => a !== person && a.who && a.who.identifier) || {};
-  const who = person.who || {};
+  const user = agents.find((a) => codes(a.type).includes('humanuser'));
+  const app = agents.find((a) => (a.role || []).some((r) => codes(r).includes('110150')));
+  const appId = app && app.who && app.who.identifier && app.who.identifier.value;
+  const who = user
+    ? user.who.identifier.value + (user.who.reference === 'Patient/' + session.patient ? ' (you)' : '')
+    : 'a system, no person signed in';
   const what = (event.subtype || []).map((s) => s.display || s.code).join(', ') || text(event.type);
   return [
     (event.recorded || '').replace('T', ' ').slice(0, 16),
-    who.display || who.reference || (who.identifier || {}).value || '',
-    (app.who && (app.who.display || app.who.identifier.value)) || '',
+    who,
+    appId === session.clientId ? 'this app' : appId || '',
     what + (event.outcome && event.outcome !== '0' ? ' (refused)' : ''),
   ];
 }
