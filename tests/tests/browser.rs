@@ -731,7 +731,8 @@ const DEMO_PASSWORDS: [(&str, &str); 3] = [
 
 /// `haven demo` on a fresh data directory, and what it recorded in `demo.json`.
 struct Demo {
-    haven: Haven,
+    /// Kept so the server runs as long as the test.
+    _haven: Haven,
     driver: Chromedriver,
     record: Value,
 }
@@ -759,7 +760,7 @@ impl Demo {
         )
         .unwrap();
         Some(Demo {
-            haven,
+            _haven: haven,
             driver,
             record,
         })

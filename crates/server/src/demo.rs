@@ -149,6 +149,13 @@ pub async fn run(config: Config, clock: Arc<dyn Clock>, options: DemoOptions) ->
                 .clients()
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.description))?;
+            if !registered.is_empty() && data_dir.join("sample").is_dir() {
+                bail!(
+                    "an earlier `haven demo` in {} stopped before the sample was loaded; \
+                     remove that directory and run `haven demo` again",
+                    data_dir.display()
+                );
+            }
             if !registered.is_empty() {
                 bail!(
                     "{} holds a server that `haven demo` did not set up ({} clients registered); \
@@ -337,7 +344,7 @@ fn logins(sample: &Sample) -> (Login, Login, Login) {
         username: "demo-admin".into(),
         fhir_user: None,
         name: "Demo administrator".into(),
-        note: "everything, and the audit trail".into(),
+        note: "the whole audit trail and every record's normal data".into(),
     };
     (patient, practitioner, admin)
 }
