@@ -247,6 +247,18 @@ async fn haven_demo_starts_populated_and_a_second_start_keeps_the_data() {
         .unwrap();
     assert_eq!(page.status(), 200);
     assert_eq!(page.headers()["referrer-policy"], "no-referrer");
+    // Without its slash the app's relative links would break: it is redirected.
+    let bare = first
+        .client()
+        .get(format!(
+            "{}/apps/demo",
+            first.base_url.trim_end_matches("/fhir")
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bare.status(), 200);
+    assert_eq!(bare.url().path(), "/apps/demo/");
     assert!(page.headers()["content-security-policy"]
         .to_str()
         .unwrap()
@@ -358,6 +370,16 @@ async fn haven_demo_refuses_a_data_directory_it_did_not_set_up_and_bad_flags() {
     assert!(!dir.path().join("demo.json").exists());
     assert!(!dir.path().join("sample").exists());
 
+    // A demo that stopped before its sample was in is named as such.
+    std::fs::create_dir(dir.path().join("sample")).unwrap();
+    let output = run_haven(&["demo", "--data-dir", data_dir, "--listen", "127.0.0.1:0"]).unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        err.contains("stopped before the sample was loaded; remove that directory"),
+        "{err}"
+    );
+
     let fresh = tempfile::tempdir().unwrap();
     let fresh_dir = fresh.path().join("data");
     for (args, message) in [
@@ -378,4 +400,31 @@ async fn haven_demo_refuses_a_data_directory_it_did_not_set_up_and_bad_flags() {
         assert!(err.contains(message), "{err}");
         assert!(!fresh_dir.exists(), "nothing was made before the refusal");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sample_the_server_refuses_stops_the_demo_with_what_to_do() {
+    // Bundles larger than the server accepts: the two patients' are refused with 413
+    // (the clinic's five entries pass).
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let output = run_haven(&[
+        "demo",
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--patients",
+        "2",
+        "--max-bundle-entries",
+        "5",
+    ])
+    .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("the sample did not load; remove"), "{err}");
+    assert!(err.contains("2 of the sample's bundles failed"), "{err}");
+    assert!(err.contains("413"), "{err}");
+    assert!(!data_dir.join("demo.json").exists());
+    assert!(!data_dir.join("demo-loader-key.pem").exists());
 }
