@@ -296,7 +296,7 @@ async fn set_up(
         .context("the loader has a client id")?
         .to_owned();
     let loader_key = data_dir.join("demo-loader-key.pem");
-    write_private(&loader_key, key.to_pem().as_bytes())?;
+    crate::tls::write_private(&loader_key, &key.to_pem())?;
 
     let record = DemoRecord {
         public_url: bound.public_url.clone(),
@@ -383,20 +383,6 @@ fn new_password() -> String {
         .map(|c| String::from_utf8_lossy(c).into_owned())
         .collect::<Vec<_>>()
         .join("-")
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The FHIR base through this machine's loopback, where the loader reaches the

@@ -123,7 +123,7 @@ pub fn ensure_local_ca(tls_dir: &Path, now: OffsetDateTime) -> Result<(LocalCa, 
 }
 
 /// Writes a key readable by its owner only, from the moment the file exists.
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
