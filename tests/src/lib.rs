@@ -274,7 +274,13 @@ impl Haven {
 
     /// A bearer token for `scope` through SMART Backend Services.
     pub async fn system_token(&self, scope: &str) -> Result<String> {
-        let registered = self.register_backend_client(scope)?;
+        self.system_token_with(scope, &[]).await
+    }
+
+    /// [`Haven::system_token`] for a client registered with more `haven clients
+    /// add` arguments (e.g. `--clearance V:*` to count labeled data too).
+    pub async fn system_token_with(&self, scope: &str, extra: &[&str]) -> Result<String> {
+        let registered = self.register_backend_client_with(scope, extra)?;
         let key = haven_auth::client::ClientKey::from_pem(&std::fs::read_to_string(
             &registered.key_file,
         )?)?;

@@ -12,23 +12,10 @@ use serde_json::Value;
 
 /// A Backend Services token that may read everything, sensitive data included.
 async fn reader_token(haven: &Haven) -> String {
-    let registered = haven
-        .register_backend_client_with("system/*.rs", &["--clearance", "V:*"])
-        .unwrap();
-    let key = haven_auth::client::ClientKey::from_pem(
-        &std::fs::read_to_string(&registered.key_file).unwrap(),
-    )
-    .unwrap();
-    haven_auth::client::BackendServicesClient::new(
-        haven.base_url.parse().unwrap(),
-        registered.client_id,
-        key,
-        "system/*.rs",
-        haven.client(),
-    )
-    .access_token()
-    .await
-    .unwrap()
+    haven
+        .system_token_with("system/*.rs", &["--clearance", "V:*"])
+        .await
+        .unwrap()
 }
 
 async fn count(haven: &Haven, token: &str, query: &str) -> u64 {
