@@ -4,7 +4,11 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header};
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey};
+use ring::rand::SystemRandom;
+use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use rsa::traits::PublicKeyParts;
 use rsa::{RsaPrivateKey, RsaPublicKey};
@@ -16,6 +20,8 @@ use crate::client::jwk_thumbprint;
 
 /// The one algorithm Haven signs with and accepts for its own tokens.
 pub const SIGNING_ALGORITHM: Algorithm = Algorithm::RS256;
+/// [`SIGNING_ALGORITHM`] as a JWS `alg` value (RFC 7518 §3.1).
+const ALGORITHM_NAME: &str = "RS256";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -48,7 +54,12 @@ pub struct RetiredKey {
 #[derive(Clone)]
 pub struct KeySet {
     kid: String,
-    encoding: EncodingKey,
+    /// Parsed once: setting up an RSA private key (its Montgomery constants)
+    /// costs about as much as a signature, so it is not redone per token.
+    signing: Arc<RsaKeyPair>,
+    /// The protected header every token carries, already base64url-encoded.
+    encoded_header: String,
+    random: SystemRandom,
     verifying: Vec<VerifyingKey>,
 }
 
@@ -111,18 +122,28 @@ impl KeySet {
         now: OffsetDateTime,
         longest_token_lifetime: time::Duration,
     ) -> Result<KeySet, KeyError> {
-        let jwk = public_jwk(current_pem)?;
-        let encoding = EncodingKey::from_rsa_pem(current_pem.as_bytes())
+        let private = RsaPrivateKey::from_pkcs8_pem(current_pem)
             .map_err(|e| KeyError::BadKey(e.to_string()))?;
+        let der = private
+            .to_pkcs8_der()
+            .map_err(|e| KeyError::BadKey(e.to_string()))?;
+        let signing =
+            RsaKeyPair::from_pkcs8(der.as_bytes()).map_err(|e| KeyError::BadKey(e.to_string()))?;
+        let jwk = rsa_jwk(&private.to_public_key())?;
         let mut verifying = vec![verifying_key(&jwk)?];
         for key in retired {
             if key.retired_at + longest_token_lifetime > now {
                 verifying.push(verifying_key(&key.jwk)?);
             }
         }
+        let kid = verifying[0].kid.clone();
+        // RFC 7515 §3.1: the compact form signs BASE64URL(header) '.' BASE64URL(payload).
+        let header = json!({"alg": ALGORITHM_NAME, "kid": kid, "typ": "JWT"});
         Ok(KeySet {
-            kid: verifying[0].kid.clone(),
-            encoding,
+            encoded_header: URL_SAFE_NO_PAD.encode(header.to_string()),
+            kid,
+            signing: Arc::new(signing),
+            random: SystemRandom::new(),
             verifying,
         })
     }
@@ -139,11 +160,22 @@ impl KeySet {
 
     /// A JWS of the claims, signed with the current key.
     pub fn sign(&self, claims: &impl Serialize) -> Result<String, KeyError> {
-        let mut header = Header::new(SIGNING_ALGORITHM);
-        header.kid = Some(self.kid.clone());
-        header.typ = Some("JWT".into());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
-            .map_err(|e| KeyError::Signing(e.to_string()))
+        let payload = serde_json::to_vec(claims).map_err(|e| KeyError::Signing(e.to_string()))?;
+        let mut token = self.encoded_header.clone();
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(payload, &mut token);
+        let mut signature = vec![0; self.signing.public().modulus_len()];
+        self.signing
+            .sign(
+                &RSA_PKCS1_SHA256,
+                &self.random,
+                token.as_bytes(),
+                &mut signature,
+            )
+            .map_err(|e| KeyError::Signing(e.to_string()))?;
+        token.push('.');
+        URL_SAFE_NO_PAD.encode_string(signature, &mut token);
+        Ok(token)
     }
 
     /// The decoding key for a `kid`, if it is one of ours.
@@ -176,7 +208,33 @@ mod tests {
         assert_eq!(jwks["keys"].as_array().unwrap().len(), 1);
         assert_eq!(jwks["keys"][0]["kid"], keys.kid());
         assert!(jwks["keys"][0].get("d").is_none(), "no private parts");
-        assert!(keys.decoding_key(keys.kid()).is_some());
+        let decoding = keys.decoding_key(keys.kid()).unwrap();
+        // The claims carry no `exp`, so only the signature and algorithm are checked here.
+        let mut validation = jsonwebtoken::Validation::new(SIGNING_ALGORITHM);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        let claims = jsonwebtoken::decode::<Value>(&token, decoding, &validation).unwrap();
+        assert_eq!(claims.claims, json!({"sub": "x"}));
+    }
+
+    #[test]
+    fn a_token_whose_payload_was_changed_does_not_verify() {
+        let pem = generate_signing_key().unwrap();
+        let keys = KeySet::new(&pem, &[], OffsetDateTime::now_utc(), lifetime()).unwrap();
+        let token = keys.sign(&json!({"sub": "x"})).unwrap();
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged = format!(
+            "{}.{}.{}",
+            parts[0],
+            URL_SAFE_NO_PAD.encode(br#"{"sub":"y"}"#),
+            parts[2]
+        );
+        let mut validation = jsonwebtoken::Validation::new(SIGNING_ALGORITHM);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        let decoding = keys.decoding_key(keys.kid()).unwrap();
+        assert!(jsonwebtoken::decode::<Value>(&token, decoding, &validation).is_ok());
+        assert!(jsonwebtoken::decode::<Value>(&forged, decoding, &validation).is_err());
     }
 
     #[test]

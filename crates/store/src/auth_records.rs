@@ -1,12 +1,14 @@
 //! [`AuthRecords`] on both backends. The statements are the same but for their
 //! placeholders, so they are written once with `$n` and rewritten for SQLite.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
 use sqlx::{PgPool, Row, SqlitePool};
 use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
 
 use haven_model::clock::Clock;
 
@@ -47,21 +49,279 @@ fn seconds(at: Option<OffsetDateTime>) -> Option<i64> {
     at.map(OffsetDateTime::unix_timestamp)
 }
 
+/// At most this many writes are committed in one transaction.
+const GROUP_LIMIT: usize = 256;
+/// Callers wait to queue once this many writes are waiting (back pressure).
+const QUEUE_LIMIT: usize = 4096;
+
+/// One write of an auth record, with its values already in their stored form.
+#[derive(Debug, Clone, PartialEq)]
+enum Write {
+    Insert {
+        kind: String,
+        key: String,
+        value: String,
+        expires_at: Option<i64>,
+        now: i64,
+    },
+    Put {
+        kind: String,
+        key: String,
+        value: String,
+        expires_at: Option<i64>,
+    },
+    Replace {
+        kind: String,
+        key: String,
+        expected: String,
+        value: String,
+        now: i64,
+    },
+    Delete {
+        kind: String,
+        key: String,
+    },
+}
+
+impl Write {
+    /// The statement, with `$n` placeholders.
+    fn statement(&self) -> &'static str {
+        match self {
+            Write::Insert { .. } => INSERT,
+            Write::Put { .. } => PUT,
+            Write::Replace { .. } => REPLACE,
+            Write::Delete { .. } => DELETE,
+        }
+    }
+}
+
+/// A write and the caller waiting for the number of rows it changed.
+struct Queued {
+    write: Write,
+    answer: oneshot::Sender<Result<u64>>,
+}
+
+/// Group commit for auth record writes: every token request writes one (the
+/// client assertion's `jti`, a code's use, a refresh token), and committing each
+/// alone makes the disk's sync rate the token endpoint's ceiling. Writes queued
+/// by concurrent callers run in order in one transaction; each caller learns
+/// its own write's result only once that transaction is committed.
+#[derive(Clone)]
+struct GroupWriter {
+    queue: mpsc::Sender<Queued>,
+}
+
+impl GroupWriter {
+    /// Starts the background task that commits queued writes with `commit`,
+    /// which runs a group in one transaction and returns each write's row count.
+    fn start<C, F>(commit: C) -> Self
+    where
+        C: Fn(Vec<Write>) -> F + Send + Sync + 'static,
+        F: Future<Output = Result<Vec<u64>>> + Send + 'static,
+    {
+        let (queue, queued) = mpsc::channel(QUEUE_LIMIT);
+        tokio::spawn(run_groups(queued, commit));
+        Self { queue }
+    }
+
+    async fn write(&self, write: Write) -> Result<u64> {
+        let (answer, answered) = oneshot::channel();
+        self.queue
+            .send(Queued { write, answer })
+            .await
+            .map_err(|_| stopped())?;
+        // A dropped answer means the task ended before committing: never Ok.
+        answered.await.map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Unavailable("the auth record writer has stopped".into())
+}
+
+async fn run_groups<C, F>(mut queued: mpsc::Receiver<Queued>, commit: C)
+where
+    C: Fn(Vec<Write>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<Vec<u64>>> + Send + 'static,
+{
+    let mut group = Vec::with_capacity(GROUP_LIMIT);
+    // Waits for one caller, then takes whoever else is already queued.
+    while queued.recv_many(&mut group, GROUP_LIMIT).await > 0 {
+        let callers: Vec<Queued> = std::mem::take(&mut group);
+        let writes = callers.iter().map(|c| c.write.clone()).collect();
+        match commit_guarded(commit(writes)).await {
+            Ok(counts) if counts.len() == callers.len() => {
+                for (caller, count) in callers.into_iter().zip(counts) {
+                    // A caller that stopped waiting needs no answer.
+                    let _ = caller.answer.send(Ok(count));
+                }
+            }
+            Ok(_) => {
+                let error = StoreError::Database("a group of auth record writes lost count".into());
+                for caller in callers {
+                    let _ = caller.answer.send(Err(error.clone()));
+                }
+            }
+            Err(error) if callers.len() > 1 => {
+                // One caller's failing write must not fail the others: each alone.
+                tracing::warn!(%error, callers = callers.len(), "a group of auth record writes failed; committing them one by one");
+                for caller in callers {
+                    let result =
+                        commit_guarded(commit(vec![caller.write]))
+                            .await
+                            .and_then(|counts| {
+                                counts.first().copied().ok_or_else(|| {
+                                    StoreError::Database("an auth record write lost count".into())
+                                })
+                            });
+                    let _ = caller.answer.send(result);
+                }
+            }
+            Err(error) => {
+                for caller in callers {
+                    let _ = caller.answer.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Runs a group on a task of its own, so that a panic fails that group's
+/// callers instead of ending the writer (after which every write would fail).
+async fn commit_guarded<F>(group: F) -> Result<Vec<u64>>
+where
+    F: Future<Output = Result<Vec<u64>>> + Send + 'static,
+{
+    match tokio::spawn(group).await {
+        Ok(result) => result,
+        Err(panicked) => {
+            tracing::error!(error = %panicked, "a group of auth record writes panicked");
+            Err(StoreError::Database(
+                "the auth record write failed unexpectedly".into(),
+            ))
+        }
+    }
+}
+
 pub(crate) struct SqliteAuthRecords {
-    pub writer: SqlitePool,
-    pub readers: SqlitePool,
-    pub clock: Arc<dyn Clock>,
+    writes: GroupWriter,
+    readers: SqlitePool,
+    writer: SqlitePool,
+    clock: Arc<dyn Clock>,
+}
+
+impl SqliteAuthRecords {
+    /// Must be called inside a Tokio runtime: it starts the group writer.
+    pub fn new(writer: SqlitePool, readers: SqlitePool, clock: Arc<dyn Clock>) -> Self {
+        let pool = writer.clone();
+        let writes = GroupWriter::start(move |group| {
+            let pool = pool.clone();
+            async move {
+                // IMMEDIATE: take the write lock now rather than upgrade later.
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let mut counts = Vec::with_capacity(group.len());
+                for write in &group {
+                    let statement = sqlite(write.statement());
+                    let done = bind!(write, &statement).execute(&mut *tx).await?;
+                    counts.push(done.rows_affected());
+                }
+                tx.commit().await?;
+                Ok(counts)
+            }
+        });
+        Self {
+            writes,
+            readers,
+            writer,
+            clock,
+        }
+    }
 }
 
 /// One pool serves both roles on PostgreSQL.
 pub(crate) struct PostgresAuthRecords {
-    pub writer: PgPool,
-    pub readers: PgPool,
-    pub clock: Arc<dyn Clock>,
+    writes: GroupWriter,
+    readers: PgPool,
+    writer: PgPool,
+    clock: Arc<dyn Clock>,
 }
 
-/// The one implementation, for a records type with `writer` and `readers`
-/// pools and the function that adapts the statements to its database.
+impl PostgresAuthRecords {
+    /// Must be called inside a Tokio runtime: it starts the group writer.
+    pub fn new(pool: PgPool, clock: Arc<dyn Clock>) -> Self {
+        let writer = pool.clone();
+        let writes = GroupWriter::start(move |group| {
+            let pool = writer.clone();
+            async move {
+                let mut tx = pool.begin().await?;
+                let mut counts = Vec::with_capacity(group.len());
+                for write in &group {
+                    let statement = postgres(write.statement());
+                    let done = bind!(write, &statement).execute(&mut *tx).await?;
+                    counts.push(done.rows_affected());
+                }
+                tx.commit().await?;
+                Ok(counts)
+            }
+        });
+        Self {
+            writes,
+            writer: pool.clone(),
+            readers: pool,
+            clock,
+        }
+    }
+}
+
+/// The query of a write: its statement (in the dialect) with its values bound.
+macro_rules! bind {
+    ($write:expr, $statement:expr) => {
+        match $write {
+            Write::Insert {
+                kind,
+                key,
+                value,
+                expires_at,
+                now,
+            } => sqlx::query($statement)
+                .bind(kind.clone())
+                .bind(key.clone())
+                .bind(value.clone())
+                .bind(*expires_at)
+                .bind(*now),
+            Write::Put {
+                kind,
+                key,
+                value,
+                expires_at,
+            } => sqlx::query($statement)
+                .bind(kind.clone())
+                .bind(key.clone())
+                .bind(value.clone())
+                .bind(*expires_at),
+            Write::Replace {
+                kind,
+                key,
+                expected,
+                value,
+                now,
+            } => sqlx::query($statement)
+                .bind(kind.clone())
+                .bind(key.clone())
+                .bind(expected.clone())
+                .bind(value.clone())
+                .bind(*now),
+            Write::Delete { kind, key } => {
+                sqlx::query($statement).bind(kind.clone()).bind(key.clone())
+            }
+        }
+    };
+}
+use bind;
+
+/// The one implementation, for a records type with a group writer, `writer`
+/// and `readers` pools, and the function that adapts the statements to its
+/// database.
 macro_rules! auth_records {
     ($records:ty, $dialect:path) => {
         #[async_trait]
@@ -73,15 +333,14 @@ macro_rules! auth_records {
                 value: &Value,
                 expires_at: Option<OffsetDateTime>,
             ) -> Result<bool> {
-                let done = sqlx::query(&$dialect(INSERT))
-                    .bind(kind)
-                    .bind(key)
-                    .bind(text(value))
-                    .bind(seconds(expires_at))
-                    .bind(self.clock.now().unix_timestamp())
-                    .execute(&self.writer)
-                    .await?;
-                Ok(done.rows_affected() == 1)
+                let write = Write::Insert {
+                    kind: kind.to_owned(),
+                    key: key.to_owned(),
+                    value: text(value),
+                    expires_at: seconds(expires_at),
+                    now: self.clock.now().unix_timestamp(),
+                };
+                Ok(self.writes.write(write).await? == 1)
             }
 
             async fn put(
@@ -91,13 +350,13 @@ macro_rules! auth_records {
                 value: &Value,
                 expires_at: Option<OffsetDateTime>,
             ) -> Result<()> {
-                sqlx::query(&$dialect(PUT))
-                    .bind(kind)
-                    .bind(key)
-                    .bind(text(value))
-                    .bind(seconds(expires_at))
-                    .execute(&self.writer)
-                    .await?;
+                let write = Write::Put {
+                    kind: kind.to_owned(),
+                    key: key.to_owned(),
+                    value: text(value),
+                    expires_at: seconds(expires_at),
+                };
+                self.writes.write(write).await?;
                 Ok(())
             }
 
@@ -119,24 +378,22 @@ macro_rules! auth_records {
                 expected: &Value,
                 value: &Value,
             ) -> Result<bool> {
-                let done = sqlx::query(&$dialect(REPLACE))
-                    .bind(kind)
-                    .bind(key)
-                    .bind(text(expected))
-                    .bind(text(value))
-                    .bind(self.clock.now().unix_timestamp())
-                    .execute(&self.writer)
-                    .await?;
-                Ok(done.rows_affected() == 1)
+                let write = Write::Replace {
+                    kind: kind.to_owned(),
+                    key: key.to_owned(),
+                    expected: text(expected),
+                    value: text(value),
+                    now: self.clock.now().unix_timestamp(),
+                };
+                Ok(self.writes.write(write).await? == 1)
             }
 
             async fn delete(&self, kind: &str, key: &str) -> Result<bool> {
-                let done = sqlx::query(&$dialect(DELETE))
-                    .bind(kind)
-                    .bind(key)
-                    .execute(&self.writer)
-                    .await?;
-                Ok(done.rows_affected() == 1)
+                let write = Write::Delete {
+                    kind: kind.to_owned(),
+                    key: key.to_owned(),
+                };
+                Ok(self.writes.write(write).await? == 1)
             }
 
             async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>> {
@@ -161,3 +418,173 @@ macro_rules! auth_records {
 
 auth_records!(SqliteAuthRecords, sqlite);
 auth_records!(PostgresAuthRecords, postgres);
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// A commit that records the keys of each group, holds each group until
+    /// the test lets it go, fails any group holding the key "bad" and panics
+    /// when told to; each write "changes" one row.
+    struct Scripted {
+        groups: Mutex<Vec<Vec<String>>>,
+        gate: Semaphore,
+        panic: AtomicBool,
+    }
+
+    fn key(write: &Write) -> String {
+        match write {
+            Write::Insert { key, .. }
+            | Write::Put { key, .. }
+            | Write::Replace { key, .. }
+            | Write::Delete { key, .. } => key.clone(),
+        }
+    }
+
+    fn scripted() -> (Arc<Scripted>, GroupWriter) {
+        let script = Arc::new(Scripted {
+            groups: Mutex::default(),
+            gate: Semaphore::new(0),
+            panic: AtomicBool::default(),
+        });
+        let commit = {
+            let script = script.clone();
+            move |group: Vec<Write>| {
+                let script = script.clone();
+                async move {
+                    let keys: Vec<String> = group.iter().map(key).collect();
+                    script.groups.lock().unwrap().push(keys.clone());
+                    script.gate.acquire().await.unwrap().forget();
+                    assert!(!script.panic.load(Ordering::SeqCst), "the commit panics");
+                    if keys.iter().any(|k| k == "bad") {
+                        return Err(StoreError::Database("refused".into()));
+                    }
+                    Ok(vec![1; group.len()])
+                }
+            }
+        };
+        (script, GroupWriter::start(commit))
+    }
+
+    fn delete(key: &str) -> Write {
+        Write::Delete {
+            kind: "jti".into(),
+            key: key.into(),
+        }
+    }
+
+    fn spawn_writes(
+        writer: &GroupWriter,
+        keys: &[&str],
+    ) -> Vec<tokio::task::JoinHandle<Result<u64>>> {
+        keys.iter()
+            .map(|key| {
+                let writer = writer.clone();
+                let write = delete(key);
+                tokio::spawn(async move { writer.write(write).await })
+            })
+            .collect()
+    }
+
+    async fn until(condition: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if condition() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the condition never held");
+    }
+
+    fn queued(writer: &GroupWriter) -> usize {
+        QUEUE_LIMIT - writer.queue.capacity()
+    }
+
+    #[tokio::test]
+    async fn writes_queued_during_a_commit_go_together_in_the_next_one_in_order() {
+        let (script, writer) = scripted();
+        let first = spawn_writes(&writer, &["a"]);
+        until(|| script.groups.lock().unwrap().len() == 1).await;
+        let mut waiting = Vec::new();
+        for key in ["b", "c", "d"] {
+            waiting.extend(spawn_writes(&writer, &[key]));
+            let expected = waiting.len();
+            until(|| queued(&writer) == expected).await;
+        }
+        script.gate.add_permits(2);
+        for answer in first.into_iter().chain(waiting) {
+            assert_eq!(answer.await.unwrap().unwrap(), 1);
+        }
+        assert_eq!(
+            *script.groups.lock().unwrap(),
+            [vec!["a"], vec!["b", "c", "d"]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failing_write_fails_only_its_own_caller() {
+        let (script, writer) = scripted();
+        let first = spawn_writes(&writer, &["a"]);
+        until(|| script.groups.lock().unwrap().len() == 1).await;
+        let mut waiting = Vec::new();
+        for key in ["b", "bad", "c"] {
+            waiting.extend(spawn_writes(&writer, &[key]));
+            let expected = waiting.len();
+            until(|| queued(&writer) == expected).await;
+        }
+        // The first group, the failed group, then each of its writes alone.
+        script.gate.add_permits(5);
+        assert_eq!(first.into_iter().next().unwrap().await.unwrap().unwrap(), 1);
+        let answers: Vec<Result<u64>> = answers_of(waiting).await;
+        assert!(matches!(answers[0], Ok(1)));
+        assert!(matches!(answers[1], Err(StoreError::Database(_))));
+        assert!(matches!(answers[2], Ok(1)));
+        assert_eq!(
+            *script.groups.lock().unwrap(),
+            [
+                vec!["a"],
+                vec!["b", "bad", "c"],
+                vec!["b"],
+                vec!["bad"],
+                vec!["c"]
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_panicking_commit_fails_its_callers_and_the_writer_goes_on() {
+        let (script, writer) = scripted();
+        script.panic.store(true, Ordering::SeqCst);
+        script.gate.add_permits(1);
+        let answer = writer.write(delete("a")).await;
+        assert!(matches!(answer, Err(StoreError::Database(_))));
+        script.panic.store(false, Ordering::SeqCst);
+        script.gate.add_permits(1);
+        assert_eq!(writer.write(delete("b")).await.unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_writer_whose_task_has_ended_answers_unavailable() {
+        let (queue, queued) = mpsc::channel(1);
+        drop(queued);
+        let stopped = GroupWriter { queue };
+        assert!(matches!(
+            stopped.write(delete("a")).await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    async fn answers_of(handles: Vec<tokio::task::JoinHandle<Result<u64>>>) -> Vec<Result<u64>> {
+        let mut answers = Vec::new();
+        for handle in handles {
+            answers.push(handle.await.unwrap());
+        }
+        answers
+    }
+}

@@ -87,11 +87,7 @@ impl PostgresStore {
     pub async fn connect(database_url: &str, clock: Arc<dyn Clock>) -> Result<Self> {
         let pool = open(database_url, MAX_CONNECTIONS).await?;
         backfill_search_index(&pool).await?;
-        let auth = PostgresAuthRecords {
-            writer: pool.clone(),
-            readers: pool.clone(),
-            clock: clock.clone(),
-        };
+        let auth = PostgresAuthRecords::new(pool.clone(), clock.clone());
         let audit = PostgresAuditLog {
             pool: pool.clone(),
             clock: clock.clone(),

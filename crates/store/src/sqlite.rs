@@ -145,11 +145,7 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         backfill_search_index(&writer).await?;
-        let auth = SqliteAuthRecords {
-            writer: writer.clone(),
-            readers: readers.clone(),
-            clock: clock.clone(),
-        };
+        let auth = SqliteAuthRecords::new(writer.clone(), readers.clone(), clock.clone());
         let audit = SqliteAuditLog {
             writer: writer.clone(),
             readers: readers.clone(),

@@ -182,6 +182,7 @@ stories!(
     a_content_filter_hides_versions_from_history,
     auth_records_insert_once_and_expire,
     auth_records_replace_only_what_they_expect,
+    auth_records_written_at_once_each_get_their_own_answer,
     appended_audit_events_get_ids_meta_and_consecutive_positions_after_genesis,
     audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at_all,
     concurrent_appends_by_every_path_leave_one_unbroken_chain,
@@ -1251,6 +1252,55 @@ async fn auth_records_replace_only_what_they_expect(world: World) {
         .await
         .unwrap());
     assert_eq!(records.get("code", "h").await.unwrap(), Some(used));
+}
+
+async fn auth_records_written_at_once_each_get_their_own_answer(world: World) {
+    // Concurrent writes share commits; each still learns what its own statement did.
+    let later = world.now() + Duration::seconds(60);
+    let mut racing = Vec::new();
+    for n in 0..24 {
+        let store = world.store.clone();
+        let key = if n % 2 == 0 {
+            "shared".to_string()
+        } else {
+            format!("own-{n}")
+        };
+        racing.push(tokio::spawn(async move {
+            let first = store
+                .auth_records()
+                .insert("jti", &key, &json!({"n": n}), Some(later))
+                .await
+                .unwrap();
+            (key, first)
+        }));
+    }
+    let mut shared_wins = 0;
+    for handle in racing {
+        let (key, first) = handle.await.unwrap();
+        if key == "shared" {
+            shared_wins += usize::from(first);
+        } else {
+            assert!(first, "{key} had no rival");
+        }
+    }
+    assert_eq!(shared_wins, 1, "exactly one of the racing inserts wins");
+    let records = world.store.auth_records();
+    assert_eq!(records.list("jti").await.unwrap().len(), 13);
+    // Concurrent replacements of distinct records are all stored.
+    let mut mixed = Vec::new();
+    for n in 0..6 {
+        let store = world.store.clone();
+        mixed.push(tokio::spawn(async move {
+            let records = store.auth_records();
+            records
+                .put("code", &format!("c{n}"), &json!({"n": n}), None)
+                .await
+        }));
+    }
+    for handle in mixed {
+        handle.await.unwrap().unwrap();
+    }
+    assert_eq!(records.list("code").await.unwrap().len(), 6);
 }
 
 // ---------------------------------------------------------------------------
