@@ -272,6 +272,21 @@ impl Haven {
         })
     }
 
+    /// `haven load <path>` against this server as `loader`, ready to run (a
+    /// long load can be moved to a blocking task); the caller judges the exit
+    /// status and what was printed.
+    pub fn load_command(&self, path: &Path, loader: &BackendClient) -> Result<Command> {
+        let mut command = Command::new(haven_binary()?);
+        command
+            .arg("load")
+            .arg(path)
+            .args(["--server", &self.base_url, "--ca-file"])
+            .arg(self.ca_file())
+            .args(["--client-id", &loader.client_id, "--private-key"])
+            .arg(&loader.key_file);
+        Ok(command)
+    }
+
     /// A bearer token for `scope` through SMART Backend Services.
     pub async fn system_token(&self, scope: &str) -> Result<String> {
         self.system_token_with(scope, &[]).await

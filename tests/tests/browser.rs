@@ -346,14 +346,9 @@ impl World {
         });
         let bundle_file = haven.data_dir.join("patients.json");
         std::fs::write(&bundle_file, bundle.to_string()).unwrap();
-        let output = Command::new(haven_binary().unwrap())
-            .arg("load")
-            .arg(&bundle_file)
-            .args(["--server", &haven.base_url, "--ca-file"])
-            .arg(haven.ca_file())
-            .args(["--client-id", &loader.client_id])
-            .arg("--private-key")
-            .arg(&loader.key_file)
+        let output = haven
+            .load_command(&bundle_file, &loader)
+            .unwrap()
             .output()
             .unwrap();
         assert!(

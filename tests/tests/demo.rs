@@ -69,15 +69,7 @@ fn load(haven: &Haven, dir: &Path, client_args: &[&str]) -> String {
     let loader = haven
         .register_backend_client_with("system/*.cruds", client_args)
         .unwrap();
-    let output = std::process::Command::new(haven_e2e::haven_binary().unwrap())
-        .arg("load")
-        .arg(dir)
-        .args(["--server", &haven.base_url, "--ca-file"])
-        .arg(haven.ca_file())
-        .args(["--client-id", &loader.client_id, "--private-key"])
-        .arg(&loader.key_file)
-        .output()
-        .unwrap();
+    let output = haven.load_command(dir, &loader).unwrap().output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),

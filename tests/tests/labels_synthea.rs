@@ -9,13 +9,10 @@
 //! for a labeled Condition, and so on. Runs when `HAVEN_SHARED` is set.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use haven_auth::client::{BackendServicesClient, ClientKey};
-use haven_e2e::{
-    haven_binary, run_haven, shared_dir, spawn_haven, workspace_root, HavenOptions, LABELED_TYPES,
-};
+use haven_e2e::{run_haven, shared_dir, spawn_haven, workspace_root, HavenOptions, LABELED_TYPES};
 use serde_json::Value;
 
 const ACT_CODE: &str = "http://terminology.hl7.org/CodeSystem/v3-ActCode";
@@ -184,15 +181,9 @@ async fn loading_the_sensitive_synthea_patients_labels_what_the_rules_say_and_tr
     let folder = shared.join("synthea-sensitive");
     let haven = spawn_haven(HavenOptions::default()).await.unwrap();
     let loader = haven.register_backend_client("system/*.cruds").unwrap();
-    let output = Command::new(haven_binary().unwrap())
-        .arg("load")
-        .arg(&folder)
-        .arg("--server")
-        .arg(&haven.base_url)
-        .arg("--ca-file")
-        .arg(haven.ca_file())
-        .args(["--client-id", &loader.client_id, "--private-key"])
-        .arg(&loader.key_file)
+    let output = haven
+        .load_command(&folder, &loader)
+        .unwrap()
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

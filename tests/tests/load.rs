@@ -45,13 +45,9 @@ async fn a_failed_bundle_is_reported_and_the_others_still_load() {
     std::fs::write(bundles.path().join("bad.json"), transaction(bad)).unwrap();
 
     let loader = haven.register_backend_client("system/*.cruds").unwrap();
-    let output = Command::new(haven_binary().unwrap())
-        .arg("load")
-        .arg(bundles.path())
-        .args(["--server", &haven.base_url, "--ca-file"])
-        .arg(haven.ca_file())
-        .args(["--client-id", &loader.client_id, "--private-key"])
-        .arg(&loader.key_file)
+    let output = haven
+        .load_command(bundles.path(), &loader)
+        .unwrap()
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -16,13 +16,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use haven_auth::client::{BackendServicesClient, ClientKey};
-use haven_e2e::{haven_binary, shared_dir, spawn_haven, Haven, HavenOptions, PostgresDatabase};
+use haven_e2e::{shared_dir, spawn_haven, Haven, HavenOptions, PostgresDatabase};
 use serde_json::{json, Value};
 
 const SYNTHEA: &str = "https://github.com/synthetichealth/synthea";
@@ -451,24 +450,8 @@ impl Server {
 
         let started = Instant::now();
         let loader = haven.register_backend_client("system/*.cruds")?;
-        let binary = haven_binary()?;
-        let output = tokio::task::spawn_blocking({
-            let (server, ca) = (haven.base_url.clone(), haven.ca_file());
-            let synthea = synthea.to_path_buf();
-            move || {
-                Command::new(binary)
-                    .arg("load")
-                    .arg(&synthea)
-                    .arg("--server")
-                    .arg(server)
-                    .arg("--ca-file")
-                    .arg(ca)
-                    .args(["--client-id", &loader.client_id, "--private-key"])
-                    .arg(&loader.key_file)
-                    .output()
-            }
-        })
-        .await??;
+        let mut load = haven.load_command(synthea, &loader)?;
+        let output = tokio::task::spawn_blocking(move || load.output()).await??;
         let stdout = String::from_utf8_lossy(&output.stdout);
         ensure!(
             output.status.success() && stdout.contains(" 0 failed"),

@@ -181,13 +181,9 @@ async fn haven_with_records() -> Haven {
     let loader = haven.register_backend_client("system/*.cruds").unwrap();
     let bundle = haven.data_dir.join("records.json");
     std::fs::write(&bundle, records().to_string()).unwrap();
-    let output = Command::new(haven_binary().unwrap())
-        .arg("load")
-        .arg(&bundle)
-        .args(["--server", &haven.base_url, "--ca-file"])
-        .arg(haven.ca_file())
-        .args(["--client-id", &loader.client_id, "--private-key"])
-        .arg(&loader.key_file)
+    let output = haven
+        .load_command(&bundle, &loader)
+        .unwrap()
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

@@ -2,9 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
-use haven_e2e::{haven_binary, shared_dir, spawn_haven, HavenOptions, PostgresDatabase};
+use haven_e2e::{shared_dir, spawn_haven, HavenOptions, PostgresDatabase};
 use serde_json::Value;
 
 /// How many resources of each type the bundles in a folder carry.
@@ -40,27 +39,10 @@ async fn the_synthea_patients_load_completely(database_url: Option<String>) {
 
     // The loader signs in through SMART Backend Services, as a production loader would.
     let loader = haven.register_backend_client("system/*.cruds").unwrap();
-    let binary = haven_binary().unwrap();
-    let output = tokio::task::spawn_blocking({
-        let (server, ca) = (haven.base_url.clone(), haven.ca_file());
-        let loader = loader.clone();
-        let synthea = synthea.clone();
-        move || {
-            Command::new(binary)
-                .arg("load")
-                .arg(&synthea)
-                .arg("--server")
-                .arg(server)
-                .arg("--ca-file")
-                .arg(ca)
-                .args(["--client-id", &loader.client_id, "--private-key"])
-                .arg(&loader.key_file)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
+    let mut load = haven.load_command(&synthea, &loader).unwrap();
+    let output = tokio::task::spawn_blocking(move || load.output().unwrap())
+        .await
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}");
     assert!(
