@@ -203,6 +203,22 @@ where
     }
 }
 
+/// Runs a group's writes in order in the open transaction `tx`, commits it, and
+/// returns each write's row count.
+macro_rules! commit_group {
+    ($tx:expr, $group:expr, $dialect:path) => {{
+        let mut tx = $tx;
+        let mut counts = Vec::with_capacity($group.len());
+        for write in &$group {
+            let statement = $dialect(write.statement());
+            let done = bind!(write, &statement).execute(&mut *tx).await?;
+            counts.push(done.rows_affected());
+        }
+        tx.commit().await?;
+        Ok(counts)
+    }};
+}
+
 pub(crate) struct SqliteAuthRecords {
     writes: GroupWriter,
     readers: SqlitePool,
@@ -218,15 +234,8 @@ impl SqliteAuthRecords {
             let pool = pool.clone();
             async move {
                 // IMMEDIATE: take the write lock now rather than upgrade later.
-                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let mut counts = Vec::with_capacity(group.len());
-                for write in &group {
-                    let statement = sqlite(write.statement());
-                    let done = bind!(write, &statement).execute(&mut *tx).await?;
-                    counts.push(done.rows_affected());
-                }
-                tx.commit().await?;
-                Ok(counts)
+                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                commit_group!(tx, group, sqlite)
             }
         });
         Self {
@@ -253,15 +262,8 @@ impl PostgresAuthRecords {
         let writes = GroupWriter::start(move |group| {
             let pool = writer.clone();
             async move {
-                let mut tx = pool.begin().await?;
-                let mut counts = Vec::with_capacity(group.len());
-                for write in &group {
-                    let statement = postgres(write.statement());
-                    let done = bind!(write, &statement).execute(&mut *tx).await?;
-                    counts.push(done.rows_affected());
-                }
-                tx.commit().await?;
-                Ok(counts)
+                let tx = pool.begin().await?;
+                commit_group!(tx, group, postgres)
             }
         });
         Self {
