@@ -203,6 +203,15 @@ fn history_criteria(sql: &mut Sql, query: &HistoryQuery) -> Result<()> {
     Ok(())
 }
 
+/// The total a page already shows: when the page query found every match past
+/// its offset (no more than a page) and the offset lies within the matches,
+/// the total is the offset plus what was found, and no count query is needed.
+pub(crate) fn total_shown_by_page(query: &SearchQuery, found: usize) -> Option<u64> {
+    let found = found as u64;
+    let whole = query.count > 0 && query.filter.is_none() && found <= u64::from(query.count);
+    (whole && (query.offset == 0 || found > 0)).then_some(query.offset + found)
+}
+
 /// Cuts the fetched rows (one more than the page size, to learn whether more
 /// follow) into a search page.
 pub(crate) fn search_page(
@@ -267,5 +276,42 @@ pub(crate) fn history_page(
         versions: rows.into_iter().map(|(_, version)| version).collect(),
         total,
         next,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::total_shown_by_page;
+    use crate::SearchQuery;
+
+    fn page(count: u32, offset: u64) -> SearchQuery {
+        SearchQuery {
+            count,
+            offset,
+            total: true,
+            ..SearchQuery::of_type("Observation")
+        }
+    }
+
+    #[test]
+    fn a_first_page_holding_every_match_is_its_own_total() {
+        assert_eq!(total_shown_by_page(&page(50, 0), 7), Some(7));
+        assert_eq!(total_shown_by_page(&page(50, 0), 0), Some(0));
+        assert_eq!(total_shown_by_page(&page(50, 0), 50), Some(50));
+    }
+
+    #[test]
+    fn a_last_page_adds_its_matches_to_the_offset() {
+        assert_eq!(total_shown_by_page(&page(10, 20), 3), Some(23));
+    }
+
+    #[test]
+    fn a_full_page_an_empty_page_past_the_end_or_a_count_only_query_needs_counting() {
+        // One more row than the page size was fetched: more matches follow.
+        assert_eq!(total_shown_by_page(&page(50, 0), 51), None);
+        // Past the end, nothing says how many matches there were.
+        assert_eq!(total_shown_by_page(&page(10, 100), 0), None);
+        // `_summary=count` fetches no rows at all.
+        assert_eq!(total_shown_by_page(&page(0, 0), 0), None);
     }
 }

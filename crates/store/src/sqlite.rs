@@ -287,7 +287,10 @@ async fn search_on(conn: &mut SqliteConnection, query: &SearchQuery) -> Result<S
         Vec::new()
     };
     let total = match count {
-        Some(count) => Some(fetch_count(conn, &count).await?),
+        Some(count) => match query::total_shown_by_page(query, rows.len()) {
+            Some(shown) => Some(shown),
+            None => Some(fetch_count(conn, &count).await?),
+        },
         None => None,
     };
     let rows = rows.iter().map(decode_version).collect::<Result<_>>()?;
