@@ -97,6 +97,9 @@ impl AccessRule for Refused {
         match self.0.for_type(resource_type) {
             TypeAccess::All => TypeAccess::Nothing,
             TypeAccess::Nothing => TypeAccess::All,
+            // What a policy admits is usually "not hidden"; refusing it is
+            // "hidden" itself, which a database can find through its indexes.
+            TypeAccess::Only(Criterion::Not(hidden)) => TypeAccess::Only(*hidden),
             TypeAccess::Only(criterion) => TypeAccess::Only(Criterion::Not(Box::new(criterion))),
         }
     }

@@ -54,9 +54,11 @@ pub(crate) fn keys(dialect: Dialect, query: &SearchQuery, limit: u32) -> Result<
 /// `select` names the matches. With criteria, the matches are found first, in a
 /// materialized step, and only then sorted: a planner given ORDER BY with LIMIT
 /// prefers to walk every resource of the type in index order and test each,
-/// which grows with the data instead of with the matches.
+/// which grows with the data instead of with the matches. Access that only
+/// leaves resources out (what labels and Consents hide) is the opposite case:
+/// nearly every resource matches, so the walk in order stops after a page.
 fn ordered(dialect: Dialect, query: &SearchQuery, select: &str) -> Result<Sql> {
-    let selective = query.criterion != Criterion::Always || query.access.is_some();
+    let selective = query.criterion != Criterion::Always || access_narrows(query);
     if !selective {
         let mut plain = Compiler::new(
             dialect,
@@ -81,6 +83,55 @@ fn ordered(dialect: Dialect, query: &SearchQuery, select: &str) -> Result<Sql> {
     );
     staged.order(query)?;
     Ok(staged.sql)
+}
+
+/// Whether `text`, which follows an opening parenthesis, closes it with its
+/// last character and not before. Values are bound, so the only quotes are
+/// this file's own literals.
+fn closes_at_end(text: &str) -> bool {
+    let mut open = 1_usize;
+    let mut quoted = false;
+    for (at, ch) in text.char_indices() {
+        match ch {
+            '\'' => quoted = !quoted,
+            '(' if !quoted => open += 1,
+            ')' if !quoted => {
+                open -= 1;
+                if open == 0 {
+                    return at + 1 == text.len();
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Whether the query's access admits only some resources of a type (a patient's
+/// compartment, say), rather than all but those it excludes.
+fn access_narrows(query: &SearchQuery) -> bool {
+    let Some(access) = &query.access else {
+        return false;
+    };
+    let admits_few = |resource_type: &str| match access.for_type(resource_type) {
+        TypeAccess::All | TypeAccess::Nothing => false,
+        TypeAccess::Only(criterion) => narrows(&criterion),
+    };
+    if query.types.is_empty() {
+        haven_model::registry::resource_types().any(admits_few)
+    } else {
+        query.types.iter().any(|t| admits_few(t))
+    }
+}
+
+/// Whether a criterion keeps only some resources: anything but an exclusion.
+fn narrows(criterion: &Criterion) -> bool {
+    match criterion {
+        Criterion::Always | Criterion::Not(_) => false,
+        Criterion::All(list) => list.iter().any(narrows),
+        Criterion::Any(list) => list.iter().all(narrows),
+        _ => true,
+    }
 }
 
 /// Where a value criterion reads its columns: a row of an index table, or one
@@ -523,14 +574,21 @@ impl<'q> Compiler<'q> {
                 order.sort_by_key(|c| drive_rank(c));
             }
             let outer = self.probe;
+            let start = self.sql.text.len();
+            let mut branches = Vec::with_capacity(order.len());
             for (n, one) in order.into_iter().enumerate() {
                 if n > 0 {
                     self.push(joint);
                     self.probe = outer || conjunction;
                 }
+                let from = self.sql.text.len();
                 self.criterion(one, alias, resource_type, depth + 1)?;
+                branches.push(from..self.sql.text.len());
             }
             self.probe = outer;
+            if !conjunction && branches.len() > 1 {
+                self.merge_id_lists(alias, start, &branches);
+            }
         } else {
             let (left, right) = list.split_at(list.len() / 2);
             self.balanced(left, joint, alias, resource_type, depth)?;
@@ -542,6 +600,27 @@ impl<'q> Compiler<'q> {
         }
         self.push(")");
         Ok(())
+    }
+
+    /// Rewrites a disjunction written from `start` whose every branch is
+    /// `alias.id IN (SELECT ...)` as one `alias.id IN (<list> UNION ALL <list> ...)`.
+    /// A planner can look the matches of one list up by key, but meets an OR
+    /// of lists by testing every resource of the type against each.
+    fn merge_id_lists(&mut self, alias: &str, start: usize, branches: &[std::ops::Range<usize>]) {
+        let head = format!("{alias}.id IN (");
+        let mut lists = Vec::with_capacity(branches.len());
+        for branch in branches {
+            let text = &self.sql.text[branch.clone()];
+            match text.strip_prefix(&head) {
+                Some(rest) if rest.starts_with("SELECT ") && closes_at_end(rest) => {
+                    lists.push(&rest[..rest.len() - 1]);
+                }
+                _ => return,
+            }
+        }
+        let merged = format!("{head}{})", lists.join(" UNION ALL "));
+        self.sql.text.truncate(start);
+        self.sql.text.push_str(&merged);
     }
 
     /// `table row` for a probe of one resource's rows. SQLite, without
@@ -1000,6 +1079,8 @@ fn escape_like(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::query::{POSTGRES, SQLITE};
 
@@ -1061,6 +1142,110 @@ mod tests {
             };
             assert!(text.contains(probe), "{text}");
         }
+    }
+
+    #[derive(Debug)]
+    struct Admits(Criterion);
+
+    impl crate::AccessRule for Admits {
+        fn for_type(&self, _: &str) -> TypeAccess {
+            TypeAccess::Only(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn only_access_that_admits_few_resources_finds_the_matches_before_sorting() {
+        let hidden = Criterion::Token {
+            param: "_security".into(),
+            system: Some("http://terminology.hl7.org/CodeSystem/v3-Confidentiality".into()),
+            code: Some("R".into()),
+        };
+        let compartment = Criterion::PatientCompartment("p1".into());
+        let cases = [
+            (Criterion::Not(Box::new(hidden.clone())), false),
+            (
+                Criterion::All(vec![
+                    Criterion::Not(Box::new(hidden.clone())),
+                    Criterion::Always,
+                ]),
+                false,
+            ),
+            (compartment.clone(), true),
+            (
+                Criterion::All(vec![compartment, Criterion::Not(Box::new(hidden))]),
+                true,
+            ),
+        ];
+        for (admitted, materialized) in cases {
+            let query = SearchQuery {
+                access: Some(Arc::new(Admits(admitted.clone()))),
+                count: 10,
+                ..SearchQuery::of_type("Observation")
+            };
+            for dialect in [SQLITE, POSTGRES] {
+                let (page, _) = search(dialect, &query).unwrap();
+                assert_eq!(
+                    page.text.contains("MATERIALIZED"),
+                    materialized,
+                    "{admitted:?}: {}",
+                    page.text
+                );
+            }
+        }
+    }
+
+    fn code(code: &str) -> Criterion {
+        Criterion::Token {
+            param: "code".into(),
+            system: Some("http://loinc.org".into()),
+            code: Some(code.into()),
+        }
+    }
+
+    #[test]
+    fn a_disjunction_of_values_is_one_list_of_matches() {
+        let query = SearchQuery {
+            criterion: Criterion::Any(vec![code("8867-4"), code("9279-1"), code("8310-5")]),
+            count: 10,
+            total: true,
+            ..SearchQuery::of_type("Observation")
+        };
+        for dialect in [SQLITE, POSTGRES] {
+            let (page, count) = search(dialect, &query).unwrap();
+            assert_eq!(page.params.len(), 1 + 3 * 4);
+            for text in [page.text, count.unwrap().text] {
+                assert!(
+                    text.contains(
+                        "c.id IN (SELECT x1.id FROM search_token x1 WHERE x1.resource_type = "
+                    ),
+                    "{text}"
+                );
+                assert_eq!(text.matches(" UNION ALL SELECT x").count(), 2, "{text}");
+                assert!(!text.contains(" OR c.id IN"), "{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_disjunction_with_a_branch_that_is_not_a_list_stays_a_disjunction() {
+        let query = SearchQuery {
+            criterion: Criterion::Any(vec![code("8867-4"), Criterion::Id(vec!["o1".into()])]),
+            count: 10,
+            ..SearchQuery::of_type("Observation")
+        };
+        for dialect in [SQLITE, POSTGRES] {
+            let (page, _) = search(dialect, &query).unwrap();
+            assert!(!page.text.contains("UNION ALL"), "{}", page.text);
+            assert!(page.text.contains(" OR c.id IN ("), "{}", page.text);
+        }
+    }
+
+    #[test]
+    fn a_list_closes_at_its_end_only_when_its_parenthesis_closes_last() {
+        assert!(closes_at_end("SELECT x1.id FROM t x1 WHERE (a = 1))"));
+        assert!(closes_at_end("SELECT x1.id FROM t x1 WHERE x1.p = ')')"));
+        assert!(!closes_at_end("SELECT x1.id FROM t x1) AND (c.id = 1)"));
+        assert!(!closes_at_end("SELECT x1.id FROM t x1 WHERE (a = 1)"));
     }
 
     #[test]

@@ -823,3 +823,139 @@ impl AuditLog for SqliteAuditLog {
         rows.iter().map(decode_record).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use haven_model::clock::SystemClock;
+
+    use super::*;
+    use crate::{AccessRule, Criterion, TypeAccess};
+
+    /// Hides what carries a confidentiality label of R or V, as a clearance
+    /// of N does.
+    #[derive(Debug)]
+    struct HidesRestricted;
+
+    fn restricted() -> Criterion {
+        let label = |code: &str| Criterion::Token {
+            param: "_security".into(),
+            system: Some("http://terminology.hl7.org/CodeSystem/v3-Confidentiality".into()),
+            code: Some(code.into()),
+        };
+        Criterion::Any(vec![label("R"), label("V")])
+    }
+
+    impl AccessRule for HidesRestricted {
+        fn for_type(&self, _: &str) -> TypeAccess {
+            TypeAccess::Only(Criterion::Not(Box::new(restricted())))
+        }
+    }
+
+    /// The plan SQLite chooses for a statement, one line per step.
+    async fn plan(store: &SqliteStore, sql: &Sql) -> Vec<String> {
+        let explained = Sql {
+            text: format!("EXPLAIN QUERY PLAN {}", sql.text),
+            params: sql.params.clone(),
+            dialect: sql.dialect,
+        };
+        let mut conn = store.readers.acquire().await.unwrap();
+        fetch_all(&mut conn, &explained)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>(3))
+            .collect()
+    }
+
+    async fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("plan.db").display());
+        let store = SqliteStore::connect(&url, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_search_that_hides_labeled_resources_lists_them_from_the_value_index() {
+        let (_dir, store) = store().await;
+        let query = SearchQuery {
+            access: Some(Arc::new(HidesRestricted)),
+            count: 10,
+            total: true,
+            ..SearchQuery::of_type("Observation")
+        };
+        let (page, count) = search_sql::search(query::SQLITE, &query).unwrap();
+        for sql in [page, count.unwrap()] {
+            let steps = plan(&store, &sql).await;
+            let token_steps: Vec<&String> = steps
+                .iter()
+                .filter(|s| s.contains("x1 ") || s.contains("x2 "))
+                .collect();
+            assert!(!token_steps.is_empty(), "{steps:?}");
+            for step in token_steps {
+                assert!(
+                    step.contains("COVERING INDEX search_token_value (resource_type=? AND param=?"),
+                    "every label is looked up by its value, not by reading the type's rows: {steps:?}"
+                );
+            }
+        }
+    }
+
+    /// Admits only what carries a label of R or V: the search that asks
+    /// whether labels withheld anything.
+    #[derive(Debug)]
+    struct OnlyRestricted;
+
+    impl AccessRule for OnlyRestricted {
+        fn for_type(&self, _: &str) -> TypeAccess {
+            TypeAccess::Only(restricted())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_search_for_labeled_resources_looks_each_one_up_by_key() {
+        let (_dir, store) = store().await;
+        let query = SearchQuery {
+            access: Some(Arc::new(OnlyRestricted)),
+            count: 1,
+            ..SearchQuery::of_type("Observation")
+        };
+        let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
+        let steps = plan(&store, &page).await;
+        assert!(
+            steps
+                .iter()
+                .any(|s| s == "SEARCH c USING PRIMARY KEY (resource_type=? AND id=?)"),
+            "the labeled resources drive, not every resource of the type: {steps:?}"
+        );
+        assert!(
+            !steps
+                .iter()
+                .any(|s| s.starts_with("SEARCH c USING PRIMARY KEY (resource_type=?)")),
+            "{steps:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_first_page_narrowed_only_by_labels_walks_the_type_in_order() {
+        let (_dir, store) = store().await;
+        let query = SearchQuery {
+            access: Some(Arc::new(HidesRestricted)),
+            count: 10,
+            ..SearchQuery::of_type("Observation")
+        };
+        let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
+        let steps = plan(&store, &page).await;
+        assert!(
+            steps
+                .iter()
+                .any(|s| s.contains("INDEX current_resources_type_updated")),
+            "{steps:?}"
+        );
+        assert!(
+            !steps.iter().any(|s| s.contains("TEMP B-TREE FOR ORDER BY")),
+            "the page stops after its last row instead of sorting every match: {steps:?}"
+        );
+    }
+}
