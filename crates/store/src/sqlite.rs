@@ -829,13 +829,19 @@ mod tests {
     use haven_model::clock::SystemClock;
 
     use super::*;
-    use crate::{AccessRule, Criterion, TypeAccess};
+    use crate::{Access, AccessRule, Criterion, TypeAccess};
 
-    /// Hides what carries a confidentiality label of R or V, as a clearance
-    /// of N does.
+    /// Access that admits what the criterion matches.
     #[derive(Debug)]
-    struct HidesRestricted;
+    struct Admits(Criterion);
 
+    impl AccessRule for Admits {
+        fn for_type(&self, _: &str) -> TypeAccess {
+            TypeAccess::Only(self.0.clone())
+        }
+    }
+
+    /// What a clearance of N hides: a confidentiality label of R or V.
     fn restricted() -> Criterion {
         let label = |code: &str| Criterion::Token {
             param: "_security".into(),
@@ -845,10 +851,8 @@ mod tests {
         Criterion::Any(vec![label("R"), label("V")])
     }
 
-    impl AccessRule for HidesRestricted {
-        fn for_type(&self, _: &str) -> TypeAccess {
-            TypeAccess::Only(Criterion::Not(Box::new(restricted())))
-        }
+    fn hides_restricted() -> Option<Access> {
+        Some(Arc::new(Admits(Criterion::Not(Box::new(restricted())))))
     }
 
     /// The plan SQLite chooses for a statement, one line per step.
@@ -880,7 +884,7 @@ mod tests {
     async fn a_search_that_hides_labeled_resources_lists_them_from_the_value_index() {
         let (_dir, store) = store().await;
         let query = SearchQuery {
-            access: Some(Arc::new(HidesRestricted)),
+            access: hides_restricted(),
             count: 10,
             total: true,
             ..SearchQuery::of_type("Observation")
@@ -902,22 +906,12 @@ mod tests {
         }
     }
 
-    /// Admits only what carries a label of R or V: the search that asks
-    /// whether labels withheld anything.
-    #[derive(Debug)]
-    struct OnlyRestricted;
-
-    impl AccessRule for OnlyRestricted {
-        fn for_type(&self, _: &str) -> TypeAccess {
-            TypeAccess::Only(restricted())
-        }
-    }
-
     #[tokio::test]
     async fn the_search_for_labeled_resources_looks_each_one_up_by_key() {
         let (_dir, store) = store().await;
         let query = SearchQuery {
-            access: Some(Arc::new(OnlyRestricted)),
+            // Only what is labeled: the search that asks whether labels withheld anything.
+            access: Some(Arc::new(Admits(restricted()))),
             count: 1,
             ..SearchQuery::of_type("Observation")
         };
@@ -941,7 +935,7 @@ mod tests {
     async fn a_first_page_narrowed_only_by_labels_walks_the_type_in_order() {
         let (_dir, store) = store().await;
         let query = SearchQuery {
-            access: Some(Arc::new(HidesRestricted)),
+            access: hides_restricted(),
             count: 10,
             ..SearchQuery::of_type("Observation")
         };
