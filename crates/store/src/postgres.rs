@@ -293,10 +293,10 @@ async fn search_on(conn: &mut PgConnection, query: &SearchQuery) -> Result<Searc
         Vec::new()
     };
     let total = match count {
-        Some(count) => match query::total_shown_by_page(query, rows.len()) {
-            Some(shown) => Some(shown),
-            None => Some(fetch_count(conn, &count).await?),
-        },
+        Some(count) => Some(match query::total_shown_by_page(query, rows.len()) {
+            Some(shown) => shown,
+            None => fetch_count(conn, &count).await?,
+        }),
         None => None,
     };
     let rows = rows.iter().map(decode_version).collect::<Result<_>>()?;

@@ -1078,7 +1078,7 @@ fn escape_like(text: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::Arc;
 
     use super::*;
@@ -1144,8 +1144,9 @@ mod tests {
         }
     }
 
+    /// Access that admits what the criterion matches.
     #[derive(Debug)]
-    struct Admits(Criterion);
+    pub(crate) struct Admits(pub Criterion);
 
     impl crate::AccessRule for Admits {
         fn for_type(&self, _: &str) -> TypeAccess {

@@ -287,10 +287,10 @@ async fn search_on(conn: &mut SqliteConnection, query: &SearchQuery) -> Result<S
         Vec::new()
     };
     let total = match count {
-        Some(count) => match query::total_shown_by_page(query, rows.len()) {
-            Some(shown) => Some(shown),
-            None => Some(fetch_count(conn, &count).await?),
-        },
+        Some(count) => Some(match query::total_shown_by_page(query, rows.len()) {
+            Some(shown) => shown,
+            None => fetch_count(conn, &count).await?,
+        }),
         None => None,
     };
     let rows = rows.iter().map(decode_version).collect::<Result<_>>()?;
@@ -829,17 +829,8 @@ mod tests {
     use haven_model::clock::SystemClock;
 
     use super::*;
-    use crate::{Access, AccessRule, Criterion, TypeAccess};
-
-    /// Access that admits what the criterion matches.
-    #[derive(Debug)]
-    struct Admits(Criterion);
-
-    impl AccessRule for Admits {
-        fn for_type(&self, _: &str) -> TypeAccess {
-            TypeAccess::Only(self.0.clone())
-        }
-    }
+    use crate::search_sql::tests::Admits;
+    use crate::{Access, Criterion};
 
     /// What a clearance of N hides: a confidentiality label of R or V.
     fn restricted() -> Criterion {
@@ -880,6 +871,18 @@ mod tests {
         (dir, store)
     }
 
+    /// The plan of the page query of an Observation search with no criteria.
+    async fn page_plan(access: Option<Access>, count: u32) -> Vec<String> {
+        let (_dir, store) = store().await;
+        let query = SearchQuery {
+            access,
+            count,
+            ..SearchQuery::of_type("Observation")
+        };
+        let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
+        plan(&store, &page).await
+    }
+
     #[tokio::test]
     async fn a_search_that_hides_labeled_resources_lists_them_from_the_value_index() {
         let (_dir, store) = store().await;
@@ -908,15 +911,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_search_for_labeled_resources_looks_each_one_up_by_key() {
-        let (_dir, store) = store().await;
-        let query = SearchQuery {
-            // Only what is labeled: the search that asks whether labels withheld anything.
-            access: Some(Arc::new(Admits(restricted()))),
-            count: 1,
-            ..SearchQuery::of_type("Observation")
-        };
-        let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
-        let steps = plan(&store, &page).await;
+        // Only what is labeled: the search that asks whether labels withheld anything.
+        let steps = page_plan(Some(Arc::new(Admits(restricted()))), 1).await;
         assert!(
             steps
                 .iter()
@@ -933,14 +929,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_first_page_narrowed_only_by_labels_walks_the_type_in_order() {
-        let (_dir, store) = store().await;
-        let query = SearchQuery {
-            access: hides_restricted(),
-            count: 10,
-            ..SearchQuery::of_type("Observation")
-        };
-        let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
-        let steps = plan(&store, &page).await;
+        let steps = page_plan(hides_restricted(), 10).await;
         assert!(
             steps
                 .iter()
