@@ -362,13 +362,14 @@ impl<'q> Compiler<'q> {
                     return Ok(());
                 }
                 let row = self.alias("x");
-                match resource_type {
+                let close = match resource_type {
                     Some(own) if !self.probe => {
                         let _ = write!(
                             self.sql.text,
                             "{alias}.id IN (SELECT {row}.id FROM search_reference {row} WHERE {row}.resource_type = "
                         );
                         self.text(own);
+                        ")"
                     }
                     _ => {
                         let probe = self.probe_from("search_reference", &row);
@@ -377,8 +378,9 @@ impl<'q> Compiler<'q> {
                             "EXISTS (SELECT 1 FROM {probe} WHERE {row}.resource_type = {alias}.resource_type \
                              AND {row}.id = {alias}.id"
                         );
+                        self.probe_close()
                     }
-                }
+                };
                 let _ = write!(self.sql.text, " AND {row}.param IN (");
                 self.list(params);
                 let _ = write!(self.sql.text, ") AND {row}.target_type = ");
@@ -387,10 +389,11 @@ impl<'q> Compiler<'q> {
                 self.list(target_ids);
                 self.push(") AND ");
                 self.local(&format!("{row}.url"));
-                self.push(")");
+                self.push(close);
             }
             Criterion::ReferenceOutside { param, types } => {
-                let row = self.member_open(alias, resource_type, "search_reference", param);
+                let (row, close) =
+                    self.member_open(alias, resource_type, "search_reference", param);
                 let _ = write!(self.sql.text, "({row}.target_type IS NULL");
                 if !types.is_empty() {
                     let _ = write!(self.sql.text, " OR {row}.target_type NOT IN (");
@@ -400,14 +403,15 @@ impl<'q> Compiler<'q> {
                 // An absolute reference to another server reaches nothing here.
                 let _ = write!(self.sql.text, " OR NOT ");
                 self.local(&format!("{row}.url"));
-                self.push("))");
+                self.push(")");
+                self.push(close);
             }
             Criterion::TokenOutside {
                 param,
                 system,
                 codes,
             } => {
-                let row = self.member_open(alias, resource_type, "search_token", param);
+                let (row, close) = self.member_open(alias, resource_type, "search_token", param);
                 let _ = write!(self.sql.text, "{row}.system = ");
                 self.text(system);
                 let _ = write!(self.sql.text, " AND {row}.code IS NOT NULL");
@@ -416,10 +420,11 @@ impl<'q> Compiler<'q> {
                     self.list(codes);
                     self.push(")");
                 }
-                self.push(")");
+                self.push(close);
             }
             Criterion::CompartmentOutside(patients) => {
-                let row = self.member_open(alias, resource_type, "search_compartment", "Patient");
+                let (row, close) =
+                    self.member_open(alias, resource_type, "search_compartment", "Patient");
                 if patients.is_empty() {
                     self.push("1 = 1");
                 } else {
@@ -427,7 +432,7 @@ impl<'q> Compiler<'q> {
                     self.list(patients);
                     self.push(")");
                 }
-                self.push(")");
+                self.push(close);
             }
             Criterion::LastUpdated(range) => {
                 self.instant_point(&format!("{alias}.last_updated"), range);
@@ -444,10 +449,11 @@ impl<'q> Compiler<'q> {
                 self.push(")");
             }
             Criterion::PatientCompartment(patient) => {
-                let row = self.member_open(alias, resource_type, "search_compartment", "Patient");
+                let (row, close) =
+                    self.member_open(alias, resource_type, "search_compartment", "Patient");
                 let _ = write!(self.sql.text, "{row}.target_id = ");
                 self.text(patient);
-                self.push(")");
+                self.push(close);
             }
             Criterion::Missing {
                 param,
@@ -457,20 +463,23 @@ impl<'q> Compiler<'q> {
                 if *missing {
                     self.push("NOT ");
                 }
-                let row = self.member_open(alias, resource_type, table_of_kind(*kind), param);
-                let _ = write!(self.sql.text, "{row}.param IS NOT NULL)");
+                let (row, close) =
+                    self.member_open(alias, resource_type, table_of_kind(*kind), param);
+                let _ = write!(self.sql.text, "{row}.param IS NOT NULL{close}");
             }
             Criterion::Composite { param, parts } => {
-                let row = self.member_open(alias, resource_type, "search_composite", param);
+                let (row, close) =
+                    self.member_open(alias, resource_type, "search_composite", param);
                 self.push("1 = 1");
                 for (index, part) in parts.iter().enumerate() {
                     self.push(" AND ");
                     self.value(part, &Source::Part(&row, index))?;
                 }
-                self.push(")");
+                self.push(close);
             }
             Criterion::Chain { param, targets } => {
-                let row = self.member_open(alias, resource_type, "search_reference", param);
+                let (row, close) =
+                    self.member_open(alias, resource_type, "search_reference", param);
                 // The targets are alternatives: parenthesized, so that OR does not
                 // escape the row's type, id and parameter conditions before them.
                 self.push("(");
@@ -502,7 +511,8 @@ impl<'q> Compiler<'q> {
                     })?;
                     self.push("))");
                 }
-                self.push("))");
+                self.push(")");
+                self.push(close);
             }
             Criterion::Has {
                 source_type,
@@ -511,12 +521,13 @@ impl<'q> Compiler<'q> {
             } => {
                 let row = self.alias("r");
                 let source = self.alias("s");
-                match resource_type {
+                let close = match resource_type {
                     Some(own) if !self.probe => {
                         let _ = write!(self.sql.text, "{alias}.id IN (SELECT {row}.target_id");
                         self.has_from(&row, &source, source_type, param);
                         let _ = write!(self.sql.text, " AND {row}.target_type = ");
                         self.text(own);
+                        ")"
                     }
                     _ => {
                         self.push("EXISTS (SELECT 1");
@@ -525,8 +536,9 @@ impl<'q> Compiler<'q> {
                             self.sql.text,
                             " AND {row}.target_type = {alias}.resource_type AND {row}.target_id = {alias}.id"
                         );
+                        self.probe_close()
                     }
-                }
+                };
                 self.push(" AND ");
                 self.local(&format!("{row}.url"));
                 let _ = write!(self.sql.text, " AND {}", self.sql.dialect.live_of(&source));
@@ -536,7 +548,7 @@ impl<'q> Compiler<'q> {
                     this.push(" AND ");
                     this.criterion(inner, &source, Some(source_type), depth + 1)
                 })?;
-                self.push(")");
+                self.push(close);
             }
             value => {
                 let Some((table, param)) = table_of(value) else {
@@ -544,9 +556,9 @@ impl<'q> Compiler<'q> {
                         "search criterion {value:?}"
                     )));
                 };
-                let row = self.member_open(alias, resource_type, table, param);
+                let (row, close) = self.member_open(alias, resource_type, table, param);
                 self.value(value, &Source::Row(&row))?;
-                self.push(")");
+                self.push(close);
             }
         }
         Ok(())
@@ -658,23 +670,24 @@ impl<'q> Compiler<'q> {
     }
 
     /// Opens "the resource has a row of `table` for `param` such that ...":
-    /// the caller writes the row condition and closes the parenthesis. With the
-    /// type known, the subquery drives from the value index.
+    /// the caller writes the row condition and then the closing returned. With
+    /// the type known, the subquery drives from the value index.
     fn member_open(
         &mut self,
         alias: &str,
         resource_type: Option<&str>,
         table: &str,
         param: &str,
-    ) -> String {
+    ) -> (String, &'static str) {
         let row = self.alias("x");
-        match resource_type {
+        let close = match resource_type {
             Some(own) if !self.probe => {
                 let _ = write!(
                     self.sql.text,
                     "{alias}.id IN (SELECT {row}.id FROM {table} {row} WHERE {row}.resource_type = "
                 );
                 self.text(own);
+                ")"
             }
             _ => {
                 let probe = self.probe_from(table, &row);
@@ -683,12 +696,27 @@ impl<'q> Compiler<'q> {
                     "EXISTS (SELECT 1 FROM {probe} WHERE {row}.resource_type = {alias}.resource_type \
                      AND {row}.id = {alias}.id"
                 );
+                self.probe_close()
             }
-        }
+        };
         let _ = write!(self.sql.text, " AND {row}.param = ");
         self.text(param);
         self.push(" AND ");
-        row
+        (row, close)
+    }
+
+    /// What closes a probe's `EXISTS (SELECT ...`. PostgreSQL turns an EXISTS
+    /// into a join, and in the plan it keeps for any values (after five runs of
+    /// a prepared statement) it guesses one row per value, so the join may read
+    /// every row of a value once per candidate (a code of 500 Observations: 50
+    /// ms instead of 1.6). `OFFSET 0` keeps the probe a subquery, run per
+    /// candidate through the resource index, as a probe is meant to be.
+    fn probe_close(&self) -> &'static str {
+        if self.sql.dialect.postgres {
+            " OFFSET 0)"
+        } else {
+            ")"
+        }
     }
 
     fn column(&self, source: &Source<'_>, name: &str, kind: ColumnType) -> String {
@@ -1141,6 +1169,14 @@ pub(crate) mod tests {
                  WHERE x2.resource_type = c.resource_type AND x2.id = c.id"
             };
             assert!(text.contains(probe), "{text}");
+            // PostgreSQL would make the probe a join, which its plan for any
+            // values may run as a scan of the code's rows per candidate.
+            let probe_end = if dialect.postgres {
+                "x2.code = $8 OFFSET 0)"
+            } else {
+                "x2.code = ?8)"
+            };
+            assert!(text.contains(probe_end), "{text}");
         }
     }
 
