@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use time::{Duration, OffsetDateTime};
 
 use crate::client::JWT_BEARER_ASSERTION_TYPE;
-use crate::keys::{KeySet, SIGNING_ALGORITHM};
+use crate::keys::{KeySet, ACCESS_TOKEN_ALGORITHM};
 use crate::limits::{LoginThrottle, RateLimiter};
 use crate::registry::{
     decoy_hash, hash_secret, kind, random_token, token_hash, verify_secret, ClientAuth,
@@ -613,9 +613,15 @@ impl AuthServer {
         *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
     }
 
-    /// The id of the key new tokens are signed with.
+    /// The id of the current RSA key (ID tokens), which names the key set and
+    /// changes with each rotation.
     pub fn signing_kid(&self) -> String {
         self.key_set().kid().to_string()
+    }
+
+    /// The id of the key new access tokens are signed with.
+    pub fn access_kid(&self) -> String {
+        self.key_set().access_kid().to_string()
     }
 
     fn records(&self) -> &dyn AuthRecords {
@@ -1907,7 +1913,7 @@ impl AuthServer {
             break_glass_reason: context.break_glass_reason.clone().filter(|_| break_glass),
             organization: user.organization.clone(),
         };
-        let access_token = self.key_set().sign(&claims).map_err(|e| {
+        let access_token = self.key_set().sign_access_token(&claims).map_err(|e| {
             tracing::error!(error = %e, "signing an access token failed");
             OAuthError::server_error()
         })?;
@@ -1950,7 +1956,7 @@ impl AuthServer {
             }
             response["id_token"] = json!(self
                 .key_set()
-                .sign(&id_claims)
+                .sign_id_token(&id_claims)
                 .map_err(|_| OAuthError::server_error())?);
         }
         let refresh = refresh
@@ -2157,7 +2163,7 @@ impl AuthServer {
         };
         let access_token = self
             .key_set()
-            .sign(&claims)
+            .sign_access_token(&claims)
             .map_err(|_| OAuthError::server_error())?;
         Ok(json!({
             "access_token": access_token,
@@ -2218,13 +2224,16 @@ impl AuthServer {
 
     fn decode_access_token(&self, token: &str) -> Result<AccessClaims, TokenRejection> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Invalid)?;
-        if header.alg != SIGNING_ALGORITHM {
+        // Only an access-token key verifies: an ID token (RS256) is refused here.
+        if header.alg != ACCESS_TOKEN_ALGORITHM {
             return Err(TokenRejection::Invalid);
         }
         let kid = header.kid.as_deref().ok_or(TokenRejection::Invalid)?;
         let keys = self.key_set();
-        let key = keys.decoding_key(kid).ok_or(TokenRejection::Invalid)?;
-        let mut validation = Validation::new(SIGNING_ALGORITHM);
+        let key = keys
+            .decoding_key(kid, ACCESS_TOKEN_ALGORITHM)
+            .ok_or(TokenRejection::Invalid)?;
+        let mut validation = Validation::new(ACCESS_TOKEN_ALGORITHM);
         validation.validate_exp = false;
         validation.validate_nbf = false;
         validation.validate_aud = false;

@@ -676,6 +676,58 @@ async fn an_id_token_names_the_fhir_user_by_absolute_url_and_echoes_the_nonce() 
 }
 
 #[tokio::test]
+async fn the_access_token_is_signed_eddsa_and_an_id_token_is_not_accepted_in_its_place() {
+    let h = harness().await;
+    let app = public_app(&h).await;
+    let params = authorize_params(&app, SCOPE);
+    let code = code_with(&h, &params, &practitioner(&h).await, Some(PATIENT)).await;
+    let response = h
+        .server
+        .token(&exchange(&app, &code), None)
+        .await
+        .expect("tokens");
+
+    let access_token = text(&response, "access_token");
+    let header = jsonwebtoken::decode_header(access_token).unwrap();
+    assert_eq!(header.alg, Algorithm::EdDSA);
+    assert_eq!(header.kid.as_deref(), Some(h.server.access_kid().as_str()));
+    let jwks = h.server.jwks();
+    let listed = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == h.server.access_kid().as_str())
+        .expect("the access-token key is in the JWKS");
+    assert_eq!(listed["kty"], "OKP");
+    assert_eq!(listed["crv"], "Ed25519");
+    h.server
+        .verify_access_token(access_token)
+        .await
+        .expect("the access token verifies");
+
+    let id_token = text(&response, "id_token");
+    assert!(matches!(
+        h.server.verify_access_token(id_token).await,
+        Err(TokenRejection::Invalid)
+    ));
+    // The same claims under an access token's header, still signed by the RSA
+    // key: the kid names a key that verifies RS256 only.
+    let parts: Vec<&str> = id_token.split('.').collect();
+    let relabeled = format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(
+            json!({"alg": "EdDSA", "kid": h.server.signing_kid(), "typ": "JWT"}).to_string()
+        ),
+        parts[1],
+        parts[2]
+    );
+    assert!(matches!(
+        h.server.verify_access_token(&relabeled).await,
+        Err(TokenRejection::Invalid)
+    ));
+}
+
+#[tokio::test]
 async fn an_id_token_without_the_fhir_user_scope_has_no_fhir_user_claim() {
     let h = harness().await;
     let app = public_app(&h).await;
@@ -959,30 +1011,37 @@ async fn an_online_access_refresh_token_works_only_while_the_user_stays_signed_i
 
 #[tokio::test]
 async fn after_a_key_rotation_new_tokens_use_the_new_key_and_old_ones_still_work() {
-    use haven_auth::keys::{generate_signing_key, public_jwk, KeySet, RetiredKey};
+    use haven_auth::keys::{generate_signing_key, public_jwks, KeySet, RetiredKey};
     let h = harness().await;
     let app = public_app(&h).await;
     let user = practitioner(&h).await;
     let before = tokens(&h, &app, &user).await;
     let old_kid = h.server.signing_kid();
 
-    let retired = RetiredKey {
-        jwk: public_jwk(support::signing_key_pem()).unwrap(),
-        retired_at: h.now(),
-    };
+    let old_access_kid = h.server.access_kid();
+    let retired: Vec<RetiredKey> = public_jwks(support::signing_key_pem())
+        .unwrap()
+        .into_iter()
+        .map(|jwk| RetiredKey {
+            jwk,
+            retired_at: h.now(),
+        })
+        .collect();
     let new_pem = generate_signing_key().unwrap();
-    let keys = KeySet::new(&new_pem, &[retired], h.now(), time::Duration::hours(1)).unwrap();
+    let keys = KeySet::new(&new_pem, &retired, h.now(), time::Duration::hours(1)).unwrap();
     h.server.replace_keys(keys);
 
     assert_ne!(h.server.signing_kid(), old_kid);
-    assert_eq!(h.server.jwks()["keys"].as_array().unwrap().len(), 2);
+    assert_ne!(h.server.access_kid(), old_access_kid);
+    assert_eq!(h.server.jwks()["keys"].as_array().unwrap().len(), 4);
     h.server
         .verify_access_token(text(&before, "access_token"))
         .await
         .expect("a token signed before the rotation still works");
     let after = tokens(&h, &app, &user).await;
     let header = jsonwebtoken::decode_header(text(&after, "access_token")).unwrap();
-    assert_eq!(header.kid.as_deref(), Some(h.server.signing_kid().as_str()));
+    assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
+    assert_eq!(header.kid.as_deref(), Some(h.server.access_kid().as_str()));
 }
 
 // ----- Purpose of use and clearance -----------------------------------------------------

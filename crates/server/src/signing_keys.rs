@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use haven_auth::keys::{generate_signing_key, public_jwk, KeySet, RetiredKey};
+use haven_auth::keys::{generate_signing_key, public_jwks, KeySet, RetiredKey};
 use time::OffsetDateTime;
 
 const CURRENT: &str = "signing.pem";
@@ -70,10 +70,11 @@ pub fn rotate(data_dir: &Path, now: OffsetDateTime) -> Result<String> {
         .into_iter()
         .filter(|k| k.retired_at + LONGEST_TOKEN_LIFETIME > now)
         .collect();
-    retired.push(RetiredKey {
-        jwk: public_jwk(&old)?,
+    // Both halves of the old key set: its RSA key and its access-token key.
+    retired.extend(public_jwks(&old)?.into_iter().map(|jwk| RetiredKey {
+        jwk,
         retired_at: now,
-    });
+    }));
     let new = generate_signing_key()?;
     // The retired list is written first: a crash in between leaves the old key
     // current and also listed, which is harmless.
@@ -127,7 +128,9 @@ mod tests {
             .map(|k| k["kid"].as_str().unwrap().to_string())
             .collect();
         assert!(kids.contains(&old.kid().to_string()));
+        assert!(kids.contains(&old.access_kid().to_string()));
+        assert_eq!(kids.len(), 4);
         let (later, _) = ensure(dir.path(), now + LONGEST_TOKEN_LIFETIME).unwrap();
-        assert_eq!(later.jwks()["keys"].as_array().unwrap().len(), 1);
+        assert_eq!(later.jwks()["keys"].as_array().unwrap().len(), 2);
     }
 }
