@@ -123,12 +123,14 @@ pub fn generate_signing_key() -> Result<String, KeyError> {
 /// The public JWKs of a PEM signing key: the RSA key and the Ed25519 key
 /// derived from it, each `kid` being its RFC 7638 thumbprint.
 pub fn public_jwks(private_pem: &str) -> Result<Vec<Value>, KeyError> {
-    let (rsa, ed25519) = private_keys(private_pem)?;
+    let (rsa, _, ed25519) = private_keys(private_pem)?;
     Ok(vec![rsa_jwk(&rsa.to_public_key())?, ed25519_jwk(&ed25519)?])
 }
 
-/// The RSA key of a PEM, and the Ed25519 key derived from it.
-fn private_keys(private_pem: &str) -> Result<(RsaPrivateKey, Ed25519KeyPair), KeyError> {
+/// The RSA key of a PEM, its PKCS#8 DER, and the Ed25519 key derived from it.
+fn private_keys(
+    private_pem: &str,
+) -> Result<(RsaPrivateKey, rsa::pkcs8::SecretDocument, Ed25519KeyPair), KeyError> {
     let rsa =
         RsaPrivateKey::from_pkcs8_pem(private_pem).map_err(|e| KeyError::BadKey(e.to_string()))?;
     let der = rsa
@@ -142,7 +144,7 @@ fn private_keys(private_pem: &str) -> Result<(RsaPrivateKey, Ed25519KeyPair), Ke
         .map_err(|_| KeyError::BadKey("deriving the access-token key failed".into()))?;
     let ed25519 =
         Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|e| KeyError::BadKey(e.to_string()))?;
-    Ok((rsa, ed25519))
+    Ok((rsa, der, ed25519))
 }
 
 fn rsa_jwk(public: &RsaPublicKey) -> Result<Value, KeyError> {
@@ -203,10 +205,7 @@ impl KeySet {
         now: OffsetDateTime,
         longest_token_lifetime: time::Duration,
     ) -> Result<KeySet, KeyError> {
-        let (private, ed25519) = private_keys(current_pem)?;
-        let der = private
-            .to_pkcs8_der()
-            .map_err(|e| KeyError::BadKey(e.to_string()))?;
+        let (private, der, ed25519) = private_keys(current_pem)?;
         let rsa =
             RsaKeyPair::from_pkcs8(der.as_bytes()).map_err(|e| KeyError::BadKey(e.to_string()))?;
         let rsa_key = verifying_key(&rsa_jwk(&private.to_public_key())?)?;
