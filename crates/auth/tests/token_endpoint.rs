@@ -679,13 +679,7 @@ async fn an_id_token_names_the_fhir_user_by_absolute_url_and_echoes_the_nonce() 
 async fn the_access_token_is_signed_eddsa_and_an_id_token_is_not_accepted_in_its_place() {
     let h = harness().await;
     let app = public_app(&h).await;
-    let params = authorize_params(&app, SCOPE);
-    let code = code_with(&h, &params, &practitioner(&h).await, Some(PATIENT)).await;
-    let response = h
-        .server
-        .token(&exchange(&app, &code), None)
-        .await
-        .expect("tokens");
+    let response = tokens(&h, &app, &practitioner(&h).await).await;
 
     let access_token = text(&response, "access_token");
     let header = jsonwebtoken::decode_header(access_token).unwrap();
