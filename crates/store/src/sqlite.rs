@@ -41,6 +41,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may queue for the single writer connection.
 const WRITER_WAIT: Duration = Duration::from_secs(60);
 const READERS: u32 = 4;
+/// Page cache of each connection, as SQLite's `cache_size` takes it: negative
+/// means KiB. The writer's holds the index pages that commits keep touching.
+const WRITER_CACHE_KIB: &str = "-16384";
+const READER_CACHE_KIB: &str = "-4096";
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -90,11 +94,18 @@ fn options(database_url: &str) -> Result<(SqliteConnectOptions, Option<ScratchFi
         );
         let path = std::env::temp_dir().join(name);
         let options = SqliteConnectOptions::new().filename(&path);
-        return Ok((options, Some(ScratchFile(path))));
+        return Ok((in_memory_temporaries(options), Some(ScratchFile(path))));
     }
     let options = SqliteConnectOptions::from_str(&format!("sqlite://{rest}"))
         .map_err(|e| StoreError::Unsupported(format!("bad sqlite URL: {e}")))?;
-    Ok((options, None))
+    Ok((in_memory_temporaries(options), None))
+}
+
+/// Statement journals (kept for each statement of a multi-statement write, to
+/// undo it alone) and sort b-trees stay in memory: as temporary files they cost
+/// a system call per page written.
+fn in_memory_temporaries(options: SqliteConnectOptions) -> SqliteConnectOptions {
+    options.pragma("temp_store", "memory")
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -107,7 +118,8 @@ async fn open_writer(options: SqliteConnectOptions) -> Result<SqlitePool> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
-        .busy_timeout(BUSY_TIMEOUT);
+        .busy_timeout(BUSY_TIMEOUT)
+        .pragma("cache_size", WRITER_CACHE_KIB);
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)
@@ -140,7 +152,8 @@ impl SqliteStore {
                 options
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
-                    .busy_timeout(BUSY_TIMEOUT),
+                    .busy_timeout(BUSY_TIMEOUT)
+                    .pragma("cache_size", READER_CACHE_KIB),
             )
             .await
             .map_err(unavailable)?;
@@ -881,6 +894,33 @@ mod tests {
         };
         let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
         plan(&store, &page).await
+    }
+
+    #[tokio::test]
+    async fn every_connection_keeps_temporaries_in_memory_and_has_its_page_cache() {
+        let (_dir, store) = store().await;
+        let setting = |pool: SqlitePool, pragma: &'static str| async move {
+            let mut conn = pool.acquire().await.unwrap();
+            sqlx::query_scalar::<_, i64>(&format!("PRAGMA {pragma}"))
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap()
+        };
+        // temp_store 2 is MEMORY.
+        assert_eq!(setting(store.writer.clone(), "temp_store").await, 2);
+        assert_eq!(setting(store.readers.clone(), "temp_store").await, 2);
+        assert_eq!(
+            setting(store.writer.clone(), "cache_size")
+                .await
+                .to_string(),
+            WRITER_CACHE_KIB
+        );
+        assert_eq!(
+            setting(store.readers.clone(), "cache_size")
+                .await
+                .to_string(),
+            READER_CACHE_KIB
+        );
     }
 
     #[tokio::test]
