@@ -28,7 +28,7 @@ use haven_audit::{
     Decision, Entity, Outcome, Who,
 };
 use haven_model::clock::Clock;
-use haven_model::id::new_id;
+use haven_model::id::new_time_ordered_id;
 use haven_model::search_value::{patient_compartments, PROVENANCE_TARGET_PATIENT};
 use haven_store::{
     AuditLog, AuditPage, AuditQuery, AuditRecord, AuditWriter, AuthRecords, Backend, Change,
@@ -1077,7 +1077,9 @@ impl StoreTx for RecordedTx {
             .map(|w| self.provenance_of(w, &sources))
             .collect();
         for resource in provenances {
-            self.inner.create("Provenance", &new_id(), resource).await?;
+            self.inner
+                .create("Provenance", &new_time_ordered_id(), resource)
+                .await?;
         }
         let events = self.events();
         self.inner.append_audit(events).await?;

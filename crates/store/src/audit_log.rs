@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use haven_audit::canonical::canonical_json;
 use haven_audit::{link_hash, StoredLink, GENESIS};
-use haven_model::id::new_id;
+use haven_model::id::new_time_ordered_id;
 use serde_json::Value;
 use time::format_description::well_known::Rfc3339;
 use time::{OffsetDateTime, UtcOffset};
@@ -187,7 +187,7 @@ pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Ve
     events
         .into_iter()
         .map(|event| {
-            let id = new_id();
+            let id = new_time_ordered_id();
             let event = stamp(event, "AuditEvent", &id, 1, now)?;
             let text = serde_json::to_string(&event).map_err(|e| {
                 StoreError::Database(format!("an AuditEvent cannot be serialized: {e}"))
