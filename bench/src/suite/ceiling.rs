@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use axum::routing::get;
 use haven_model::clock::{Clock, SystemClock};
+use haven_model::id::new_time_ordered_id;
+use haven_store::AuditWriter;
 use hdrhistogram::Histogram;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -161,57 +163,106 @@ pub fn create_rate(
     duration: Duration,
 ) -> Result<WriteRate> {
     on_store(database_url, move |store| async move {
-        let started = Instant::now();
-        let measure_from = started + warmup;
-        let measure_until = measure_from + duration;
-        let done = Arc::new(AtomicU64::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..concurrency {
+        let rows = Arc::new(rows);
+        sustained(concurrency, warmup, duration, move || {
             let store = store.clone();
             let rows = rows.clone();
-            let done = done.clone();
-            tasks.spawn(async move {
-                let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
-                loop {
-                    let sent = Instant::now();
-                    if sent >= measure_until {
-                        break;
-                    }
-                    let id = uuid::Uuid::new_v4().to_string();
-                    let mut resource = rows.resource.clone();
-                    resource["id"] = json!(id);
-                    let mut provenance = rows.provenance.clone();
-                    provenance["id"] = json!(uuid::Uuid::new_v4().to_string());
-                    provenance["target"] =
-                        json!([{ "reference": format!("Observation/{id}/_history/1") }]);
-                    let mut event = rows.audit_event.clone();
-                    event["id"] = json!(uuid::Uuid::new_v4().to_string());
-                    let mut tx = store.begin().await?;
-                    tx.create("Observation", &id, resource).await?;
-                    let provenance_id = provenance["id"].as_str().unwrap_or_default().to_owned();
-                    tx.create("Provenance", &provenance_id, provenance).await?;
-                    tx.append_audit(vec![event]).await?;
-                    tx.commit().await?;
-                    let finished = Instant::now();
-                    if sent >= measure_from && finished <= measure_until {
-                        done.fetch_add(1, Ordering::Relaxed);
-                        let micros =
-                            u64::try_from((finished - sent).as_micros()).unwrap_or(u64::MAX);
-                        latency.saturating_record(micros.max(1));
-                    }
-                }
-                anyhow::Ok(latency)
-            });
-        }
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
-        while let Some(task) = tasks.join_next().await {
-            latency.add(&task??)?;
-        }
-        Ok(WriteRate {
-            transactions: done.load(Ordering::Relaxed),
-            elapsed: duration,
-            latency,
+            async move {
+                let id = uuid::Uuid::new_v4().to_string();
+                let mut resource = rows.resource.clone();
+                resource["id"] = json!(id);
+                let mut provenance = rows.provenance.clone();
+                let provenance_id = new_time_ordered_id();
+                provenance["id"] = json!(provenance_id);
+                provenance["target"] =
+                    json!([{ "reference": format!("Observation/{id}/_history/1") }]);
+                // The store gives each AuditEvent its id.
+                let event = rows.audit_event.clone();
+                let mut tx = store.begin().await?;
+                tx.create("Observation", &id, resource).await?;
+                tx.create("Provenance", &provenance_id, provenance).await?;
+                tx.append_audit(vec![event]).await?;
+                tx.commit().await?;
+                Ok(())
+            }
         })
+        .await
+    })
+}
+
+/// `concurrency` tasks appending the AuditEvent one read writes (under new ids)
+/// through the store's audit writer, which commits what is queued at once in
+/// one transaction, as the server's does; each task waits for its event to be
+/// committed before appending the next, as a request waits before answering.
+pub fn audit_rate(
+    database_url: String,
+    event: Value,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<WriteRate> {
+    on_store(database_url, move |store| async move {
+        let writer = AuditWriter::start(store);
+        let event = Arc::new(event);
+        sustained(concurrency, warmup, duration, move || {
+            let writer = writer.clone();
+            // The store gives each AuditEvent its id.
+            let event = Value::clone(&event);
+            async move {
+                writer.append(event).await?;
+                Ok(())
+            }
+        })
+        .await
+    })
+}
+
+/// Runs `operation` from `concurrency` tasks, each one after another, and
+/// counts those started and finished inside the `duration` after `warmup`.
+async fn sustained<F, Fut>(
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+    operation: F,
+) -> Result<WriteRate>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let started = Instant::now();
+    let measure_from = started + warmup;
+    let measure_until = measure_from + duration;
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let operation = operation.clone();
+        let done = done.clone();
+        tasks.spawn(async move {
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+            loop {
+                let sent = Instant::now();
+                if sent >= measure_until {
+                    break;
+                }
+                operation().await?;
+                let finished = Instant::now();
+                if sent >= measure_from && finished <= measure_until {
+                    done.fetch_add(1, Ordering::Relaxed);
+                    let micros = u64::try_from((finished - sent).as_micros()).unwrap_or(u64::MAX);
+                    latency.saturating_record(micros.max(1));
+                }
+            }
+            anyhow::Ok(latency)
+        });
+    }
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    while let Some(task) = tasks.join_next().await {
+        latency.add(&task??)?;
+    }
+    Ok(WriteRate {
+        transactions: done.load(Ordering::Relaxed),
+        elapsed: duration,
+        latency,
     })
 }
 
@@ -249,7 +300,7 @@ pub fn ingest_rate(
                         let mut count = 0;
                         for (ty, id, resource) in haven_bench::synthea::resolved(&bundle)? {
                             tx.create(&ty, &id, resource).await.with_context(|| format!("creating {ty}/{id}"))?;
-                            let provenance_id = uuid::Uuid::new_v4().to_string();
+                            let provenance_id = new_time_ordered_id();
                             tx.create("Provenance", &provenance_id, provenance(&provenance_id, &ty, &id)).await?;
                             count += 1;
                         }

@@ -543,6 +543,42 @@ async fn measure(
     drop(ceiling_server);
     report.rows.push(row);
 
+    // C4: the AuditEvent a read writes, appended straight through the store.
+    let read_events = server
+        .fetch(
+            &format!(
+                "/fhir/AuditEvent?entity=Patient/{}&subtype=read&_count=1",
+                reader.id
+            ),
+            &search_token,
+        )
+        .await?;
+    let read_event = read_events["entry"][0]["resource"].clone();
+    ensure!(
+        read_event.is_object(),
+        "no AuditEvent of a read of Patient/{}: {read_events}",
+        reader.id
+    );
+    let (db, _scratch, url) = raw_database(report.kind, args)?;
+    let (concurrency, warmup, duration) = (args.concurrency, args.warmup(), args.duration());
+    let rate = tokio::task::spawn_blocking(move || {
+        ceiling::audit_rate(url, read_event, concurrency, warmup, duration)
+    })
+    .await??;
+    drop(db);
+    eprintln!(
+        "  C4: {} events, {:.0}/s, p50 {:.2} ms",
+        rate.transactions,
+        rate.per_second(),
+        rate.latency.value_at_quantile(0.5) as f64 / 1000.0
+    );
+    report.rows.push(store_row(
+        "C4",
+        "audit ceiling of P1: the AuditEvent one read writes, appended through the store's group writer, no HTTP",
+        "events/s",
+        &rate,
+    ));
+
     // P2: creates, each with its Provenance and AuditEvent, by the loader.
     let write_token = server.token(&loader, LOADER_SCOPE).await?;
     let observation = Bytes::from(serde_json::to_vec(&observation(&reader.id))?);
@@ -593,21 +629,12 @@ async fn measure(
     })
     .await??;
     drop(db);
-    report.rows.push(Row {
-        id: "C2".into(),
-        what: "ceiling of P2: the same rows (Observation, Provenance, AuditEvent) in one store transaction each, no HTTP".into(),
-        unit: "transactions/s",
-        requests: rate.transactions,
-        errors: 0,
-        per_second: rate.per_second(),
-        p50_ms: Some(rate.latency.value_at_quantile(0.5) as f64 / 1000.0),
-        p99_ms: Some(rate.latency.value_at_quantile(0.99) as f64 / 1000.0),
-        ceiling: None,
-        goal: Goal::default(),
-        server_cores: None,
-        generator_cores: None,
-        first_error: None,
-    });
+    report.rows.push(store_row(
+        "C2",
+        "ceiling of P2: the same rows (Observation, Provenance, AuditEvent) in one store transaction each, no HTTP",
+        "transactions/s",
+        &rate,
+    ));
 
     // C3: the 1x bundles, with the Provenance and AuditEvents the server
     // writes for them, straight through the store.
@@ -724,6 +751,25 @@ async fn measure(
         remember_memory(report, &server, &format!("after P4 ({}x)", args.copies));
     }
     Ok(())
+}
+
+/// A row of what the store sustained without HTTP.
+fn store_row(id: &str, what: &str, unit: &'static str, rate: &ceiling::WriteRate) -> Row {
+    Row {
+        id: id.into(),
+        what: what.into(),
+        unit,
+        requests: rate.transactions,
+        errors: 0,
+        per_second: rate.per_second(),
+        p50_ms: Some(rate.latency.value_at_quantile(0.5) as f64 / 1000.0),
+        p99_ms: Some(rate.latency.value_at_quantile(0.99) as f64 / 1000.0),
+        ceiling: None,
+        goal: Goal::default(),
+        server_cores: None,
+        generator_cores: None,
+        first_error: None,
+    }
 }
 
 fn get_request(path: &str, host: &str, token: &str) -> Request<Full<Bytes>> {
