@@ -559,19 +559,10 @@ async fn measure(
         "no AuditEvent of a read of Patient/{}: {read_events}",
         reader.id
     );
-    let (db, _scratch, url) = raw_database(report.kind, args)?;
-    let (concurrency, warmup, duration) = (args.concurrency, args.warmup(), args.duration());
-    let rate = tokio::task::spawn_blocking(move || {
-        ceiling::audit_rate(url, read_event, concurrency, warmup, duration)
+    let rate = on_fresh_database(report.kind, args, "C4", move |url, c, w, d| {
+        ceiling::audit_rate(url, read_event, c, w, d)
     })
-    .await??;
-    drop(db);
-    eprintln!(
-        "  C4: {} events, {:.0}/s, p50 {:.2} ms",
-        rate.transactions,
-        rate.per_second(),
-        rate.latency.value_at_quantile(0.5) as f64 / 1000.0
-    );
+    .await?;
     report.rows.push(store_row(
         "C4",
         "audit ceiling of P1: the AuditEvent one read writes, appended through the store's group writer, no HTTP",
@@ -622,13 +613,10 @@ async fn measure(
 
     // C2: the rows one create wrote, written straight through the store.
     let rows = create_rows(&server, &write_token, &observation).await?;
-    let (db, _scratch, url) = raw_database(report.kind, args)?;
-    let (concurrency, warmup, duration) = (args.concurrency, args.warmup(), args.duration());
-    let rate = tokio::task::spawn_blocking(move || {
-        ceiling::create_rate(url, rows, concurrency, warmup, duration)
+    let rate = on_fresh_database(report.kind, args, "C2", move |url, c, w, d| {
+        ceiling::create_rate(url, rows, c, w, d)
     })
-    .await??;
-    drop(db);
+    .await?;
     report.rows.push(store_row(
         "C2",
         "ceiling of P2: the same rows (Observation, Provenance, AuditEvent) in one store transaction each, no HTTP",
@@ -751,6 +739,32 @@ async fn measure(
         remember_memory(report, &server, &format!("after P4 ({}x)", args.copies));
     }
     Ok(())
+}
+
+/// Runs a store ceiling (given the database URL, concurrency, warm-up and
+/// duration) on a fresh database of the backend, off the load generator's
+/// thread, and prints its rate.
+async fn on_fresh_database<F>(
+    kind: BackendKind,
+    args: &Args,
+    id: &str,
+    ceiling: F,
+) -> Result<ceiling::WriteRate>
+where
+    F: FnOnce(String, usize, Duration, Duration) -> Result<ceiling::WriteRate> + Send + 'static,
+{
+    let (db, _scratch, url) = raw_database(kind, args)?;
+    let (concurrency, warmup, duration) = (args.concurrency, args.warmup(), args.duration());
+    let rate =
+        tokio::task::spawn_blocking(move || ceiling(url, concurrency, warmup, duration)).await??;
+    drop(db);
+    eprintln!(
+        "  {id}: {} done, {:.0}/s, p50 {:.2} ms",
+        rate.transactions,
+        rate.per_second(),
+        rate.latency.value_at_quantile(0.5) as f64 / 1000.0
+    );
+    Ok(rate)
 }
 
 /// A row of what the store sustained without HTTP.
