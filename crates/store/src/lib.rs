@@ -29,6 +29,7 @@ mod search_rows;
 mod search_sql;
 pub mod sqlite;
 mod version;
+mod write_group;
 
 pub use audit_log::AuditWriter;
 pub use criteria::{

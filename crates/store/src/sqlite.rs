@@ -1,9 +1,10 @@
 //! The SQLite backend.
 //!
-//! SQLite has one writer at a time, so write transactions run on a pool of exactly
-//! one connection and start with `BEGIN IMMEDIATE`: they queue in the pool instead of
-//! failing with `SQLITE_BUSY` when a read lock would have to be upgraded. Reads use a
-//! separate pool and, thanks to WAL, never wait for the writer.
+//! SQLite has one writer at a time, so writes run on a pool of exactly one
+//! connection, in transactions begun with `BEGIN IMMEDIATE`: they queue for it
+//! instead of failing with `SQLITE_BUSY` when a read lock would have to be
+//! upgraded. Concurrent write transactions share commits ([`WriteGroup`]). Reads
+//! use a separate pool and, thanks to WAL, never wait for the writer.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -29,6 +30,7 @@ use crate::query::{self, Param, Sql};
 use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
 use crate::search_sql;
 use crate::version::{change_from_name, change_name, check_expected, new_version};
+use crate::write_group::{GroupTx, WriteGroup};
 use crate::{
     AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend, Change, HistoryPage,
     HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError, StoreTx,
@@ -47,7 +49,7 @@ const WRITER_CACHE_KIB: &str = "-16384";
 const READER_CACHE_KIB: &str = "-4096";
 
 pub struct SqliteStore {
-    writer: SqlitePool,
+    group: Arc<WriteGroup>,
     readers: SqlitePool,
     clock: Arc<dyn Clock>,
     auth: SqliteAuthRecords,
@@ -159,13 +161,14 @@ impl SqliteStore {
             .map_err(unavailable)?;
         backfill_search_index(&writer).await?;
         let auth = SqliteAuthRecords::new(writer.clone(), readers.clone(), clock.clone());
+        let group = Arc::new(WriteGroup::new(writer.clone(), WRITER_WAIT));
         let audit = SqliteAuditLog {
-            writer: writer.clone(),
+            group: group.clone(),
             readers: readers.clone(),
             clock: clock.clone(),
         };
         Ok(Self {
-            writer,
+            group,
             readers,
             clock,
             auth,
@@ -182,9 +185,8 @@ impl Store for SqliteStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        let tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         Ok(Box::new(SqliteTx {
-            tx,
+            tx: self.group.begin().await?,
             clock: self.clock.clone(),
             audit_failed: false,
         }))
@@ -352,7 +354,7 @@ async fn read_current(
 }
 
 struct SqliteTx {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: GroupTx,
     clock: Arc<dyn Clock>,
     /// Set when an audit append failed: SQLite undoes only the failing statement,
     /// so the transaction must not commit what came before it.
@@ -712,16 +714,16 @@ impl StoreTx for SqliteTx {
             // Dropping the transaction rolls it back.
             return Err(audit_log::failed_in_transaction());
         }
-        self.tx.commit().await?;
-        Ok(())
+        self.tx.commit().await
     }
 }
 
-/// [`AuditLog`] on SQLite. Appends go through the single writer connection
-/// with `BEGIN IMMEDIATE`, which also excludes writers in other processes, so
-/// the head read inside the transaction is the head the new records follow.
+/// [`AuditLog`] on SQLite. Appends are write transactions of their own, on the
+/// single writer connection with `BEGIN IMMEDIATE`, which also excludes writers
+/// in other processes, so the head read inside the transaction is the head the
+/// new records follow; they share commits with concurrent writes.
 pub(crate) struct SqliteAuditLog {
-    writer: SqlitePool,
+    group: Arc<WriteGroup>,
     readers: SqlitePool,
     clock: Arc<dyn Clock>,
 }
@@ -791,10 +793,9 @@ impl AuditLog for SqliteAuditLog {
             return Ok(());
         }
         let stamped = audit_log::stamp_events(events, self.clock.now())?;
-        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.group.begin().await?;
         append_audit_on(&mut tx, stamped).await?;
-        tx.commit().await?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn read(&self, id: &str) -> Result<Option<AuditRecord>> {
@@ -899,28 +900,20 @@ mod tests {
     #[tokio::test]
     async fn every_connection_keeps_temporaries_in_memory_and_has_its_page_cache() {
         let (_dir, store) = store().await;
-        let setting = |pool: SqlitePool, pragma: &'static str| async move {
-            let mut conn = pool.acquire().await.unwrap();
+        async fn setting(conn: &mut SqliteConnection, pragma: &str) -> String {
             sqlx::query_scalar::<_, i64>(&format!("PRAGMA {pragma}"))
-                .fetch_one(&mut *conn)
+                .fetch_one(conn)
                 .await
                 .unwrap()
-        };
+                .to_string()
+        }
         // temp_store 2 is MEMORY.
-        assert_eq!(setting(store.writer.clone(), "temp_store").await, 2);
-        assert_eq!(setting(store.readers.clone(), "temp_store").await, 2);
-        assert_eq!(
-            setting(store.writer.clone(), "cache_size")
-                .await
-                .to_string(),
-            WRITER_CACHE_KIB
-        );
-        assert_eq!(
-            setting(store.readers.clone(), "cache_size")
-                .await
-                .to_string(),
-            READER_CACHE_KIB
-        );
+        let mut writer = store.group.begin().await.unwrap();
+        assert_eq!(setting(&mut writer, "temp_store").await, "2");
+        assert_eq!(setting(&mut writer, "cache_size").await, WRITER_CACHE_KIB);
+        let mut reader = store.readers.acquire().await.unwrap();
+        assert_eq!(setting(&mut reader, "temp_store").await, "2");
+        assert_eq!(setting(&mut reader, "cache_size").await, READER_CACHE_KIB);
     }
 
     #[tokio::test]

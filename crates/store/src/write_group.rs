@@ -1,0 +1,563 @@
+//! Write transactions that share SQLite commits.
+//!
+//! SQLite has one writer, and every commit writes each page it dirtied to the WAL
+//! and syncs the file. So transactions that queue for the writer while another
+//! runs join its database transaction, each as a savepoint, and the group commits
+//! once they have had their turn: one sync, and each index page written once, for
+//! the whole group. The transaction that opens a group needs no savepoint, and one
+//! with nobody queued behind it commits at once, so a lone writer pays nothing for
+//! the sharing. A transaction's `commit` returns only after the group's commit, so
+//! nothing is reported written before it is durable; one that ends without
+//! committing is rolled back alone. If the group's transaction itself fails, every
+//! transaction in it is told so. A group that has written many rows commits at
+//! once instead of taking in more: large transactions (a bundle of a hundred
+//! resources) gain nothing from sharing a sync, and an ever larger transaction
+//! would outgrow the page cache and hold more savepoint journal in memory.
+
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
+use tokio::task::JoinHandle;
+
+use crate::{Result, StoreError};
+
+/// Rows a group's transaction may have written before it commits without
+/// waiting for more members: a few dozen creates, or one bundle.
+const GROUP_ROWS: i64 = 2_000;
+
+/// Shares commits between the write transactions of one database.
+pub(crate) struct WriteGroup {
+    state: Arc<Mutex<GroupState>>,
+    signal: Arc<Signal>,
+    /// Started by the first transaction, on the runtime it runs on, and again
+    /// if that runtime has ended.
+    committer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// How long a transaction may queue for the writer.
+    wait: Duration,
+}
+
+/// How transactions and the store reach the committer.
+#[derive(Default)]
+struct Signal {
+    /// A transaction ended: there may be something to commit or undo.
+    wake: Notify,
+    /// The store is closing: commit what is left and stop.
+    closed: AtomicBool,
+    /// Transactions waiting for the writer, which may join the open group.
+    queued: AtomicUsize,
+}
+
+/// Counts a transaction as queued for the writer until dropped.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn new(queued: &'a AtomicUsize) -> Self {
+        queued.fetch_add(1, Ordering::AcqRel);
+        Self(queued)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct GroupState {
+    pool: SqlitePool,
+    /// The writer connection, taken from its pool while a group's transaction is
+    /// open on it, so that nothing else writes in between.
+    open: Option<PoolConnection<Sqlite>>,
+    /// Whether the transaction holding the writer joined an open group (and so
+    /// runs in a savepoint) rather than opened it.
+    joined: bool,
+    /// The last transaction ended without committing: it must be undone before
+    /// anything else runs.
+    abandoned: bool,
+    /// Transactions released into the open one, waiting for it to commit.
+    waiting: Vec<oneshot::Sender<Result<()>>>,
+    /// SQLite's count of rows changed on the connection when the group's
+    /// transaction began (`total_changes()`).
+    changes_before: i64,
+    /// See [`GROUP_ROWS`].
+    row_limit: i64,
+    /// Groups committed so far.
+    commits: u64,
+}
+
+impl WriteGroup {
+    /// A group over the writer pool (of one connection), with its committer task.
+    pub(crate) fn new(pool: SqlitePool, wait: Duration) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(GroupState {
+                pool,
+                open: None,
+                joined: false,
+                abandoned: false,
+                waiting: Vec::new(),
+                changes_before: 0,
+                row_limit: GROUP_ROWS,
+                commits: 0,
+            })),
+            signal: Arc::default(),
+            committer: std::sync::Mutex::new(None),
+            wait,
+        }
+    }
+
+    /// Starts a transaction: waits for the writer, then joins the open group's
+    /// transaction with a savepoint, or opens one with `BEGIN IMMEDIATE`.
+    pub(crate) async fn begin(&self) -> Result<GroupTx> {
+        self.start_committer();
+        let queued = Queued::new(&self.signal.queued);
+        let mut state = tokio::time::timeout(self.wait, self.state.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable("timed out waiting for the database writer".into())
+            })?;
+        drop(queued);
+        state.undo_abandoned().await;
+        state.start().await?;
+        Ok(GroupTx {
+            state: Some(state),
+            signal: self.signal.clone(),
+        })
+    }
+
+    fn start_committer(&self) {
+        let mut committer = self
+            .committer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if committer.as_ref().is_none_or(JoinHandle::is_finished) {
+            *committer = Some(tokio::spawn(commit_groups(
+                self.state.clone(),
+                self.signal.clone(),
+            )));
+        }
+    }
+
+    /// How many group commits there have been.
+    #[cfg(test)]
+    pub(crate) async fn commits(&self) -> u64 {
+        self.state.lock().await.commits
+    }
+}
+
+/// The committer: whenever a transaction ends, it queues for the writer behind
+/// those already waiting (the lock is fair), and commits what they released.
+async fn commit_groups(state: Arc<Mutex<GroupState>>, signal: Arc<Signal>) {
+    loop {
+        signal.wake.notified().await;
+        let mut state = state.lock().await;
+        state.undo_abandoned().await;
+        state.commit().await;
+        // What was released before the store closed is committed above.
+        if signal.closed.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+impl Drop for WriteGroup {
+    fn drop(&mut self) {
+        self.signal.closed.store(true, Ordering::Release);
+        self.signal.wake.notify_one();
+    }
+}
+
+impl GroupState {
+    async fn start(&mut self) -> Result<()> {
+        self.joined = self.open.is_some();
+        if !self.joined {
+            let mut conn = self.pool.acquire().await?;
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+            let changes = sqlx::query_scalar("SELECT total_changes()")
+                .fetch_one(&mut *conn)
+                .await;
+            self.open = Some(conn);
+            match changes {
+                Ok(changes) => self.changes_before = changes,
+                Err(e) => {
+                    let e = StoreError::from(e);
+                    self.fail(&e).await;
+                    return Err(e);
+                }
+            }
+            return Ok(());
+        }
+        let Some(conn) = self.open.as_mut() else {
+            return Err(lost());
+        };
+        if let Err(e) = sqlx::query("SAVEPOINT request").execute(&mut **conn).await {
+            let e = StoreError::from(e);
+            self.fail(&e).await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Merges the holder's savepoint, if it has one, into the group's
+    /// transaction; says whether the group should commit now rather than wait
+    /// for those queued: when nobody is, or when it has written enough rows.
+    async fn release(&mut self, queued: usize) -> Result<bool> {
+        let Some(conn) = self.open.as_mut() else {
+            return Err(lost());
+        };
+        let released = if self.joined {
+            sqlx::query("RELEASE request")
+                .execute(&mut **conn)
+                .await
+                .map(|_| ())
+        } else {
+            Ok(())
+        };
+        let rows = match released {
+            Ok(()) if queued == 0 => return Ok(true),
+            Ok(()) => {
+                sqlx::query_scalar::<_, i64>("SELECT total_changes()")
+                    .fetch_one(&mut **conn)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match rows {
+            Ok(changes) => Ok(changes - self.changes_before >= self.row_limit),
+            Err(e) => {
+                let e = StoreError::from(e);
+                self.fail(&e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn undo_abandoned(&mut self) {
+        if !std::mem::take(&mut self.abandoned) {
+            return;
+        }
+        if !self.joined && self.waiting.is_empty() {
+            // It opened the group, so the group holds nothing else.
+            if let Some(mut conn) = self.open.take() {
+                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                    conn.close_on_drop();
+                }
+            }
+            return;
+        }
+        let Some(conn) = self.open.as_mut() else {
+            return;
+        };
+        // Fails if SQLite already rolled the whole transaction back (it does
+        // after some errors, such as a full disk), and so does the group.
+        let undone = match sqlx::query("ROLLBACK TO request")
+            .execute(&mut **conn)
+            .await
+        {
+            Ok(_) => sqlx::query("RELEASE request").execute(&mut **conn).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = undone {
+            self.fail(&StoreError::from(e)).await;
+        }
+    }
+
+    /// Commits the group's transaction, if one is open, and tells its members.
+    async fn commit(&mut self) {
+        let Some(conn) = self.open.as_mut() else {
+            return;
+        };
+        match sqlx::query("COMMIT").execute(&mut **conn).await {
+            Ok(_) => {
+                self.open = None;
+                self.commits += 1;
+                for member in self.waiting.drain(..) {
+                    let _ = member.send(Ok(()));
+                }
+            }
+            Err(e) => self.fail(&StoreError::from(e)).await,
+        }
+    }
+
+    /// Rolls the group's transaction back and tells each member it failed.
+    async fn fail(&mut self, cause: &StoreError) {
+        tracing::error!(error = %cause, members = self.waiting.len(), "a shared write transaction failed");
+        if let Some(mut conn) = self.open.take() {
+            if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
+                // The transaction is gone already, or the connection is broken:
+                // a new connection is the safe one to write on next.
+                conn.close_on_drop();
+            }
+        }
+        for member in self.waiting.drain(..) {
+            let _ = member.send(Err(StoreError::Unavailable(format!(
+                "the shared write transaction failed: {cause}"
+            ))));
+        }
+    }
+}
+
+fn lost() -> StoreError {
+    StoreError::Unavailable("the shared write transaction was lost".into())
+}
+
+/// One transaction of a group: it holds the writer until it commits or is
+/// dropped, and dereferences to the writer connection.
+pub(crate) struct GroupTx {
+    state: Option<OwnedMutexGuard<GroupState>>,
+    signal: Arc<Signal>,
+}
+
+impl GroupTx {
+    /// Releases the savepoint into the group and waits for the group's commit.
+    pub(crate) async fn commit(mut self) -> Result<()> {
+        let Some(mut state) = self.state.take() else {
+            return Err(lost());
+        };
+        let now = state
+            .release(self.signal.queued.load(Ordering::Acquire))
+            .await?;
+        let (member, outcome) = oneshot::channel();
+        state.waiting.push(member);
+        if now {
+            // With every member released before it.
+            state.commit().await;
+        }
+        drop(state);
+        self.signal.wake.notify_one();
+        outcome.await.unwrap_or_else(|_| Err(lost()))
+    }
+}
+
+impl Drop for GroupTx {
+    fn drop(&mut self) {
+        if let Some(mut state) = self.state.take() {
+            state.abandoned = true;
+            drop(state);
+            self.signal.wake.notify_one();
+        }
+    }
+}
+
+impl Deref for GroupTx {
+    type Target = SqliteConnection;
+
+    fn deref(&self) -> &SqliteConnection {
+        self.state
+            .as_ref()
+            .and_then(|state| state.open.as_deref())
+            .expect("a transaction holds the open connection until it ends")
+    }
+}
+
+impl DerefMut for GroupTx {
+    fn deref_mut(&mut self) -> &mut SqliteConnection {
+        self.state
+            .as_mut()
+            .and_then(|state| state.open.as_deref_mut())
+            .expect("a transaction holds the open connection until it ends")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+
+    async fn group(wait: Duration) -> (tempfile::TempDir, SqlitePool, WriteGroup) {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("group.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE written (n INTEGER PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let group = WriteGroup::new(pool.clone(), wait);
+        (dir, pool, group)
+    }
+
+    async fn write(tx: &mut GroupTx, n: i64) {
+        sqlx::query("INSERT INTO written (n) VALUES (?1)")
+            .bind(n)
+            .execute(&mut **tx)
+            .await
+            .unwrap();
+    }
+
+    async fn written(pool: &SqlitePool) -> Vec<i64> {
+        sqlx::query_scalar("SELECT n FROM written ORDER BY n")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    }
+
+    /// Lets a spawned task run until it waits for the writer.
+    async fn let_it_queue() {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn transactions_queued_for_the_writer_commit_together_and_each_learns_it_after_the_commit(
+    ) {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let first = group.begin().await.unwrap();
+        let mut queued = tokio::task::JoinSet::new();
+        for n in 1..=8 {
+            let group = group.clone();
+            let pool = pool.clone();
+            queued.spawn(async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, n).await;
+                tx.commit().await.unwrap();
+                // Committed means visible to a new connection's read.
+                assert!(written(&pool).await.contains(&n));
+            });
+        }
+        let_it_queue().await;
+        first.commit().await.unwrap();
+        while let Some(task) = queued.join_next().await {
+            task.unwrap();
+        }
+        assert_eq!(written(&pool).await, (1..=8).collect::<Vec<_>>());
+        let commits = group.commits().await;
+        assert!(
+            (1..=3).contains(&commits),
+            "nine transactions, queued at once, took {commits} commits"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_ends_without_committing_leaves_the_rest_of_its_group_written() {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let mut kept = group.begin().await.unwrap();
+        write(&mut kept, 1).await;
+        let abandoned = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, 2).await;
+                drop(tx);
+            }
+        });
+        let_it_queue().await;
+        // Waits for the group's commit, which runs after the abandoned one is undone.
+        kept.commit().await.unwrap();
+        abandoned.await.unwrap();
+        assert_eq!(written(&pool).await, vec![1]);
+
+        // An abandoned transaction with none after it still frees the writer.
+        let mut last = group.begin().await.unwrap();
+        write(&mut last, 3).await;
+        drop(last);
+        let mut next = group.begin().await.unwrap();
+        write(&mut next, 4).await;
+        next.commit().await.unwrap();
+        assert_eq!(written(&pool).await, vec![1, 4]);
+        assert!(
+            pool.acquire().await.is_ok(),
+            "the writer connection is back in its pool between groups"
+        );
+    }
+
+    #[tokio::test]
+    async fn when_the_shared_transaction_is_lost_every_transaction_in_it_is_told_so_and_nothing_is_written(
+    ) {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let mut released = group.begin().await.unwrap();
+        write(&mut released, 1).await;
+        let losing = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                // What SQLite does itself after some errors (a full disk, say):
+                // the whole transaction is rolled back, not one statement.
+                sqlx::query("ROLLBACK").execute(&mut *tx).await.unwrap();
+                drop(tx);
+            }
+        });
+        let_it_queue().await;
+        let outcome = released.commit().await;
+        losing.await.unwrap();
+        assert!(
+            matches!(outcome, Err(StoreError::Unavailable(_))),
+            "{outcome:?}"
+        );
+        assert!(written(&pool).await.is_empty());
+
+        // The next transaction starts afresh.
+        let mut next = group.begin().await.unwrap();
+        write(&mut next, 2).await;
+        next.commit().await.unwrap();
+        assert_eq!(written(&pool).await, vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_group_that_has_written_many_rows_commits_without_waiting_for_those_queued_behind_it()
+    {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        group.state.lock().await.row_limit = 3;
+        let group = Arc::new(group);
+        let mut large = group.begin().await.unwrap();
+        for n in 1..=5 {
+            write(&mut large, n).await;
+        }
+        let (proceed, go) = oneshot::channel::<()>();
+        let behind = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, 10).await;
+                // Holds the writer until the large transaction has committed.
+                go.await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        });
+        let_it_queue().await;
+        tokio::time::timeout(Duration::from_secs(5), large.commit())
+            .await
+            .expect("the large transaction commits without the one queued behind it")
+            .unwrap();
+        proceed.send(()).unwrap();
+        behind.await.unwrap();
+        assert_eq!(written(&pool).await, vec![1, 2, 3, 4, 5, 10]);
+        assert_eq!(group.commits().await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_that_waits_too_long_for_the_writer_is_refused_as_unavailable() {
+        let (_dir, _pool, group) = group(Duration::from_millis(100)).await;
+        let _holding = group.begin().await.unwrap();
+        let refused = group.begin().await;
+        assert!(
+            matches!(refused, Err(StoreError::Unavailable(_))),
+            "{:?}",
+            refused.err()
+        );
+    }
+
+    #[tokio::test]
+    async fn what_was_released_before_the_store_closes_is_still_committed() {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let mut tx = group.begin().await.unwrap();
+        write(&mut tx, 1).await;
+        let outcome = tokio::spawn(tx.commit());
+        tokio::task::yield_now().await;
+        drop(group);
+        outcome.await.unwrap().unwrap();
+        assert_eq!(written(&pool).await, vec![1]);
+    }
+}
