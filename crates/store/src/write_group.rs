@@ -183,11 +183,7 @@ impl GroupState {
             self.open = Some(conn);
             match changes {
                 Ok(changes) => self.changes_before = changes,
-                Err(e) => {
-                    let e = StoreError::from(e);
-                    self.fail(&e).await;
-                    return Err(e);
-                }
+                Err(e) => return Err(self.fail(e).await),
             }
             return Ok(());
         }
@@ -195,9 +191,7 @@ impl GroupState {
             return Err(lost());
         };
         if let Err(e) = sqlx::query("SAVEPOINT request").execute(&mut **conn).await {
-            let e = StoreError::from(e);
-            self.fail(&e).await;
-            return Err(e);
+            return Err(self.fail(e).await);
         }
         Ok(())
     }
@@ -228,11 +222,7 @@ impl GroupState {
         };
         match rows {
             Ok(changes) => Ok(changes - self.changes_before >= self.row_limit),
-            Err(e) => {
-                let e = StoreError::from(e);
-                self.fail(&e).await;
-                Err(e)
-            }
+            Err(e) => Err(self.fail(e).await),
         }
     }
 
@@ -242,11 +232,7 @@ impl GroupState {
         }
         if !self.joined && self.waiting.is_empty() {
             // It opened the group, so the group holds nothing else.
-            if let Some(mut conn) = self.open.take() {
-                if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
-                    conn.close_on_drop();
-                }
-            }
+            self.roll_back().await;
             return;
         }
         let Some(conn) = self.open.as_mut() else {
@@ -262,7 +248,7 @@ impl GroupState {
             Err(e) => Err(e),
         };
         if let Err(e) = undone {
-            self.fail(&StoreError::from(e)).await;
+            self.fail(e).await;
         }
     }
 
@@ -279,13 +265,14 @@ impl GroupState {
                     let _ = member.send(Ok(()));
                 }
             }
-            Err(e) => self.fail(&StoreError::from(e)).await,
+            Err(e) => {
+                self.fail(e).await;
+            }
         }
     }
 
-    /// Rolls the group's transaction back and tells each member it failed.
-    async fn fail(&mut self, cause: &StoreError) {
-        tracing::error!(error = %cause, members = self.waiting.len(), "a shared write transaction failed");
+    /// Ends the open transaction, if any, with `ROLLBACK`.
+    async fn roll_back(&mut self) {
         if let Some(mut conn) = self.open.take() {
             if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
                 // The transaction is gone already, or the connection is broken:
@@ -293,11 +280,20 @@ impl GroupState {
                 conn.close_on_drop();
             }
         }
+    }
+
+    /// Rolls the group's transaction back after a statement failed and tells
+    /// each member; returns the error.
+    async fn fail(&mut self, error: sqlx::Error) -> StoreError {
+        let cause = StoreError::from(error);
+        tracing::error!(error = %cause, members = self.waiting.len(), "a shared write transaction failed");
+        self.roll_back().await;
         for member in self.waiting.drain(..) {
             let _ = member.send(Err(StoreError::Unavailable(format!(
                 "the shared write transaction failed: {cause}"
             ))));
         }
+        cause
     }
 }
 
