@@ -322,6 +322,13 @@ impl GuardedStore {
             guard,
         }
     }
+
+    fn guarded(&self, inner: Box<dyn StoreTx>) -> Box<dyn StoreTx> {
+        Box::new(GuardedTx {
+            inner,
+            guard: self.guard.clone(),
+        })
+    }
 }
 
 /// The audit trail as a request sees it: AuditEvents are read and searched
@@ -434,10 +441,11 @@ impl Store for GuardedStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        Ok(Box::new(GuardedTx {
-            inner: self.inner.begin().await?,
-            guard: self.guard.clone(),
-        }))
+        Ok(self.guarded(self.inner.begin().await?))
+    }
+
+    async fn begin_large(&self) -> Result<Box<dyn StoreTx>> {
+        Ok(self.guarded(self.inner.begin_large().await?))
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {

@@ -823,6 +823,17 @@ pub(crate) struct LabelingStore {
     labeler: Arc<Labeler>,
 }
 
+impl LabelingStore {
+    fn labeling(&self, inner: Box<dyn StoreTx>) -> Box<dyn StoreTx> {
+        Box::new(LabelingTx {
+            inner,
+            labeler: self.labeler.clone(),
+            passed_on: 0,
+            unresolved: Vec::new(),
+        })
+    }
+}
+
 #[async_trait]
 impl Store for LabelingStore {
     fn backend(&self) -> Backend {
@@ -830,12 +841,11 @@ impl Store for LabelingStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        Ok(Box::new(LabelingTx {
-            inner: self.inner.begin().await?,
-            labeler: self.labeler.clone(),
-            passed_on: 0,
-            unresolved: Vec::new(),
-        }))
+        Ok(self.labeling(self.inner.begin().await?))
+    }
+
+    async fn begin_large(&self) -> Result<Box<dyn StoreTx>> {
+        Ok(self.labeling(self.inner.begin_large().await?))
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {

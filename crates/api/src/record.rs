@@ -638,6 +638,14 @@ impl Debug for RecordedStore {
 }
 
 impl RecordedStore {
+    fn recorded(&self, inner: Box<dyn StoreTx>) -> Box<dyn StoreTx> {
+        Box::new(RecordedTx {
+            inner,
+            shared: self.shared.clone(),
+            written: Vec::new(),
+        })
+    }
+
     fn note_version(&self, version: &Option<ResourceVersion>) {
         if let Some(v) = version {
             self.shared
@@ -654,11 +662,11 @@ impl Store for RecordedStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        Ok(Box::new(RecordedTx {
-            inner: self.inner.begin().await?,
-            shared: self.shared.clone(),
-            written: Vec::new(),
-        }))
+        Ok(self.recorded(self.inner.begin().await?))
+    }
+
+    async fn begin_large(&self) -> Result<Box<dyn StoreTx>> {
+        Ok(self.recorded(self.inner.begin_large().await?))
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {

@@ -1338,6 +1338,39 @@ async fn a_transaction_failing_at_the_store_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_large_transaction_commits_whole_or_not_at_all_while_single_creates_go_on_beside_it() {
+    let app = spawn_app().await;
+    let id = app.create(&patient("A", None)).await;
+    let creates = |family: &str| -> Vec<Value> {
+        (0..40)
+            .map(|n| {
+                json!({"resource": patient(&format!("{family}{n}"), None),
+                            "request": {"method": "POST", "url": "Patient"}})
+            })
+            .collect()
+    };
+    let kept = transaction(creates("Kept"));
+    let mut failing = creates("Lost");
+    failing.push(json!({"resource": with_id(patient("B", None), &id),
+                        "request": {"method": "PUT", "url": format!("Patient/{id}"), "ifMatch": "W/\"7\""}}));
+    let failing = transaction(failing);
+    let (single_a, single_b) = (patient("SingleA", None), patient("SingleB", None));
+    let (kept_reply, failing_reply, single_a, single_b) = tokio::join!(
+        app.post("/fhir", &kept),
+        app.post("/fhir", &failing),
+        app.post("/fhir/Patient", &single_a),
+        app.post("/fhir/Patient", &single_b),
+    );
+    assert_eq!(kept_reply.status, StatusCode::OK);
+    assert_eq!(kept_reply.body["entry"].as_array().unwrap().len(), 40);
+    assert_eq!(failing_reply.status, StatusCode::PRECONDITION_FAILED);
+    assert_eq!(failing_reply.body["resourceType"], "OperationOutcome");
+    assert_eq!(single_a.status, StatusCode::CREATED);
+    assert_eq!(single_b.status, StatusCode::CREATED);
+    assert_eq!(app.count("Patient").await, 1 + 40 + 2);
+}
+
+#[tokio::test]
 async fn a_transaction_resolves_conditional_references_and_honours_if_none_exist() {
     let app = spawn_app().await;
     let known = app

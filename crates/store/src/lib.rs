@@ -214,6 +214,15 @@ pub trait Store: Send + Sync + Debug {
     /// Starts a write transaction. Dropping it without [`StoreTx::commit`] rolls back.
     async fn begin(&self) -> Result<Box<dyn StoreTx>>;
 
+    /// Starts a write transaction that will write many rows, such as a large
+    /// transaction bundle. A backend whose small transactions share commits runs
+    /// this one on its own: sharing a commit would gain it nothing, and would
+    /// keep a copy of every page it changes in memory until it ends. Elsewhere
+    /// the same as [`Store::begin`].
+    async fn begin_large(&self) -> Result<Box<dyn StoreTx>> {
+        self.begin().await
+    }
+
     /// The current version, including a deletion version; `None` if never stored.
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>>;
 

@@ -176,6 +176,14 @@ impl SqliteStore {
             _scratch: scratch,
         })
     }
+
+    fn transaction(&self, tx: GroupTx) -> Box<dyn StoreTx> {
+        Box::new(SqliteTx {
+            tx,
+            clock: self.clock.clone(),
+            audit_failed: false,
+        })
+    }
 }
 
 #[async_trait]
@@ -185,11 +193,11 @@ impl Store for SqliteStore {
     }
 
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        Ok(Box::new(SqliteTx {
-            tx: self.group.begin().await?,
-            clock: self.clock.clone(),
-            audit_failed: false,
-        }))
+        Ok(self.transaction(self.group.begin().await?))
+    }
+
+    async fn begin_large(&self) -> Result<Box<dyn StoreTx>> {
+        Ok(self.transaction(self.group.begin_alone().await?))
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {

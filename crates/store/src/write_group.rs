@@ -12,7 +12,10 @@
 //! transaction in it is told so. A group that has written many rows commits at
 //! once instead of taking in more: large transactions (a bundle of a hundred
 //! resources) gain nothing from sharing a sync, and an ever larger transaction
-//! would outgrow the page cache and hold more savepoint journal in memory.
+//! would outgrow the page cache. A transaction known to be large does not join
+//! at all: in a savepoint, SQLite keeps the original of every page it changes
+//! in memory (temporary files are in memory here), which for a bundle of
+//! thousands of resources is tens of megabytes.
 
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -115,18 +118,39 @@ impl WriteGroup {
     pub(crate) async fn begin(&self) -> Result<GroupTx> {
         self.start_committer();
         let queued = Queued::new(&self.signal.queued);
-        let mut state = tokio::time::timeout(self.wait, self.state.clone().lock_owned())
-            .await
-            .map_err(|_| {
-                StoreError::Unavailable("timed out waiting for the database writer".into())
-            })?;
+        let mut state = self.writer().await?;
         drop(queued);
         state.undo_abandoned().await;
         state.start().await?;
-        Ok(GroupTx {
+        Ok(self.holding(state))
+    }
+
+    /// Starts a transaction that does not join an open group: waits for the
+    /// writer, commits the group it finds open, and opens its own. Those that
+    /// queue behind it may still join it. For transactions that write many
+    /// rows, which a savepoint would copy page by page into memory.
+    pub(crate) async fn begin_alone(&self) -> Result<GroupTx> {
+        self.start_committer();
+        let mut state = self.writer().await?;
+        state.undo_abandoned().await;
+        state.commit().await;
+        state.start().await?;
+        Ok(self.holding(state))
+    }
+
+    async fn writer(&self) -> Result<OwnedMutexGuard<GroupState>> {
+        tokio::time::timeout(self.wait, self.state.clone().lock_owned())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable("timed out waiting for the database writer".into())
+            })
+    }
+
+    fn holding(&self, state: OwnedMutexGuard<GroupState>) -> GroupTx {
+        GroupTx {
             state: Some(state),
             signal: self.signal.clone(),
-        })
+        }
     }
 
     fn start_committer(&self) {
@@ -322,9 +346,12 @@ impl GroupTx {
         if now {
             // With every member released before it.
             state.commit().await;
+            drop(state);
+        } else {
+            drop(state);
+            // The committer queues behind those waiting and commits after them.
+            self.signal.wake.notify_one();
         }
-        drop(state);
-        self.signal.wake.notify_one();
         outcome.await.unwrap_or_else(|_| Err(lost()))
     }
 }
@@ -531,6 +558,86 @@ mod tests {
         behind.await.unwrap();
         assert_eq!(written(&pool).await, vec![1, 2, 3, 4, 5, 10]);
         assert_eq!(group.commits().await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_begun_alone_commits_the_open_group_first_and_those_behind_it_join_it() {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let mut first = group.begin().await.unwrap();
+        write(&mut first, 1).await;
+        let joined_committed = Arc::new(AtomicBool::new(false));
+        let joined = tokio::spawn({
+            let (group, done) = (group.clone(), joined_committed.clone());
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, 2).await;
+                tx.commit().await.unwrap();
+                done.store(true, Ordering::Release);
+            }
+        });
+        let_it_queue().await;
+        let alone = tokio::spawn({
+            let (group, pool, done) = (group.clone(), pool.clone(), joined_committed.clone());
+            async move {
+                let mut tx = group.begin_alone().await.unwrap();
+                let_it_queue().await;
+                // The group it found open is committed, so not part of this one.
+                assert!(done.load(Ordering::Acquire));
+                write(&mut tx, 3).await;
+                tx.commit().await.unwrap();
+                assert!(written(&pool).await.contains(&3));
+            }
+        });
+        let_it_queue().await;
+        let behind = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, 4).await;
+                tx.commit().await.unwrap();
+            }
+        });
+        let_it_queue().await;
+        first.commit().await.unwrap();
+        for task in [joined, alone, behind] {
+            task.await.unwrap();
+        }
+        assert_eq!(written(&pool).await, vec![1, 2, 3, 4]);
+        // One commit for the first two, one for the lone one and the one behind it.
+        assert_eq!(group.commits().await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_begun_alone_and_dropped_undoes_only_its_own_rows() {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let mut first = group.begin().await.unwrap();
+        write(&mut first, 1).await;
+        let joined = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, 2).await;
+                tx.commit().await.unwrap();
+            }
+        });
+        let_it_queue().await;
+        let alone = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin_alone().await.unwrap();
+                write(&mut tx, 3).await;
+            }
+        });
+        let_it_queue().await;
+        first.commit().await.unwrap();
+        joined.await.unwrap();
+        alone.await.unwrap();
+        let mut next = group.begin().await.unwrap();
+        write(&mut next, 4).await;
+        next.commit().await.unwrap();
+        assert_eq!(written(&pool).await, vec![1, 2, 4]);
     }
 
     #[tokio::test]

@@ -168,6 +168,7 @@ stories!(
     an_expected_version_that_is_not_current_is_a_version_conflict,
     two_racing_updates_of_one_version_have_exactly_one_winner,
     a_transaction_dropped_without_commit_leaves_nothing,
+    a_large_transaction_commits_whole_or_not_at_all_beside_small_ones,
     search_filters_by_type_id_and_last_updated,
     search_pages_with_count_offset_total_and_more,
     search_sorts_by_last_updated_both_ways,
@@ -586,6 +587,60 @@ async fn a_transaction_dropped_without_commit_leaves_nothing(world: World) {
             .version,
         1
     );
+}
+
+async fn a_large_transaction_commits_whole_or_not_at_all_beside_small_ones(world: World) {
+    let store = world.store.clone();
+    let large = |prefix: &'static str, keep: bool| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tx = store.begin_large().await.unwrap();
+            for n in 0..50 {
+                tx.create("Patient", &format!("{prefix}-{n}"), patient(prefix))
+                    .await
+                    .unwrap();
+            }
+            if keep {
+                tx.commit().await.unwrap();
+            }
+        })
+    };
+    let small = |n: usize| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tx = store.begin().await.unwrap();
+            tx.create("Patient", &format!("small-{n}"), patient("Small"))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        })
+    };
+    let mut tasks = vec![large("kept", true), large("dropped", false)];
+    tasks.extend((0..8).map(small));
+    for task in tasks {
+        task.await.unwrap();
+    }
+    for n in 0..50 {
+        assert!(store
+            .read("Patient", &format!("kept-{n}"))
+            .await
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            store
+                .read("Patient", &format!("dropped-{n}"))
+                .await
+                .unwrap(),
+            None
+        );
+    }
+    for n in 0..8 {
+        assert!(store
+            .read("Patient", &format!("small-{n}"))
+            .await
+            .unwrap()
+            .is_some());
+    }
 }
 
 async fn search_filters_by_type_id_and_last_updated(world: World) {

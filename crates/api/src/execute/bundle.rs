@@ -41,6 +41,11 @@ use crate::interaction::{self, Interaction, RequestBody, Target};
 use crate::pipeline::Exec;
 use crate::response::{instant, status_line, FhirResponse};
 
+/// Entries above which a transaction is large enough to run in a database
+/// transaction of its own (see [`haven_store::Store::begin_large`]); a few dozen
+/// entries share a commit with concurrent requests at little memory cost.
+const LARGE_TRANSACTION_ENTRIES: usize = 32;
+
 /// One entry, understood.
 struct Entry {
     index: usize,
@@ -374,7 +379,11 @@ pub(crate) async fn transaction(exec: &Exec<'_>, bundle: &Value) -> Result<FhirR
     }
     parsed.sort_by_key(|e| rank(&e.interaction));
 
-    let mut tx = exec.state.store.begin().await?;
+    let mut tx = if parsed.len() > LARGE_TRANSACTION_ENTRIES {
+        exec.state.store.begin_large().await?
+    } else {
+        exec.state.store.begin().await?
+    };
     let mut answers: Vec<Option<FhirResponse>> = vec![None; raw.len()];
     let mut plans: Vec<Plan> = Vec::with_capacity(parsed.len());
     let mut ids: HashMap<String, String> = HashMap::new();
