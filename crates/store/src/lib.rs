@@ -20,6 +20,7 @@ use time::OffsetDateTime;
 
 mod audit_log;
 mod auth_records;
+mod checkpoint;
 mod criteria;
 mod document;
 pub mod error;

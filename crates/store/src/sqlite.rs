@@ -25,6 +25,7 @@ use time::OffsetDateTime;
 
 use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
 use crate::auth_records::SqliteAuthRecords;
+use crate::checkpoint;
 use crate::document::identifier_tokens;
 use crate::query::{self, Param, Sql};
 use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
@@ -121,7 +122,8 @@ async fn open_writer(options: SqliteConnectOptions) -> Result<SqlitePool> {
         .synchronous(SqliteSynchronous::Full)
         .foreign_keys(true)
         .busy_timeout(BUSY_TIMEOUT)
-        .pragma("cache_size", WRITER_CACHE_KIB);
+        .pragma("cache_size", WRITER_CACHE_KIB)
+        .pragma("wal_autocheckpoint", checkpoint::WRITER_BACKSTOP_PAGES);
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)
@@ -152,6 +154,7 @@ impl SqliteStore {
             .max_connections(READERS)
             .connect_with(
                 options
+                    .clone()
                     .synchronous(SqliteSynchronous::Full)
                     .foreign_keys(true)
                     .busy_timeout(BUSY_TIMEOUT)
@@ -161,7 +164,17 @@ impl SqliteStore {
             .map_err(unavailable)?;
         backfill_search_index(&writer).await?;
         let auth = SqliteAuthRecords::new(writer.clone(), readers.clone(), clock.clone());
-        let group = Arc::new(WriteGroup::new(writer.clone(), WRITER_WAIT));
+        // Its own connection, so that the writer never waits for a checkpoint.
+        let checkpoints = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.synchronous(SqliteSynchronous::Full))
+            .await
+            .map_err(unavailable)?;
+        let group = Arc::new(WriteGroup::new(
+            writer.clone(),
+            WRITER_WAIT,
+            Some(checkpoints),
+        ));
         let audit = SqliteAuditLog {
             group: group.clone(),
             readers: readers.clone(),
@@ -919,9 +932,48 @@ mod tests {
         let mut writer = store.group.begin().await.unwrap();
         assert_eq!(setting(&mut writer, "temp_store").await, "2");
         assert_eq!(setting(&mut writer, "cache_size").await, WRITER_CACHE_KIB);
+        assert_eq!(
+            setting(&mut writer, "wal_autocheckpoint").await,
+            checkpoint::WRITER_BACKSTOP_PAGES
+        );
         let mut reader = store.readers.acquire().await.unwrap();
         assert_eq!(setting(&mut reader, "temp_store").await, "2");
         assert_eq!(setting(&mut reader, "cache_size").await, READER_CACHE_KIB);
+    }
+
+    #[tokio::test]
+    async fn committed_pages_reach_the_database_file_long_before_the_writers_own_checkpoint() {
+        let (dir, store) = store().await;
+        let file = dir.path().join("plan.db");
+        let size = || std::fs::metadata(&file).unwrap().len();
+        let before = size();
+        // A few hundred log pages: far below the writer's backstop.
+        for n in 0..50 {
+            let mut tx = store.begin().await.unwrap();
+            let patient = serde_json::json!({
+                "resourceType": "Patient",
+                "name": [{"family": format!("Family{n}"), "given": ["A", "B"]}],
+                "identifier": [{"system": "urn:mrn", "value": format!("mrn-{n}")}],
+            });
+            tx.create("Patient", &format!("p{n}"), patient)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while size() <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file stayed at {before} bytes"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut reader = store.readers.acquire().await.unwrap();
+        let (busy, log, copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(&mut *reader)
+            .await
+            .unwrap();
+        assert_eq!((busy, copied), (0, log), "everything committed was copied");
     }
 
     #[tokio::test]

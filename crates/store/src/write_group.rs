@@ -40,6 +40,9 @@ pub(crate) struct WriteGroup {
     /// Started by the first transaction, on the runtime it runs on, and again
     /// if that runtime has ended.
     committer: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The connection that checkpoints the log, if the group has one, and
+    /// its task, started with the committer.
+    checkpoints: Option<(SqlitePool, std::sync::Mutex<Option<JoinHandle<()>>>)>,
     /// How long a transaction may queue for the writer.
     wait: Duration,
 }
@@ -50,7 +53,9 @@ struct Signal {
     /// A transaction ended: there may be something to commit or undo.
     wake: Notify,
     /// The store is closing: commit what is left and stop.
-    closed: AtomicBool,
+    closed: Arc<AtomicBool>,
+    /// A group committed: there is log to checkpoint.
+    committed: Arc<Notify>,
     /// Transactions waiting for the writer, which may join the open group.
     queued: AtomicUsize,
 }
@@ -91,11 +96,16 @@ struct GroupState {
     row_limit: i64,
     /// Groups committed so far.
     commits: u64,
+    /// Told of every commit.
+    committed: Arc<Notify>,
 }
 
 impl WriteGroup {
-    /// A group over the writer pool (of one connection), with its committer task.
-    pub(crate) fn new(pool: SqlitePool, wait: Duration) -> Self {
+    /// A group over the writer pool (of one connection), with its committer
+    /// task, and a checkpoint task on `checkpoints` if given (see
+    /// [`crate::checkpoint`]).
+    pub(crate) fn new(pool: SqlitePool, wait: Duration, checkpoints: Option<SqlitePool>) -> Self {
+        let signal = Arc::<Signal>::default();
         Self {
             state: Arc::new(Mutex::new(GroupState {
                 pool,
@@ -106,9 +116,11 @@ impl WriteGroup {
                 changes_before: 0,
                 row_limit: GROUP_ROWS,
                 commits: 0,
+                committed: signal.committed.clone(),
             })),
-            signal: Arc::default(),
+            signal,
             committer: std::sync::Mutex::new(None),
+            checkpoints: checkpoints.map(|pool| (pool, std::sync::Mutex::new(None))),
             wait,
         }
     }
@@ -154,15 +166,17 @@ impl WriteGroup {
     }
 
     fn start_committer(&self) {
-        let mut committer = self
-            .committer
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if committer.as_ref().is_none_or(JoinHandle::is_finished) {
-            *committer = Some(tokio::spawn(commit_groups(
-                self.state.clone(),
-                self.signal.clone(),
-            )));
+        restart(&self.committer, || {
+            commit_groups(self.state.clone(), self.signal.clone())
+        });
+        if let Some((pool, checkpointer)) = &self.checkpoints {
+            restart(checkpointer, || {
+                crate::checkpoint::run(
+                    pool.clone(),
+                    self.signal.committed.clone(),
+                    self.signal.closed.clone(),
+                )
+            });
         }
     }
 
@@ -170,6 +184,19 @@ impl WriteGroup {
     #[cfg(test)]
     pub(crate) async fn commits(&self) -> u64 {
         self.state.lock().await.commits
+    }
+}
+
+/// Spawns the task unless it runs already.
+fn restart<F>(task: &std::sync::Mutex<Option<JoinHandle<()>>>, start: impl FnOnce() -> F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut task = task
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if task.as_ref().is_none_or(JoinHandle::is_finished) {
+        *task = Some(tokio::spawn(start()));
     }
 }
 
@@ -192,6 +219,7 @@ impl Drop for WriteGroup {
     fn drop(&mut self) {
         self.signal.closed.store(true, Ordering::Release);
         self.signal.wake.notify_one();
+        self.signal.committed.notify_one();
     }
 }
 
@@ -285,6 +313,7 @@ impl GroupState {
             Ok(_) => {
                 self.open = None;
                 self.commits += 1;
+                self.committed.notify_one();
                 for member in self.waiting.drain(..) {
                     let _ = member.send(Ok(()));
                 }
@@ -406,7 +435,7 @@ mod tests {
             .execute(&pool)
             .await
             .unwrap();
-        let group = WriteGroup::new(pool.clone(), wait);
+        let group = WriteGroup::new(pool.clone(), wait, None);
         (dir, pool, group)
     }
 
