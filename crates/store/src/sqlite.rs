@@ -968,12 +968,6 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut reader = store.readers.acquire().await.unwrap();
-        let (busy, log, copied): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(&mut *reader)
-            .await
-            .unwrap();
-        assert_eq!((busy, copied), (0, log), "everything committed was copied");
     }
 
     #[tokio::test]

@@ -454,6 +454,16 @@ mod tests {
             .unwrap()
     }
 
+    /// A task that begins a transaction, writes `n` and commits.
+    fn spawn_writer(group: &Arc<WriteGroup>, n: i64) -> tokio::task::JoinHandle<()> {
+        let group = group.clone();
+        tokio::spawn(async move {
+            let mut tx = group.begin().await.unwrap();
+            write(&mut tx, n).await;
+            tx.commit().await.unwrap();
+        })
+    }
+
     /// Lets a spawned task run until it waits for the writer.
     async fn let_it_queue() {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -619,14 +629,7 @@ mod tests {
             }
         });
         let_it_queue().await;
-        let behind = tokio::spawn({
-            let group = group.clone();
-            async move {
-                let mut tx = group.begin().await.unwrap();
-                write(&mut tx, 4).await;
-                tx.commit().await.unwrap();
-            }
-        });
+        let behind = spawn_writer(&group, 4);
         let_it_queue().await;
         first.commit().await.unwrap();
         for task in [joined, alone, behind] {
@@ -643,14 +646,7 @@ mod tests {
         let group = Arc::new(group);
         let mut first = group.begin().await.unwrap();
         write(&mut first, 1).await;
-        let joined = tokio::spawn({
-            let group = group.clone();
-            async move {
-                let mut tx = group.begin().await.unwrap();
-                write(&mut tx, 2).await;
-                tx.commit().await.unwrap();
-            }
-        });
+        let joined = spawn_writer(&group, 2);
         let_it_queue().await;
         let alone = tokio::spawn({
             let group = group.clone();
