@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use haven_model::clock::Clock;
 
+use crate::checkpoint::Checkpoints;
 use crate::{AuthRecords, Result, StoreError};
 
 const INSERT: &str = "INSERT INTO auth_records (kind, key, value, expires_at) VALUES ($1, $2, $3, $4) \
@@ -228,14 +229,23 @@ pub(crate) struct SqliteAuthRecords {
 
 impl SqliteAuthRecords {
     /// Must be called inside a Tokio runtime: it starts the group writer.
-    pub fn new(writer: SqlitePool, readers: SqlitePool, clock: Arc<dyn Clock>) -> Self {
+    /// Tells `checkpoints` of its commits, as the write group does.
+    pub fn new(
+        writer: SqlitePool,
+        readers: SqlitePool,
+        clock: Arc<dyn Clock>,
+        checkpoints: Arc<Checkpoints>,
+    ) -> Self {
         let pool = writer.clone();
         let writes = GroupWriter::start(move |group| {
             let pool = pool.clone();
+            let checkpoints = checkpoints.clone();
             async move {
                 // IMMEDIATE: take the write lock now rather than upgrade later.
                 let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                commit_group!(tx, group, sqlite)
+                let counts: Result<Vec<u64>> = commit_group!(tx, group, sqlite);
+                checkpoints.after_commit();
+                counts
             }
         });
         Self {

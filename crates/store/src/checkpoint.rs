@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use sqlx::SqlitePool;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::write_group::restart;
 
 /// Log pages after which the writer checkpoints in its own commit: only if this
 /// task falls that far behind (4 KiB pages: 80 MiB of log).
@@ -23,8 +26,53 @@ pub(crate) const WRITER_BACKSTOP_PAGES: &str = "20000";
 /// moments are copied together.
 const PAUSE: Duration = Duration::from_millis(250);
 
+/// The checkpoint task of one database, told of every commit by whatever
+/// committed: the write group and the auth record writer alike.
+pub(crate) struct Checkpoints {
+    pool: SqlitePool,
+    committed: Arc<Notify>,
+    closed: Arc<AtomicBool>,
+    /// Started by the first commit, on the runtime it runs on, and again if
+    /// that runtime has ended.
+    task: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Checkpoints {
+    /// Checkpoints on `pool`, a connection of their own.
+    pub(crate) fn new(pool: SqlitePool) -> Self {
+        Self {
+            pool,
+            committed: Arc::default(),
+            closed: Arc::default(),
+            task: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A commit left pages in the log: checkpoint them shortly.
+    pub(crate) fn after_commit(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        restart(&self.task, || {
+            run(
+                self.pool.clone(),
+                self.committed.clone(),
+                self.closed.clone(),
+            )
+        });
+        self.committed.notify_one();
+    }
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+        self.committed.notify_one();
+    }
+}
+
 /// Runs until `closed` is set (and `committed` notified once more).
-pub(crate) async fn run(pool: SqlitePool, committed: Arc<Notify>, closed: Arc<AtomicBool>) {
+async fn run(pool: SqlitePool, committed: Arc<Notify>, closed: Arc<AtomicBool>) {
     loop {
         committed.notified().await;
         if closed.load(Ordering::Acquire) {

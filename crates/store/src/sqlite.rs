@@ -25,7 +25,7 @@ use time::OffsetDateTime;
 
 use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
 use crate::auth_records::SqliteAuthRecords;
-use crate::checkpoint;
+use crate::checkpoint::{self, Checkpoints};
 use crate::document::identifier_tokens;
 use crate::query::{self, Param, Sql};
 use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
@@ -163,13 +163,19 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         backfill_search_index(&writer).await?;
-        let auth = SqliteAuthRecords::new(writer.clone(), readers.clone(), clock.clone());
         // Its own connection, so that the writer never waits for a checkpoint.
         let checkpoints = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options.synchronous(SqliteSynchronous::Full))
             .await
             .map_err(unavailable)?;
+        let checkpoints = Arc::new(Checkpoints::new(checkpoints));
+        let auth = SqliteAuthRecords::new(
+            writer.clone(),
+            readers.clone(),
+            clock.clone(),
+            checkpoints.clone(),
+        );
         let group = Arc::new(WriteGroup::new(
             writer.clone(),
             WRITER_WAIT,
@@ -944,9 +950,7 @@ mod tests {
     #[tokio::test]
     async fn committed_pages_reach_the_database_file_long_before_the_writers_own_checkpoint() {
         let (dir, store) = store().await;
-        let file = dir.path().join("plan.db");
-        let size = || std::fs::metadata(&file).unwrap().len();
-        let before = size();
+        let before = std::fs::metadata(dir.path().join("plan.db")).unwrap().len();
         // A few hundred log pages: far below the writer's backstop.
         for n in 0..50 {
             let mut tx = store.begin().await.unwrap();
@@ -960,14 +964,39 @@ mod tests {
                 .unwrap();
             tx.commit().await.unwrap();
         }
+        database_file_grows(&dir, before).await;
+    }
+
+    /// Waits up to ten seconds for the database file to outgrow `before` bytes:
+    /// for a checkpoint to copy the log into it.
+    async fn database_file_grows(dir: &tempfile::TempDir, before: u64) {
+        let file = dir.path().join("plan.db");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while size() <= before {
+        while std::fs::metadata(&file).unwrap().len() <= before {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the database file stayed at {before} bytes"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn auth_record_writes_alone_are_checkpointed_too() {
+        let (dir, store) = store().await;
+        let before = std::fs::metadata(dir.path().join("plan.db")).unwrap().len();
+        // Tokens and codes are written without any resource transaction.
+        for n in 0..200 {
+            let value =
+                serde_json::json!({"client": format!("client-{n}"), "pad": "x".repeat(500)});
+            let written = store
+                .auth_records()
+                .insert("token", &format!("t{n}"), &value, None)
+                .await
+                .unwrap();
+            assert!(written);
+        }
+        database_file_grows(&dir, before).await;
     }
 
     #[tokio::test]

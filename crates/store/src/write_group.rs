@@ -27,6 +27,7 @@ use sqlx::{Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
+use crate::checkpoint::Checkpoints;
 use crate::{Result, StoreError};
 
 /// Rows a group's transaction may have written before it commits without
@@ -40,9 +41,6 @@ pub(crate) struct WriteGroup {
     /// Started by the first transaction, on the runtime it runs on, and again
     /// if that runtime has ended.
     committer: std::sync::Mutex<Option<JoinHandle<()>>>,
-    /// The connection that checkpoints the log, if the group has one, and
-    /// its task, started with the committer.
-    checkpoints: Option<(SqlitePool, std::sync::Mutex<Option<JoinHandle<()>>>)>,
     /// How long a transaction may queue for the writer.
     wait: Duration,
 }
@@ -54,8 +52,6 @@ struct Signal {
     wake: Notify,
     /// The store is closing: commit what is left and stop.
     closed: Arc<AtomicBool>,
-    /// A group committed: there is log to checkpoint.
-    committed: Arc<Notify>,
     /// Transactions waiting for the writer, which may join the open group.
     queued: AtomicUsize,
 }
@@ -96,15 +92,18 @@ struct GroupState {
     row_limit: i64,
     /// Groups committed so far.
     commits: u64,
-    /// Told of every commit.
-    committed: Arc<Notify>,
+    /// Told of every commit, if the database has a checkpoint task.
+    checkpoints: Option<Arc<Checkpoints>>,
 }
 
 impl WriteGroup {
     /// A group over the writer pool (of one connection), with its committer
-    /// task, and a checkpoint task on `checkpoints` if given (see
-    /// [`crate::checkpoint`]).
-    pub(crate) fn new(pool: SqlitePool, wait: Duration, checkpoints: Option<SqlitePool>) -> Self {
+    /// task, telling `checkpoints` of its commits if given.
+    pub(crate) fn new(
+        pool: SqlitePool,
+        wait: Duration,
+        checkpoints: Option<Arc<Checkpoints>>,
+    ) -> Self {
         let signal = Arc::<Signal>::default();
         Self {
             state: Arc::new(Mutex::new(GroupState {
@@ -116,11 +115,10 @@ impl WriteGroup {
                 changes_before: 0,
                 row_limit: GROUP_ROWS,
                 commits: 0,
-                committed: signal.committed.clone(),
+                checkpoints,
             })),
             signal,
             committer: std::sync::Mutex::new(None),
-            checkpoints: checkpoints.map(|pool| (pool, std::sync::Mutex::new(None))),
             wait,
         }
     }
@@ -169,15 +167,6 @@ impl WriteGroup {
         restart(&self.committer, || {
             commit_groups(self.state.clone(), self.signal.clone())
         });
-        if let Some((pool, checkpointer)) = &self.checkpoints {
-            restart(checkpointer, || {
-                crate::checkpoint::run(
-                    pool.clone(),
-                    self.signal.committed.clone(),
-                    self.signal.closed.clone(),
-                )
-            });
-        }
     }
 
     /// How many group commits there have been.
@@ -188,7 +177,7 @@ impl WriteGroup {
 }
 
 /// Spawns the task unless it runs already.
-fn restart<F>(task: &std::sync::Mutex<Option<JoinHandle<()>>>, start: impl FnOnce() -> F)
+pub(crate) fn restart<F>(task: &std::sync::Mutex<Option<JoinHandle<()>>>, start: impl FnOnce() -> F)
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
@@ -219,7 +208,6 @@ impl Drop for WriteGroup {
     fn drop(&mut self) {
         self.signal.closed.store(true, Ordering::Release);
         self.signal.wake.notify_one();
-        self.signal.committed.notify_one();
     }
 }
 
@@ -313,7 +301,9 @@ impl GroupState {
             Ok(_) => {
                 self.open = None;
                 self.commits += 1;
-                self.committed.notify_one();
+                if let Some(checkpoints) = &self.checkpoints {
+                    checkpoints.after_commit();
+                }
                 for member in self.waiting.drain(..) {
                     let _ = member.send(Ok(()));
                 }
