@@ -403,116 +403,179 @@ async fn current_pointer(
     .await?)
 }
 
-async fn insert_version(
-    conn: &mut SqliteConnection,
-    version: &ResourceVersion,
-    body: Option<String>,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO resource_versions (resource_type, id, version, last_updated, change, body) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )
-    .bind(&version.resource_type)
-    .bind(&version.id)
-    .bind(version.version)
-    .bind(format_instant(version.last_updated))
-    .bind(change_name(version.change))
-    .bind(body)
-    .execute(conn)
-    .await?;
-    Ok(())
+/// Statements sent to the writer's thread together, run in order in one round
+/// trip. While a transaction holds the writer, every other writer waits, and a
+/// round trip (a hop to the connection's thread and back to the task) costs
+/// far more than a small insert; so a write's statements go as one batch.
+struct Batch {
+    sql: sqlx::QueryBuilder<'static, sqlx::Sqlite>,
+    statements: usize,
 }
 
-async fn replace_tokens(
-    conn: &mut SqliteConnection,
+impl Batch {
+    fn new() -> Self {
+        Self {
+            sql: sqlx::QueryBuilder::new(""),
+            statements: 0,
+        }
+    }
+
+    /// Starts the next statement, to be written and bound on the builder.
+    fn statement(&mut self, sql: &str) -> &mut sqlx::QueryBuilder<'static, sqlx::Sqlite> {
+        if self.statements > 0 {
+            self.sql.push(";\n");
+        }
+        self.statements += 1;
+        self.sql.push(sql)
+    }
+
+    /// Runs the statements in order; the first that fails stops the batch, and
+    /// its error is returned.
+    async fn run(mut self, conn: &mut SqliteConnection) -> std::result::Result<(), sqlx::Error> {
+        if self.statements > 0 {
+            // A write's few statements are prepared once and kept; a backfill's
+            // thousands would only crowd the connection's statement cache.
+            let keep = self.statements <= KEPT_BATCH_STATEMENTS;
+            self.sql.build().persistent(keep).execute(conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Batches of up to this many statements stay prepared on the connection.
+const KEPT_BATCH_STATEMENTS: usize = 32;
+
+fn push_version(batch: &mut Batch, version: &ResourceVersion, body: Option<String>) {
+    batch
+        .statement(
+            "INSERT INTO resource_versions \
+             (resource_type, id, version, last_updated, change, body) VALUES (",
+        )
+        .push_bind(version.resource_type.clone())
+        .push(", ")
+        .push_bind(version.id.clone())
+        .push(", ")
+        .push_bind(version.version)
+        .push(", ")
+        .push_bind(format_instant(version.last_updated))
+        .push(", ")
+        .push_bind(change_name(version.change))
+        .push(", ")
+        .push_bind(body)
+        .push(")");
+}
+
+/// Removes the key's rows from `table`.
+fn push_delete(batch: &mut Batch, table: &str, resource_type: &str, id: &str) {
+    batch
+        .statement(&format!("DELETE FROM {table} WHERE resource_type = "))
+        .push_bind(resource_type.to_owned())
+        .push(" AND id = ")
+        .push_bind(id.to_owned());
+}
+
+fn push_tokens(
+    batch: &mut Batch,
     resource_type: &str,
     id: &str,
     had_tokens: bool,
     resource: Option<&Value>,
-) -> Result<()> {
+) {
     if had_tokens {
-        sqlx::query("DELETE FROM identifier_tokens WHERE resource_type = ?1 AND id = ?2")
-            .bind(resource_type)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+        push_delete(batch, "identifier_tokens", resource_type, id);
     }
-    let Some(resource) = resource else {
-        return Ok(());
-    };
-    for (system, value) in identifier_tokens(resource) {
-        sqlx::query(
-            "INSERT INTO identifier_tokens (resource_type, id, system, value) \
-             VALUES (?1, ?2, ?3, ?4)",
-        )
-        .bind(resource_type)
-        .bind(id)
-        .bind(system)
-        .bind(value)
-        .execute(&mut *conn)
-        .await?;
+    let tokens = resource.map(identifier_tokens).unwrap_or_default();
+    if tokens.is_empty() {
+        return;
     }
-    Ok(())
+    batch
+        .statement("INSERT INTO identifier_tokens (resource_type, id, system, value) ")
+        .push_values(tokens, |mut row, (system, value)| {
+            row.push_bind(resource_type.to_owned())
+                .push_bind(id.to_owned())
+                .push_bind(system)
+                .push_bind(value);
+        });
 }
 
 /// Replaces the search index rows of one resource; `had_rows` is false when it
 /// was missing or deleted, so there is nothing to remove.
-async fn replace_index(
-    conn: &mut SqliteConnection,
+fn push_index(
+    batch: &mut Batch,
     resource_type: &str,
     id: &str,
     had_rows: bool,
     resource: Option<&Value>,
-) -> Result<()> {
+) {
     if had_rows {
         for table in TABLES {
-            sqlx::query(&format!(
-                "DELETE FROM {table} WHERE resource_type = ?1 AND id = ?2"
-            ))
-            .bind(resource_type)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+            push_delete(batch, table, resource_type, id);
         }
     }
     if let Some(resource) = resource {
         let mut rows = IndexRows::new();
         rows.add(resource_type, id, resource);
-        insert_index(conn, &rows).await?;
+        push_index_rows(batch, &rows);
     }
-    Ok(())
 }
 
 /// Bound variables per multi-row INSERT, under SQLite's limit of 32766.
 const INDEX_VARIABLES_PER_STATEMENT: usize = 30_000;
 
 /// Inserts index rows with one multi-row statement per table and chunk.
-async fn insert_index(conn: &mut SqliteConnection, rows: &IndexRows) -> Result<()> {
+fn push_index_rows(batch: &mut Batch, rows: &IndexRows) {
     for table in &rows.tables {
         let per_statement = INDEX_VARIABLES_PER_STATEMENT / table.columns.len();
         let mut start = 0;
         while start < table.len {
             let end = (start + per_statement).min(table.len);
-            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!(
-                "INSERT INTO {} ({}) ",
-                table.name,
-                table.columns.join(", ")
-            ));
-            insert.push_values(start..end, |mut row, i| {
-                for column in &table.values {
-                    match column {
-                        Column::Text(values) => row.push_bind(values[i].clone()),
-                        Column::Real(values) => row.push_bind(values[i]),
-                        Column::Instant(values) => row.push_bind(format_instant(values[i])),
-                        Column::Json(values) => row.push_bind(values[i].clone()),
-                    };
-                }
-            });
-            insert.build().execute(&mut *conn).await?;
+            batch
+                .statement(&format!(
+                    "INSERT INTO {} ({}) ",
+                    table.name,
+                    table.columns.join(", ")
+                ))
+                .push_values(start..end, |mut row, i| {
+                    for column in &table.values {
+                        match column {
+                            Column::Text(values) => row.push_bind(values[i].clone()),
+                            Column::Real(values) => row.push_bind(values[i]),
+                            Column::Instant(values) => row.push_bind(format_instant(values[i])),
+                            Column::Json(values) => row.push_bind(values[i].clone()),
+                        };
+                    }
+                });
             start = end;
         }
     }
-    Ok(())
+}
+
+/// Points `current_resources` at a new version of a resource that has one.
+fn push_pointer(
+    batch: &mut Batch,
+    resource_type: &str,
+    id: &str,
+    version: i64,
+    at: OffsetDateTime,
+    deleted: bool,
+) {
+    batch
+        .statement("UPDATE current_resources SET version = ")
+        .push_bind(version)
+        .push(", last_updated = ")
+        .push_bind(format_instant(at))
+        .push(", deleted = ")
+        .push_bind(i64::from(deleted))
+        .push(" WHERE resource_type = ")
+        .push_bind(resource_type.to_owned())
+        .push(" AND id = ")
+        .push_bind(id.to_owned());
+}
+
+/// Whether `error` is the key of `current_resources` taken: the resource exists.
+fn is_existing_resource(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e)
+        if e.is_unique_violation() && e.message().contains("current_resources."))
 }
 
 /// Indexes every live resource when the index follows older rules than
@@ -530,7 +593,7 @@ async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
     let mut after = (String::new(), String::new());
     loop {
         let mut tx = writer.begin_with("BEGIN IMMEDIATE").await?;
-        let batch: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        let batch_rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT c.resource_type, c.id, v.body FROM current_resources c \
              JOIN resource_versions v \
              ON v.resource_type = c.resource_type AND v.id = c.id AND v.version = c.version \
@@ -542,7 +605,7 @@ async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
         .bind(BACKFILL_BATCH)
         .fetch_all(&mut *tx)
         .await?;
-        let Some(last) = batch.last() else {
+        let Some(last) = batch_rows.last() else {
             sqlx::query("UPDATE search_index_state SET version = ?1 WHERE singleton = 1")
                 .bind(SEARCH_INDEX_VERSION)
                 .execute(&mut *tx)
@@ -551,16 +614,11 @@ async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
             return Ok(());
         };
         after = (last.0.clone(), last.1.clone());
+        let mut batch = Batch::new();
         let mut rows = IndexRows::new();
-        for (resource_type, id, body) in &batch {
+        for (resource_type, id, body) in &batch_rows {
             for table in TABLES {
-                sqlx::query(&format!(
-                    "DELETE FROM {table} WHERE resource_type = ?1 AND id = ?2"
-                ))
-                .bind(resource_type)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+                push_delete(&mut batch, table, resource_type, id);
             }
             if let Some(body) = body {
                 let resource: Value = serde_json::from_str(body).map_err(|e| {
@@ -569,7 +627,8 @@ async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
                 rows.add(resource_type, id, &resource);
             }
         }
-        insert_index(&mut tx, &rows).await?;
+        push_index_rows(&mut batch, &rows);
+        batch.run(&mut tx).await?;
         tx.commit().await?;
     }
 }
@@ -589,38 +648,45 @@ impl StoreTx for SqliteTx {
         let now = self.clock.now();
         let (version, body) =
             new_version(resource_type, id, 1, now, Change::Create, Some(resource))?;
-        let inserted = sqlx::query(
-            "INSERT INTO current_resources (resource_type, id, version, last_updated, deleted) \
-             VALUES (?1, ?2, 1, ?3, 0) ON CONFLICT DO NOTHING",
-        )
-        .bind(resource_type)
-        .bind(id)
-        .bind(format_instant(now))
-        .execute(&mut *self.tx)
-        .await?;
-        if inserted.rows_affected() == 0 {
-            return Err(StoreError::AlreadyExists {
-                resource_type: resource_type.to_owned(),
-                id: id.to_owned(),
-            });
+        // No ON CONFLICT: a taken key fails this first statement, which stops
+        // the batch before anything else is written.
+        let mut batch = Batch::new();
+        batch
+            .statement(
+                "INSERT INTO current_resources \
+                 (resource_type, id, version, last_updated, deleted) VALUES (",
+            )
+            .push_bind(resource_type.to_owned())
+            .push(", ")
+            .push_bind(id.to_owned())
+            .push(", 1, ")
+            .push_bind(format_instant(now))
+            .push(", 0)");
+        push_version(&mut batch, &version, body);
+        push_tokens(
+            &mut batch,
+            resource_type,
+            id,
+            false,
+            version.resource.as_ref(),
+        );
+        push_index(
+            &mut batch,
+            resource_type,
+            id,
+            false,
+            version.resource.as_ref(),
+        );
+        match batch.run(&mut self.tx).await {
+            Ok(()) => {}
+            Err(e) if is_existing_resource(&e) => {
+                return Err(StoreError::AlreadyExists {
+                    resource_type: resource_type.to_owned(),
+                    id: id.to_owned(),
+                });
+            }
+            Err(e) => return Err(e.into()),
         }
-        insert_version(&mut self.tx, &version, body).await?;
-        replace_tokens(
-            &mut self.tx,
-            resource_type,
-            id,
-            false,
-            version.resource.as_ref(),
-        )
-        .await?;
-        replace_index(
-            &mut self.tx,
-            resource_type,
-            id,
-            false,
-            version.resource.as_ref(),
-        )
-        .await?;
         Ok(version)
     }
 
@@ -643,50 +709,42 @@ impl StoreTx for SqliteTx {
             Change::Update,
             Some(resource),
         )?;
+        let mut batch = Batch::new();
         match current {
             None => {
-                sqlx::query(
-                    "INSERT INTO current_resources \
-                     (resource_type, id, version, last_updated, deleted) \
-                     VALUES (?1, ?2, 1, ?3, 0)",
-                )
-                .bind(resource_type)
-                .bind(id)
-                .bind(format_instant(now))
-                .execute(&mut *self.tx)
-                .await?;
+                batch
+                    .statement(
+                        "INSERT INTO current_resources \
+                         (resource_type, id, version, last_updated, deleted) VALUES (",
+                    )
+                    .push_bind(resource_type.to_owned())
+                    .push(", ")
+                    .push_bind(id.to_owned())
+                    .push(", 1, ")
+                    .push_bind(format_instant(now))
+                    .push(", 0)");
             }
             Some(_) => {
-                sqlx::query(
-                    "UPDATE current_resources SET version = ?3, last_updated = ?4, deleted = 0 \
-                     WHERE resource_type = ?1 AND id = ?2",
-                )
-                .bind(resource_type)
-                .bind(id)
-                .bind(number)
-                .bind(format_instant(now))
-                .execute(&mut *self.tx)
-                .await?;
+                push_pointer(&mut batch, resource_type, id, number, now, false);
             }
         }
-        insert_version(&mut self.tx, &version, body).await?;
+        push_version(&mut batch, &version, body);
         let was_live = matches!(current, Some((_, false)));
-        replace_tokens(
-            &mut self.tx,
+        push_tokens(
+            &mut batch,
             resource_type,
             id,
             was_live,
             version.resource.as_ref(),
-        )
-        .await?;
-        replace_index(
-            &mut self.tx,
+        );
+        push_index(
+            &mut batch,
             resource_type,
             id,
             was_live,
             version.resource.as_ref(),
-        )
-        .await?;
+        );
+        batch.run(&mut self.tx).await?;
         let created = !was_live;
         Ok((version, created))
     }
@@ -705,19 +763,12 @@ impl StoreTx for SqliteTx {
         let now = self.clock.now();
         let (version, body) =
             new_version(resource_type, id, number + 1, now, Change::Delete, None)?;
-        sqlx::query(
-            "UPDATE current_resources SET version = ?3, last_updated = ?4, deleted = 1 \
-             WHERE resource_type = ?1 AND id = ?2",
-        )
-        .bind(resource_type)
-        .bind(id)
-        .bind(number + 1)
-        .bind(format_instant(now))
-        .execute(&mut *self.tx)
-        .await?;
-        insert_version(&mut self.tx, &version, body).await?;
-        replace_tokens(&mut self.tx, resource_type, id, true, None).await?;
-        replace_index(&mut self.tx, resource_type, id, true, None).await?;
+        let mut batch = Batch::new();
+        push_pointer(&mut batch, resource_type, id, number + 1, now, true);
+        push_version(&mut batch, &version, body);
+        push_tokens(&mut batch, resource_type, id, true, None);
+        push_index(&mut batch, resource_type, id, true, None);
+        batch.run(&mut self.tx).await?;
         Ok(Some(version))
     }
 
@@ -766,37 +817,36 @@ async fn append_audit_on(conn: &mut SqliteConnection, stamped: Vec<Stamped>) -> 
             .fetch_optional(&mut *conn)
             .await?;
     let records = audit_log::link(head, stamped);
-    // Multi-row statements: one round trip to the writer per chunk, not per row.
+    let mut batch = Batch::new();
     for chunk in records.chunks(EVENT_ROWS_PER_STATEMENT) {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) ",
-        );
-        insert.push_values(chunk, |mut row, record| {
-            row.push_bind(record.position)
-                .push_bind(&record.stamped.id)
-                .push_bind(format_instant(record.stamped.recorded))
-                .push_bind(&record.stamped.text)
-                .push_bind(&record.previous_hash)
-                .push_bind(&record.hash);
-        });
-        insert.build().execute(&mut *conn).await?;
+        batch
+            .statement(
+                "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) ",
+            )
+            .push_values(chunk, |mut row, record| {
+                row.push_bind(record.position)
+                    .push_bind(record.stamped.id.clone())
+                    .push_bind(format_instant(record.stamped.recorded))
+                    .push_bind(record.stamped.text.clone())
+                    .push_bind(record.previous_hash.clone())
+                    .push_bind(record.hash.clone());
+            });
     }
     let entries: Vec<(i64, &audit_log::IndexEntry)> = records
         .iter()
         .flat_map(|r| r.stamped.index.iter().map(move |e| (r.position, e)))
         .collect();
     for chunk in entries.chunks(INDEX_ROWS_PER_STATEMENT) {
-        let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT INTO audit_index (position, param, system, value) ",
-        );
-        insert.push_values(chunk, |mut row, (position, entry)| {
-            row.push_bind(*position)
-                .push_bind(entry.param)
-                .push_bind(&entry.system)
-                .push_bind(&entry.value);
-        });
-        insert.build().execute(&mut *conn).await?;
+        batch
+            .statement("INSERT INTO audit_index (position, param, system, value) ")
+            .push_values(chunk, |mut row, (position, entry)| {
+                row.push_bind(*position)
+                    .push_bind(entry.param)
+                    .push_bind(entry.system.clone())
+                    .push_bind(entry.value.clone());
+            });
     }
+    batch.run(conn).await?;
     Ok(())
 }
 
@@ -979,6 +1029,46 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_first_failing_statement_and_binds_each_statement_its_own_values()
+    {
+        let (_dir, store) = store().await;
+        let mut tx = store.group.begin().await.unwrap();
+        sqlx::query("CREATE TEMP TABLE pairs (k TEXT PRIMARY KEY, v INTEGER)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let insert = |batch: &mut Batch, k: &str, v: i64| {
+            batch
+                .statement("INSERT INTO pairs (k, v) VALUES (")
+                .push_bind(k.to_owned())
+                .push(", ")
+                .push_bind(v)
+                .push(")");
+        };
+        let mut batch = Batch::new();
+        insert(&mut batch, "a", 1);
+        insert(&mut batch, "b", 2);
+        batch.run(&mut tx).await.unwrap();
+
+        let mut batch = Batch::new();
+        insert(&mut batch, "c", 3);
+        insert(&mut batch, "a", 4);
+        insert(&mut batch, "d", 5);
+        let err = batch.run(&mut tx).await.unwrap_err();
+        assert!(
+            matches!(&err, sqlx::Error::Database(e) if e.is_unique_violation()),
+            "{err:?}"
+        );
+        let pairs: Vec<(String, i64)> = sqlx::query_as("SELECT k, v FROM pairs ORDER BY k")
+            .fetch_all(&mut *tx)
+            .await
+            .unwrap();
+        // "c" ran before the failure; "d" after it never did.
+        let expected = [("a", 1), ("b", 2), ("c", 3)].map(|(k, v)| (k.to_owned(), v));
+        assert_eq!(pairs, expected);
     }
 
     #[tokio::test]

@@ -361,6 +361,24 @@ async fn creating_an_existing_id_fails_with_already_exists(world: World) {
     // The failed create leaves the transaction usable.
     tx.create("Patient", "p2", patient("C")).await.unwrap();
     tx.commit().await.unwrap();
+    // And wrote nothing: neither a version nor index rows.
+    let kept = world.store.read("Patient", "p1").await.unwrap().unwrap();
+    assert_eq!(kept.version, 1);
+    assert_eq!(kept.resource.unwrap()["name"][0]["family"], "A");
+    finds(
+        &world,
+        "Patient",
+        string("family", "B", StringMatch::Exact),
+        &[],
+    )
+    .await;
+    finds(
+        &world,
+        "Patient",
+        string("family", "A", StringMatch::Exact),
+        &["p1"],
+    )
+    .await;
 
     // Even a deleted id stays taken.
     delete(&world, "Patient", "p1").await.unwrap();
