@@ -243,24 +243,26 @@ impl GroupState {
         let Some(conn) = self.open.as_mut() else {
             return Err(lost());
         };
-        let released = if self.joined {
-            sqlx::query("RELEASE request")
+        // One round trip: every other writer waits for this one.
+        let rows = match (self.joined, queued) {
+            (false, 0) => return Ok(true),
+            (true, 0) => sqlx::query("RELEASE request")
                 .execute(&mut **conn)
                 .await
-                .map(|_| ())
-        } else {
-            Ok(())
-        };
-        let rows = match released {
-            Ok(()) if queued == 0 => return Ok(true),
-            Ok(()) => {
+                .map(|_| 0),
+            (false, _) => {
                 sqlx::query_scalar::<_, i64>("SELECT total_changes()")
                     .fetch_one(&mut **conn)
                     .await
             }
-            Err(e) => Err(e),
+            (true, _) => {
+                sqlx::query_scalar::<_, i64>("RELEASE request; SELECT total_changes()")
+                    .fetch_one(&mut **conn)
+                    .await
+            }
         };
         match rows {
+            Ok(_) if queued == 0 => Ok(true),
             Ok(changes) => Ok(changes - self.changes_before >= self.row_limit),
             Err(e) => Err(self.fail(e).await),
         }
