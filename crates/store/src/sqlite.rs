@@ -550,6 +550,22 @@ fn push_index_rows(batch: &mut Batch, rows: &IndexRows) {
     }
 }
 
+/// Adds a resource's row to `current_resources`, at version 1; fails if the
+/// key is taken (see [`is_existing_resource`]).
+fn push_new_pointer(batch: &mut Batch, resource_type: &str, id: &str, at: OffsetDateTime) {
+    batch
+        .statement(
+            "INSERT INTO current_resources \
+             (resource_type, id, version, last_updated, deleted) VALUES (",
+        )
+        .push_bind(resource_type.to_owned())
+        .push(", ")
+        .push_bind(id.to_owned())
+        .push(", 1, ")
+        .push_bind(format_instant(at))
+        .push(", 0)");
+}
+
 /// Points `current_resources` at a new version of a resource that has one.
 fn push_pointer(
     batch: &mut Batch,
@@ -651,17 +667,7 @@ impl StoreTx for SqliteTx {
         // No ON CONFLICT: a taken key fails this first statement, which stops
         // the batch before anything else is written.
         let mut batch = Batch::new();
-        batch
-            .statement(
-                "INSERT INTO current_resources \
-                 (resource_type, id, version, last_updated, deleted) VALUES (",
-            )
-            .push_bind(resource_type.to_owned())
-            .push(", ")
-            .push_bind(id.to_owned())
-            .push(", 1, ")
-            .push_bind(format_instant(now))
-            .push(", 0)");
+        push_new_pointer(&mut batch, resource_type, id, now);
         push_version(&mut batch, &version, body);
         push_tokens(
             &mut batch,
@@ -711,22 +717,8 @@ impl StoreTx for SqliteTx {
         )?;
         let mut batch = Batch::new();
         match current {
-            None => {
-                batch
-                    .statement(
-                        "INSERT INTO current_resources \
-                         (resource_type, id, version, last_updated, deleted) VALUES (",
-                    )
-                    .push_bind(resource_type.to_owned())
-                    .push(", ")
-                    .push_bind(id.to_owned())
-                    .push(", 1, ")
-                    .push_bind(format_instant(now))
-                    .push(", 0)");
-            }
-            Some(_) => {
-                push_pointer(&mut batch, resource_type, id, number, now, false);
-            }
+            None => push_new_pointer(&mut batch, resource_type, id, now),
+            Some(_) => push_pointer(&mut batch, resource_type, id, number, now, false),
         }
         push_version(&mut batch, &version, body);
         let was_live = matches!(current, Some((_, false)));
