@@ -50,9 +50,6 @@ impl Checkpoints {
 
     /// A commit left pages in the log: checkpoint them shortly.
     pub(crate) fn after_commit(&self) {
-        if self.closed.load(Ordering::Acquire) {
-            return;
-        }
         restart(&self.task, || {
             run(
                 self.pool.clone(),
@@ -71,7 +68,8 @@ impl Drop for Checkpoints {
     }
 }
 
-/// Runs until `closed` is set (and `committed` notified once more).
+/// Runs until `closed` is set (and `committed` notified once more), which
+/// happens when the last holder of its [`Checkpoints`] lets go.
 async fn run(pool: SqlitePool, committed: Arc<Notify>, closed: Arc<AtomicBool>) {
     loop {
         committed.notified().await;

@@ -51,7 +51,7 @@ struct Signal {
     /// A transaction ended: there may be something to commit or undo.
     wake: Notify,
     /// The store is closing: commit what is left and stop.
-    closed: Arc<AtomicBool>,
+    closed: AtomicBool,
     /// Transactions waiting for the writer, which may join the open group.
     queued: AtomicUsize,
 }
