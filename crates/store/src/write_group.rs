@@ -246,10 +246,10 @@ impl GroupState {
         // One round trip: every other writer waits for this one.
         let rows = match (self.joined, queued) {
             (false, 0) => return Ok(true),
-            (true, 0) => sqlx::query("RELEASE request")
-                .execute(&mut **conn)
-                .await
-                .map(|_| 0),
+            (true, 0) => match sqlx::query("RELEASE request").execute(&mut **conn).await {
+                Ok(_) => return Ok(true),
+                Err(e) => Err(e),
+            },
             (false, _) => {
                 sqlx::query_scalar::<_, i64>("SELECT total_changes()")
                     .fetch_one(&mut **conn)
@@ -262,7 +262,6 @@ impl GroupState {
             }
         };
         match rows {
-            Ok(_) if queued == 0 => Ok(true),
             Ok(changes) => Ok(changes - self.changes_before >= self.row_limit),
             Err(e) => Err(self.fail(e).await),
         }
