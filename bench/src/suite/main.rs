@@ -3,6 +3,11 @@
 //! machine's own ceilings. One command runs it all (see `bench/README.md`):
 //! SQLite, then PostgreSQL.
 
+// The same allocator as the server, so that the ceilings measured in this
+// process (the store without HTTP) compare with the server's numbers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod ceiling;
 mod drive;
 mod machine;
