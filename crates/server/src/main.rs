@@ -16,9 +16,8 @@ use clap::{Args, Parser, Subcommand};
 use haven_model::clock::{Clock, SystemClock};
 use tracing_subscriber::EnvFilter;
 
-// glibc's allocator took a fifth of the server's CPU under load, mostly in
-// freeing and merging chunks across threads (bench/RESULTS.md, "P1 read: the
-// allocator").
+// glibc's allocator took a fifth of the server's CPU during reads under load
+// (bench/RESULTS.md, "P1 read: the allocator").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
