@@ -498,6 +498,13 @@ fn push_tokens(
         });
 }
 
+/// Removes a resource's rows from every search index table.
+fn push_index_deletes(batch: &mut Batch, resource_type: &str, id: &str) {
+    for table in TABLES {
+        push_delete(batch, table, resource_type, id);
+    }
+}
+
 /// Replaces the search index rows of one resource; `had_rows` is false when it
 /// was missing or deleted, so there is nothing to remove.
 fn push_index(
@@ -508,9 +515,7 @@ fn push_index(
     resource: Option<&Value>,
 ) {
     if had_rows {
-        for table in TABLES {
-            push_delete(batch, table, resource_type, id);
-        }
+        push_index_deletes(batch, resource_type, id);
     }
     if let Some(resource) = resource {
         let mut rows = IndexRows::new();
@@ -633,9 +638,7 @@ async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
         let mut batch = Batch::new();
         let mut rows = IndexRows::new();
         for (resource_type, id, body) in &batch_rows {
-            for table in TABLES {
-                push_delete(&mut batch, table, resource_type, id);
-            }
+            push_index_deletes(&mut batch, resource_type, id);
             if let Some(body) = body {
                 let resource: Value = serde_json::from_str(body).map_err(|e| {
                     StoreError::Database(format!("stored resource is not JSON: {e}"))
