@@ -466,11 +466,12 @@ fn adding_a_client_issuing_a_registration_token_and_adding_a_user_are_recorded_i
         token["outcomeDesc"],
         "initial access token issued for dynamic registration, usable for 2 hours"
     );
-    let fingerprint: String = ring::digest::digest(&ring::digest::SHA256, initial.as_bytes())
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let fingerprint: String =
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, initial.as_bytes())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
     assert!(token.to_string().contains(&fingerprint), "{token}");
 
     let user_added = &registrations[2];

@@ -470,7 +470,7 @@ impl Pkce {
             uuid::Uuid::new_v4().simple(),
             uuid::Uuid::new_v4().simple()
         );
-        let digest = ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes());
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes());
         let challenge = URL_SAFE_NO_PAD.encode(digest.as_ref());
         Self {
             verifier,

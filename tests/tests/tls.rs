@@ -20,7 +20,7 @@ async fn handshake(
     for cert in CertificateDer::pem_slice_iter(haven.ca_pem.as_deref().expect("TLS server")) {
         roots.add(cert?)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .with_root_certificates(roots)

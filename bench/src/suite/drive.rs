@@ -39,7 +39,7 @@ impl Target {
                 .add(cert.context("parsing the CA certificate")?)
                 .context("trusting the CA certificate")?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)

@@ -15,7 +15,7 @@
 //! anchoring the head hash outside the database (a log line, a signed export, a
 //! second system) and comparing the verified head with the anchor.
 
-use ring::digest::{digest, SHA256};
+use aws_lc_rs::digest::{digest, SHA256};
 use serde_json::Value;
 
 use crate::canonical::canonical_json;

@@ -18,10 +18,10 @@
 use std::net::IpAddr;
 
 // FHIR base64Binary is standard base64 with padding (RFC 4648 §4).
+use aws_lc_rs::digest::{digest, SHA256};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use haven_model::clock::format_instant;
-use ring::digest::{digest, SHA256};
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 

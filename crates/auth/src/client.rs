@@ -10,13 +10,15 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{
+    EcdsaKeyPair, KeyPair as _, RsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING,
+};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use oauth2::basic::{BasicClient, BasicTokenType};
 use oauth2::{AuthType, ClientId, RequestTokenError, Scope, TokenResponse, TokenUrl};
-use ring::rand::SystemRandom;
-use ring::signature::{EcdsaKeyPair, KeyPair as _, RsaKeyPair, ECDSA_P384_SHA384_FIXED_SIGNING};
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey};
 use rsa::pkcs8::der::asn1::{AnyRef, ContextSpecific, OctetStringRef};
 use rsa::pkcs8::der::pem::{self, LineEnding};
@@ -50,7 +52,7 @@ const RSA_ENCRYPTION: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.1
 const EC_PUBLIC_KEY: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
 const SECP384R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
 
-/// RSA keys ring can sign with.
+/// RSA key sizes accepted for a client's signing key.
 const RSA_MIN_BITS: usize = 2048;
 const RSA_MAX_BITS: usize = 4096;
 
@@ -104,7 +106,7 @@ pub struct RsaClientKey {
     jwk: Value,
 }
 
-/// An EC key on the P-384 curve, kept as PKCS#8 because that is what ring signs with.
+/// An EC key on the P-384 curve, kept as PKCS#8 because that is what aws-lc-rs signs with.
 #[derive(Clone)]
 pub struct EcP384ClientKey {
     pkcs8: Vec<u8>,
@@ -274,7 +276,7 @@ impl ClientKey {
         )))
     }
 
-    /// SEC1 (RFC 5915) holds the bare EC key; wrapping it in PKCS#8 lets ring read it.
+    /// SEC1 (RFC 5915) holds the bare EC key; wrapping it in PKCS#8 lets aws-lc-rs read it.
     fn from_sec1_der(der: &[u8]) -> Result<ClientKey, ClientError> {
         let curve = sec1_curve(der)
             .map_err(|e| key_error(format!("the SEC1 EC key is malformed: {e}")))?
@@ -300,7 +302,7 @@ impl ClientKey {
         let pkcs1 = private
             .to_pkcs1_der()
             .map_err(|e| key_error(format!("encoding the RSA key failed: {e}")))?;
-        // ring signs for jsonwebtoken; asking it now turns a bad key into an error
+        // aws-lc-rs signs for jsonwebtoken; asking it now turns a bad key into an error
         // here rather than at the first token request.
         RsaKeyPair::from_der(pkcs1.as_bytes())
             .map_err(|e| key_error(format!("the RSA key cannot sign: {e}")))?;
@@ -320,12 +322,8 @@ impl ClientKey {
     }
 
     fn from_p384_pkcs8(pkcs8: Vec<u8>) -> Result<ClientKey, ClientError> {
-        let pair = EcdsaKeyPair::from_pkcs8(
-            &ECDSA_P384_SHA384_FIXED_SIGNING,
-            &pkcs8,
-            &SystemRandom::new(),
-        )
-        .map_err(|e| key_error(format!("the EC P-384 key cannot sign: {e}")))?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P384_SHA384_FIXED_SIGNING, &pkcs8)
+            .map_err(|e| key_error(format!("the EC P-384 key cannot sign: {e}")))?;
         // An uncompressed point: 0x04, then x and y of 48 bytes each (SEC1 §2.3.3).
         let point = pair.public_key().as_ref();
         if point.len() != 97 || point[0] != 4 {
@@ -393,7 +391,7 @@ fn sec1_curve(der: &[u8]) -> rsa::pkcs8::der::Result<Option<ObjectIdentifier>> {
         let _version = u8::decode(seq)?;
         let _private_key = OctetStringRef::decode(seq)?;
         let curve = ContextSpecific::<ObjectIdentifier>::decode_explicit(seq, TagNumber::N0)?;
-        // The public key that may follow is read by ring from the PKCS#8 form.
+        // The public key that may follow is read by aws-lc-rs from the PKCS#8 form.
         let rest = seq.remaining_len();
         seq.read_slice(rest)?;
         Ok(curve.map(|field| field.value))
@@ -459,7 +457,7 @@ pub fn jwk_thumbprint(jwk: &Value) -> Result<String, ClientError> {
         members.push(format!("\"{name}\":{}", Value::String(value.to_string())));
     }
     let canonical = format!("{{{}}}", members.join(","));
-    let digest = ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes());
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, canonical.as_bytes());
     Ok(URL_SAFE_NO_PAD.encode(digest.as_ref()))
 }
 

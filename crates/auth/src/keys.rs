@@ -10,10 +10,10 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use std::sync::Arc;
 
+use aws_lc_rs::hkdf;
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair, RSA_PKCS1_SHA256};
 use jsonwebtoken::{Algorithm, DecodingKey};
-use ring::hkdf;
-use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair, RsaKeyPair, RSA_PKCS1_SHA256};
 use rsa::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
 use rsa::traits::PublicKeyParts;
 use rsa::{RsaPrivateKey, RsaPublicKey};
@@ -245,7 +245,7 @@ impl KeySet {
     pub fn sign_id_token(&self, claims: &impl Serialize) -> Result<String, KeyError> {
         let signer = &self.id_tokens;
         let mut token = signer.signing_input(claims)?;
-        let mut signature = vec![0; signer.key.public().modulus_len()];
+        let mut signature = vec![0; signer.key.public_modulus_len()];
         signer
             .key
             .sign(

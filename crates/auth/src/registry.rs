@@ -5,10 +5,10 @@
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use aws_lc_rs::rand::SecureRandom;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use haven_policy::clearance::Clearance;
-use ring::rand::SecureRandom;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -233,7 +233,7 @@ impl UserRecord {
 /// `n` random bytes, base64url: codes, tokens, ids.
 pub fn random_token(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
+    aws_lc_rs::rand::SystemRandom::new()
         .fill(&mut buffer)
         .expect("the system random source works");
     URL_SAFE_NO_PAD.encode(buffer)
@@ -241,8 +241,8 @@ pub fn random_token(bytes: usize) -> String {
 
 /// The storage key of a minted secret: SHA-256, base64url.
 pub fn token_hash(token: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(
-        &ring::digest::SHA256,
+    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
         token.as_bytes(),
     ))
 }

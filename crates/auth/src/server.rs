@@ -556,8 +556,8 @@ pub fn is_safe_jwks_uri(uri: &str) -> bool {
 /// SMART's PKCE rule (RFC 7636 §4.2): S256 of the verifier, base64url without padding.
 pub fn pkce_s256(verifier: &str) -> String {
     use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(ring::digest::digest(
-        &ring::digest::SHA256,
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
         verifier.as_bytes(),
     ))
 }

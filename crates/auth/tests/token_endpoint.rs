@@ -28,8 +28,8 @@ const SCOPE: &str = "openid fhirUser launch/patient patient/*.rs offline_access"
 const PATIENT: &str = "p42";
 
 fn challenge(verifier: &str) -> String {
-    URL_SAFE_NO_PAD.encode(ring::digest::digest(
-        &ring::digest::SHA256,
+    URL_SAFE_NO_PAD.encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
         verifier.as_bytes(),
     ))
 }

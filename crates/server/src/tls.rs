@@ -1,4 +1,4 @@
-//! TLS for `haven serve` (requirement R1): rustls with the ring provider, TLS 1.2 and
+//! TLS for `haven serve` (requirement R1): rustls with the aws-lc-rs provider, TLS 1.2 and
 //! 1.3 only, ALPN `h2` and `http/1.1`.
 //!
 //! Without a certificate from the operator, the first start creates a local CA and a
@@ -153,7 +153,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<ServerConfig> {
     }
     let key = PrivateKeyDer::from_pem_file(key)
         .with_context(|| format!("reading private key {}", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&TLS13, &TLS12])?
         .with_no_client_auth()
