@@ -18,7 +18,10 @@
 //! the choice of a patient and a revocation the trail cannot hold do not
 //! happen. Token, code, launch and client registration are stored by
 //! `haven-auth` before what they hand out exists; they are recorded after, and
-//! when that fails nothing is handed out. Requests refused by the rate limit
+//! when that fails nothing is handed out. The one exception to "stored
+//! before": a client assertion's use is committed while the token request is
+//! being recorded, and the token leaves only once both are; if the use cannot
+//! be committed the token is withheld, and that is recorded too. Requests refused by the rate limit
 //! before they are read are not recorded, so a flood cannot grow the trail
 //! without bound.
 
@@ -41,7 +44,7 @@ use haven_audit::{AuthEventKind, Outcome};
 use haven_auth::limits::Rate;
 use haven_auth::registry::{Role, UserRecord};
 use haven_auth::scope::{self, ScopeSet};
-use haven_auth::server::{AuthorizeError, LaunchContext, LoginError, Pending};
+use haven_auth::server::{AuthorizeError, LaunchContext, LoginError, Pending, PendingRecord};
 use haven_auth::{AuthServer, OAuthError};
 use haven_store::{Criterion, SearchQuery, SortBy, SortKey, Store, StringMatch};
 use serde_json::{json, Value};
@@ -1306,8 +1309,15 @@ async fn client_call(
     if matches!(call, ClientCall::Revoke) && !form.contains_key("client_assertion") {
         return revoke_recorded_first(state, origin, &form, basic, claimed.as_deref()).await;
     }
+    let mut pending = PendingRecord::default();
     let result = match call {
-        ClientCall::Token => state.server.token(&form, basic).await.map(Some),
+        ClientCall::Token => match state.server.token_pending(&form, basic).await {
+            Ok((body, record)) => {
+                pending = record;
+                Ok(Some(body))
+            }
+            Err(e) => Err(e),
+        },
         ClientCall::Introspect => state.server.introspect(&form, basic).await.map(Some),
         // RFC 7009 §2.2: a revocation answers 200 with no body.
         ClientCall::Revoke => state.server.revoke(&form, basic).await.map(|()| None),
@@ -1361,9 +1371,26 @@ async fn client_call(
         }
     };
     // Recorded after: a token's grant is stored in haven-auth before the token
-    // exists (and a client's assertion is good for one check only); unrecorded,
-    // nothing is handed out.
-    audited(state, kind, facts, Face::Json, answer).await
+    // exists; unrecorded, nothing is handed out. The assertion's use (good for
+    // one check only) commits meanwhile, and the token waits for it too.
+    let (recorded, settled) = tokio::join!(
+        record(state, kind, facts.clone(), Face::Json),
+        pending.settled()
+    );
+    if let Err(withheld) = recorded {
+        return withheld;
+    }
+    match settled {
+        Ok(()) => answer,
+        Err(e) => {
+            refuse(
+                &mut facts,
+                e.error,
+                "the token was withheld: the client assertion's use could not be stored",
+            );
+            audited(state, kind, facts, Face::Json, oauth_response(&e, false)).await
+        }
+    }
 }
 
 /// A revocation by a client that authenticates without an assertion: the

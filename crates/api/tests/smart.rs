@@ -101,6 +101,15 @@ async fn spawn() -> Smart {
 /// An app whose FHIR side and audit trail see the store through `wrap`; the
 /// authorization server and the test keep the real one.
 async fn spawn_with(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Smart {
+    spawn_wrapping(wrap, |store| store).await
+}
+
+/// As [`spawn_with`], and the authorization server sees the store through
+/// `wrap_server`.
+async fn spawn_wrapping(
+    wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+    wrap_server: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+) -> Smart {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new(datetime!(2026-05-01 09:00 UTC)));
     let store = haven_store::connect(
@@ -111,7 +120,7 @@ async fn spawn_with(wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Smar
     .unwrap();
     let server = Arc::new(AuthServer::new(
         AuthConfig::new(BASE),
-        store.clone(),
+        wrap_server(store.clone()),
         clock.clone(),
         key_set(&clock),
     ));
@@ -2048,9 +2057,99 @@ async fn signing_out_and_registering_a_client_are_recorded() {
     assert!(!smart.audit_text().await.contains(&initial));
 }
 
-/// A store whose audit trail refuses every append, as a full disk would.
+/// A store with a fault: an audit trail that refuses every append, as a full
+/// disk would, or client assertion records whose insert runs but whose commit
+/// fails.
 #[derive(Debug)]
-struct UnrecordableStore(Arc<dyn Store>);
+struct FaultyStore {
+    inner: Arc<dyn Store>,
+    fault: Fault,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    AuditRefused,
+    StagedCommitFails,
+}
+
+impl FaultyStore {
+    fn with(fault: Fault) -> impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store> {
+        move |inner| Arc::new(FaultyStore { inner, fault })
+    }
+}
+
+#[async_trait::async_trait]
+impl haven_store::AuthRecords for FaultyStore {
+    async fn insert(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &Value,
+        expires_at: Option<time::OffsetDateTime>,
+    ) -> haven_store::Result<bool> {
+        self.inner
+            .auth_records()
+            .insert(kind, key, value, expires_at)
+            .await
+    }
+
+    async fn insert_staged(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &Value,
+        expires_at: Option<time::OffsetDateTime>,
+    ) -> haven_store::Result<haven_store::StagedInsert> {
+        let staged = self
+            .inner
+            .auth_records()
+            .insert_staged(kind, key, value, expires_at)
+            .await?;
+        Ok(haven_store::StagedInsert::new(staged.inserted, async {
+            Err(haven_store::StoreError::Unavailable(
+                "the disk failed".into(),
+            ))
+        }))
+    }
+
+    async fn put(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &Value,
+        expires_at: Option<time::OffsetDateTime>,
+    ) -> haven_store::Result<()> {
+        self.inner
+            .auth_records()
+            .put(kind, key, value, expires_at)
+            .await
+    }
+
+    async fn get(&self, kind: &str, key: &str) -> haven_store::Result<Option<Value>> {
+        self.inner.auth_records().get(kind, key).await
+    }
+
+    async fn replace(
+        &self,
+        kind: &str,
+        key: &str,
+        expected: &Value,
+        value: &Value,
+    ) -> haven_store::Result<bool> {
+        self.inner
+            .auth_records()
+            .replace(kind, key, expected, value)
+            .await
+    }
+
+    async fn delete(&self, kind: &str, key: &str) -> haven_store::Result<bool> {
+        self.inner.auth_records().delete(kind, key).await
+    }
+
+    async fn list(&self, kind: &str) -> haven_store::Result<Vec<(String, Value)>> {
+        self.inner.auth_records().list(kind).await
+    }
+}
 
 struct RefusingLog;
 
@@ -2083,13 +2182,13 @@ impl haven_store::AuditLog for RefusingLog {
 }
 
 #[async_trait::async_trait]
-impl Store for UnrecordableStore {
+impl Store for FaultyStore {
     fn backend(&self) -> haven_store::Backend {
-        self.0.backend()
+        self.inner.backend()
     }
 
     async fn begin(&self) -> haven_store::Result<Box<dyn haven_store::StoreTx>> {
-        self.0.begin().await
+        self.inner.begin().await
     }
 
     async fn read(
@@ -2097,7 +2196,7 @@ impl Store for UnrecordableStore {
         resource_type: &str,
         id: &str,
     ) -> haven_store::Result<Option<haven_store::ResourceVersion>> {
-        self.0.read(resource_type, id).await
+        self.inner.read(resource_type, id).await
     }
 
     async fn vread(
@@ -2106,39 +2205,45 @@ impl Store for UnrecordableStore {
         id: &str,
         version: i64,
     ) -> haven_store::Result<Option<haven_store::ResourceVersion>> {
-        self.0.vread(resource_type, id, version).await
+        self.inner.vread(resource_type, id, version).await
     }
 
     async fn search(
         &self,
         query: &haven_store::SearchQuery,
     ) -> haven_store::Result<haven_store::SearchPage> {
-        self.0.search(query).await
+        self.inner.search(query).await
     }
 
     async fn history(
         &self,
         query: &haven_store::HistoryQuery,
     ) -> haven_store::Result<haven_store::HistoryPage> {
-        self.0.history(query).await
+        self.inner.history(query).await
     }
 
     async fn count_by_type(&self) -> haven_store::Result<Vec<(String, u64)>> {
-        self.0.count_by_type().await
+        self.inner.count_by_type().await
     }
 
     fn auth_records(&self) -> &dyn haven_store::AuthRecords {
-        self.0.auth_records()
+        match self.fault {
+            Fault::StagedCommitFails => self,
+            Fault::AuditRefused => self.inner.auth_records(),
+        }
     }
 
     fn audit_log(&self) -> &dyn haven_store::AuditLog {
-        &RefusingLog
+        match self.fault {
+            Fault::AuditRefused => &RefusingLog,
+            Fault::StagedCommitFails => self.inner.audit_log(),
+        }
     }
 }
 
 #[tokio::test]
 async fn when_the_audit_trail_cannot_be_written_no_token_or_session_is_handed_out() {
-    let smart = spawn_with(|store| Arc::new(UnrecordableStore(store))).await;
+    let smart = spawn_with(FaultyStore::with(Fault::AuditRefused)).await;
     let code = smart.code_for("amy", "patient/*.rs", None).await;
     let reply = smart.exchange(&code).await;
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -2159,6 +2264,125 @@ async fn when_the_audit_trail_cannot_be_written_no_token_or_session_is_handed_ou
             .iter()
             .all(|c| !c.to_str().unwrap().starts_with("haven_session=")),
         "no session cookie is set"
+    );
+}
+
+/// A Backend Services client with an ES384 key, registered for `system/*.rs`.
+async fn backend_client(smart: &Smart) -> (String, haven_auth::client::ClientKey) {
+    let key = haven_auth::client::ClientKey::generate_ec_p384();
+    let (client, _) = smart
+        .server
+        .add_client(ClientSpec {
+            name: "Nightly export".into(),
+            scopes: "system/*.rs".into(),
+            jwks: Some(key.jwks()),
+            backend: true,
+            organization: Some("Example Lab".into()),
+            contacts: vec!["mailto:ops@lab.example".into()],
+            ..ClientSpec::default()
+        })
+        .await
+        .unwrap();
+    (client.client_id, key)
+}
+
+/// A `client_credentials` request with an assertion whose `jti` is `jti`.
+fn client_credentials(
+    smart: &Smart,
+    client_id: &str,
+    key: &haven_auth::client::ClientKey,
+    jti: &str,
+) -> String {
+    let assertion = key
+        .client_assertion(
+            client_id,
+            &smart.server.config().token_endpoint(),
+            smart.clock.now(),
+            jti,
+        )
+        .unwrap();
+    form(&[
+        ("grant_type", "client_credentials"),
+        ("scope", "system/*.rs"),
+        (
+            "client_assertion_type",
+            haven_auth::client::JWT_BEARER_ASSERTION_TYPE,
+        ),
+        ("client_assertion", &assertion),
+    ])
+}
+
+#[tokio::test]
+async fn a_backend_services_token_is_recorded_and_a_replay_of_its_assertion_is_refused_and_recorded(
+) {
+    let smart = spawn().await;
+    let (client_id, key) = backend_client(&smart).await;
+    let request = client_credentials(&smart, &client_id, &key, "jti-1");
+
+    let issued = smart.post_form("/auth/token", request.clone(), None).await;
+    assert_eq!(issued.status, StatusCode::OK, "{}", issued.text);
+    let access = issued.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(
+        smart.get("/fhir/Patient/a", Some(&access)).await.status,
+        StatusCode::OK
+    );
+    let replay = smart.post_form("/auth/token", request, None).await;
+    assert_eq!(replay.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(replay.json()["error"], "invalid_client");
+
+    let events = smart.auth_events("token").await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].outcome(), "0");
+    assert!(events[0].agents().contains(&client_id.as_str()));
+    assert_eq!(
+        events[0].detail("token-sha256"),
+        Some(haven_audit::token_fingerprint(&access).as_str())
+    );
+    assert_eq!(events[1].outcome(), "8");
+    assert!(
+        events[1].reason().starts_with("invalid_client: "),
+        "{}",
+        events[1].reason()
+    );
+}
+
+#[tokio::test]
+async fn when_a_client_assertions_use_cannot_be_stored_the_token_is_withheld_and_that_is_recorded()
+{
+    let smart = spawn_wrapping(|store| store, FaultyStore::with(Fault::StagedCommitFails)).await;
+    let (client_id, key) = backend_client(&smart).await;
+
+    let reply = smart
+        .post_form(
+            "/auth/token",
+            client_credentials(&smart, &client_id, &key, "jti-1"),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let body = reply.json();
+    assert_eq!(body["error"], "server_error");
+    assert!(body.get("access_token").is_none(), "{body}");
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+
+    // The request was recorded while the use was being stored; the second
+    // event says the token it names never left.
+    let events = smart.auth_events("token").await;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].outcome(), "0");
+    let withheld = &events[1];
+    assert_eq!(withheld.outcome(), "12");
+    assert!(
+        withheld
+            .reason()
+            .starts_with("server_error: the token was withheld"),
+        "{}",
+        withheld.reason()
+    );
+    assert!(withheld.agents().contains(&client_id.as_str()));
+    assert_eq!(
+        withheld.detail("token-sha256"),
+        events[0].detail("token-sha256")
     );
 }
 
@@ -2344,7 +2568,7 @@ async fn a_revocation_refused_to_an_unknown_client_is_recorded_once_and_revokes_
 #[tokio::test]
 async fn when_the_audit_trail_cannot_be_written_a_revocation_does_not_happen_and_the_token_still_works(
 ) {
-    let smart = spawn_with(|store| Arc::new(UnrecordableStore(store))).await;
+    let smart = spawn_with(FaultyStore::with(Fault::AuditRefused)).await;
     // Issued by the authorization server itself: its token endpoint would not
     // hand out a token it cannot record.
     let code = smart.code_for("amy", "patient/*.rs", None).await;
@@ -2377,7 +2601,7 @@ async fn when_the_audit_trail_cannot_be_written_a_revocation_does_not_happen_and
 #[tokio::test]
 async fn when_the_audit_trail_cannot_be_written_the_picker_shows_no_patient_and_neither_a_choice_nor_a_sign_out_takes_effect(
 ) {
-    let smart = spawn_with(|store| Arc::new(UnrecordableStore(store))).await;
+    let smart = spawn_with(FaultyStore::with(Fault::AuditRefused)).await;
     // Signed in by the authorization server itself: the sign-in page would not
     // hand out a session it cannot record.
     let (session, user) = smart

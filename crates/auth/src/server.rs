@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use haven_model::clock::Clock;
 use haven_policy::clearance::Clearance;
 use haven_policy::purpose::{self, BREAK_THE_GLASS, TREATMENT};
-use haven_store::{AuthRecords, Store};
+use haven_store::{AuthRecords, StagedInsert, Store};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -166,6 +166,23 @@ impl std::fmt::Display for OAuthError {
 fn storage_failed(e: haven_store::StoreError) -> OAuthError {
     tracing::error!(error = %e, "auth storage failed");
     OAuthError::server_error()
+}
+
+/// The record of a client assertion's `jti`, whose insert has run but may not
+/// be committed yet: what the request earned is handed out only once it is,
+/// and the caller can record the request meanwhile.
+#[derive(Debug, Default)]
+pub struct PendingRecord(Option<StagedInsert>);
+
+impl PendingRecord {
+    /// Waits for the commit. A failure is a server error, and then the
+    /// assertion may not count as used: nothing it earned may be handed out.
+    pub async fn settled(self) -> Result<(), OAuthError> {
+        match self.0 {
+            Some(staged) => staged.committed().await.map_err(storage_failed),
+            None => Ok(()),
+        }
+    }
 }
 
 /// How the authorization endpoint refuses a request.
@@ -1558,16 +1575,29 @@ impl AuthServer {
         form: &HashMap<String, String>,
         basic: Option<(String, String)>,
     ) -> Result<ClientRecord, OAuthError> {
+        let (client, pending) = self.authenticate_client_pending(form, basic).await?;
+        pending.settled().await?;
+        Ok(client)
+    }
+
+    /// As [`AuthServer::authenticate_client`], with the record of an
+    /// assertion's use still to be waited for.
+    async fn authenticate_client_pending(
+        &self,
+        form: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+    ) -> Result<(ClientRecord, PendingRecord), OAuthError> {
         let form_id = param(form, "client_id");
         if let Some(assertion) = param(form, "client_assertion") {
             if param(form, "client_assertion_type") != Some(JWT_BEARER_ASSERTION_TYPE) {
                 return Err(OAuthError::invalid_client());
             }
-            let client = self.verify_assertion(assertion).await?;
+            let (client, pending) = self.verify_assertion(assertion).await?;
             if form_id.is_some_and(|id| id != client.client_id) {
+                pending.settled().await?;
                 return Err(OAuthError::invalid_client());
             }
-            return Ok(client);
+            return Ok((client, pending));
         }
         if param(form, "client_assertion_type").is_some() {
             return Err(OAuthError::invalid_client());
@@ -1586,12 +1616,14 @@ impl AuthServer {
             (Some(client), Some(secret)) if client.auth.uses_secret() => {
                 let hash = client.secret_hash.as_deref().unwrap_or(decoy_hash());
                 if verify_secret(&secret, hash) {
-                    Ok(client)
+                    Ok((client, PendingRecord::default()))
                 } else {
                     Err(OAuthError::invalid_client())
                 }
             }
-            (Some(client), None) if client.auth == ClientAuth::None => Ok(client),
+            (Some(client), None) if client.auth == ClientAuth::None => {
+                Ok((client, PendingRecord::default()))
+            }
             (None, Some(secret)) => {
                 // Same cost as a wrong secret, so unknown ids are not revealed by timing.
                 let _ = verify_secret(&secret, decoy_hash());
@@ -1604,8 +1636,12 @@ impl AuthServer {
     /// SMART asymmetric client authentication (RFC 7523 §3 with SMART's rules):
     /// RS384 or ES384 only, the key by `kid` from the client's JWKS, `iss` =
     /// `sub` = client id, `aud` = the token URL, `exp` at most five minutes ahead,
-    /// and each `jti` used once.
-    async fn verify_assertion(&self, assertion: &str) -> Result<ClientRecord, OAuthError> {
+    /// and each `jti` used once. The `jti`'s record is answered before it is
+    /// committed: the caller waits for that before handing anything out.
+    async fn verify_assertion(
+        &self,
+        assertion: &str,
+    ) -> Result<(ClientRecord, PendingRecord), OAuthError> {
         let header =
             jsonwebtoken::decode_header(assertion).map_err(|_| OAuthError::invalid_client())?;
         if !matches!(header.alg, Algorithm::RS384 | Algorithm::ES384) {
@@ -1659,9 +1695,9 @@ impl AuthServer {
         else {
             return Err(OAuthError::invalid_client());
         };
-        let first_use = self
+        let used = self
             .records()
-            .insert(
+            .insert_staged(
                 kind::ASSERTION,
                 &format!("{client_id}:{}", token_hash(jti)),
                 &json!({}),
@@ -1669,10 +1705,11 @@ impl AuthServer {
             )
             .await
             .map_err(storage_failed)?;
-        if !first_use {
+        // A live record with this key is a replay, committed or about to be.
+        if !used.inserted {
             return Err(OAuthError::invalid_client());
         }
-        Ok(client)
+        Ok((client, PendingRecord(Some(used))))
     }
 
     /// The client's public key with this `kid`, from its JWKS or JWKS URL.
@@ -1731,6 +1768,20 @@ impl AuthServer {
         form: &HashMap<String, String>,
         basic: Option<(String, String)>,
     ) -> Result<Value, OAuthError> {
+        let (body, pending) = self.token_pending(form, basic).await?;
+        pending.settled().await?;
+        Ok(body)
+    }
+
+    /// As [`AuthServer::token`], but the answer may come while the client
+    /// assertion's record is still being committed: the token in it may be
+    /// handed out only once [`PendingRecord::settled`] succeeds. A refusal
+    /// comes only after that commit, as the assertion is used up either way.
+    pub async fn token_pending(
+        &self,
+        form: &HashMap<String, String>,
+        basic: Option<(String, String)>,
+    ) -> Result<(Value, PendingRecord), OAuthError> {
         let grant_type = param(form, "grant_type").unwrap_or_default();
         if !matches!(
             grant_type,
@@ -1744,11 +1795,18 @@ impl AuthServer {
                 "unsupported grant_type",
             ));
         }
-        let client = self.authenticate_client(form, basic).await?;
-        match grant_type {
+        let (client, pending) = self.authenticate_client_pending(form, basic).await?;
+        let granted = match grant_type {
             "authorization_code" => self.exchange_code(&client, form).await,
             "refresh_token" => self.refresh(&client, form).await,
             _ => self.client_credentials(&client, form).await,
+        };
+        match granted {
+            Ok(body) => Ok((body, pending)),
+            Err(refusal) => {
+                pending.settled().await?;
+                Err(refusal)
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use haven_model::clock::Clock;
 
 use crate::checkpoint::Checkpoints;
-use crate::{AuthRecords, Result, StoreError};
+use crate::{AuthRecords, Result, StagedInsert, StoreError};
 
 const INSERT: &str = "INSERT INTO auth_records (kind, key, value, expires_at) VALUES ($1, $2, $3, $4) \
      ON CONFLICT (kind, key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at \
@@ -96,10 +96,57 @@ impl Write {
     }
 }
 
-/// A write and the caller waiting for the number of rows it changed.
+/// A write and the caller waiting for the number of rows it changed, who may
+/// also want to hear that number as soon as the statement has run.
 struct Queued {
     write: Write,
     answer: oneshot::Sender<Result<u64>>,
+    ran: Option<oneshot::Sender<u64>>,
+}
+
+/// The writes committed together, and for each the caller to tell as soon as
+/// its statement has run (before the commit), if it asked.
+struct Group {
+    writes: Vec<Write>,
+    ran: Vec<Option<oneshot::Sender<u64>>>,
+}
+
+impl Group {
+    fn alone(write: Write) -> Self {
+        Self {
+            writes: vec![write],
+            ran: vec![None],
+        }
+    }
+
+    /// Tells the caller of the write at `index`, if it asked, what its
+    /// statement changed. A caller told nothing waits for the commit.
+    fn has_run(&mut self, index: usize, count: u64) {
+        if let Some(ran) = self.ran.get_mut(index).and_then(Option::take) {
+            let _ = ran.send(count);
+        }
+    }
+}
+
+/// A write whose statement has run in a transaction not yet committed.
+struct Ran {
+    count: u64,
+    committed: oneshot::Receiver<Result<u64>>,
+}
+
+impl Ran {
+    /// Waits for the commit; it fails if the write did not commit with the
+    /// count it ran with (its group failed and it was run again alone).
+    async fn committed(self) -> Result<()> {
+        let count = self.committed.await.map_err(|_| stopped())??;
+        if count == self.count {
+            Ok(())
+        } else {
+            Err(StoreError::Database(
+                "an auth record write committed other than it ran".into(),
+            ))
+        }
+    }
 }
 
 /// Group commit for auth record writes: every token request writes one (the
@@ -117,7 +164,7 @@ impl GroupWriter {
     /// which runs a group in one transaction and returns each write's row count.
     fn start<C, F>(commit: C) -> Self
     where
-        C: Fn(Vec<Write>) -> F + Send + Sync + 'static,
+        C: Fn(Group) -> F + Send + Sync + 'static,
         F: Future<Output = Result<Vec<u64>>> + Send + 'static,
     {
         let (queue, queued) = mpsc::channel(QUEUE_LIMIT);
@@ -128,12 +175,45 @@ impl GroupWriter {
     async fn write(&self, write: Write) -> Result<u64> {
         let (answer, answered) = oneshot::channel();
         self.queue
-            .send(Queued { write, answer })
+            .send(Queued {
+                write,
+                answer,
+                ran: None,
+            })
             .await
             .map_err(|_| stopped())?;
         // A dropped answer means the task ended before committing: never Ok.
         answered.await.map_err(|_| stopped())?
     }
+
+    /// Answers as soon as the write's statement has run, with the commit still
+    /// to wait for; or, if its group failed before that, once it is committed
+    /// (then there is nothing left to wait for).
+    async fn stage(&self, write: Write) -> Result<Staged> {
+        let (answer, answered) = oneshot::channel();
+        let (ran, has_run) = oneshot::channel();
+        self.queue
+            .send(Queued {
+                write,
+                answer,
+                ran: Some(ran),
+            })
+            .await
+            .map_err(|_| stopped())?;
+        match has_run.await {
+            Ok(count) => Ok(Staged::Ran(Ran {
+                count,
+                committed: answered,
+            })),
+            Err(_) => Ok(Staged::Committed(answered.await.map_err(|_| stopped())??)),
+        }
+    }
+}
+
+/// What [`GroupWriter::stage`] learned.
+enum Staged {
+    Ran(Ran),
+    Committed(u64),
 }
 
 fn stopped() -> StoreError {
@@ -142,14 +222,17 @@ fn stopped() -> StoreError {
 
 async fn run_groups<C, F>(mut queued: mpsc::Receiver<Queued>, commit: C)
 where
-    C: Fn(Vec<Write>) -> F + Send + Sync + 'static,
+    C: Fn(Group) -> F + Send + Sync + 'static,
     F: Future<Output = Result<Vec<u64>>> + Send + 'static,
 {
     let mut group = Vec::with_capacity(GROUP_LIMIT);
     // Waits for one caller, then takes whoever else is already queued.
     while queued.recv_many(&mut group, GROUP_LIMIT).await > 0 {
-        let callers: Vec<Queued> = std::mem::take(&mut group);
-        let writes = callers.iter().map(|c| c.write.clone()).collect();
+        let mut callers: Vec<Queued> = std::mem::take(&mut group);
+        let writes = Group {
+            writes: callers.iter().map(|c| c.write.clone()).collect(),
+            ran: callers.iter_mut().map(|c| c.ran.take()).collect(),
+        };
         match commit_guarded(commit(writes)).await {
             Ok(counts) if counts.len() == callers.len() => {
                 for (caller, count) in callers.into_iter().zip(counts) {
@@ -167,14 +250,13 @@ where
                 // One caller's failing write must not fail the others: each alone.
                 tracing::warn!(%error, callers = callers.len(), "a group of auth record writes failed; committing them one by one");
                 for caller in callers {
-                    let result =
-                        commit_guarded(commit(vec![caller.write]))
-                            .await
-                            .and_then(|counts| {
-                                counts.first().copied().ok_or_else(|| {
-                                    StoreError::Database("an auth record write lost count".into())
-                                })
-                            });
+                    let result = commit_guarded(commit(Group::alone(caller.write)))
+                        .await
+                        .and_then(|counts| {
+                            counts.first().copied().ok_or_else(|| {
+                                StoreError::Database("an auth record write lost count".into())
+                            })
+                        });
                     let _ = caller.answer.send(result);
                 }
             }
@@ -204,16 +286,23 @@ where
     }
 }
 
-/// Runs a group's writes in order in the open transaction `tx`, commits it, and
-/// returns each write's row count.
+/// Runs a group's writes in order in the open transaction `tx`, tells the
+/// callers who asked what each changed, commits it, and returns each write's
+/// row count.
 macro_rules! commit_group {
     ($tx:expr, $group:expr, $dialect:path) => {{
         let mut tx = $tx;
-        let mut counts = Vec::with_capacity($group.len());
-        for write in &$group {
+        let mut group: Group = $group;
+        let mut counts = Vec::with_capacity(group.writes.len());
+        for write in &group.writes {
             let statement = $dialect(write.statement());
             let done = bind!(write, &statement).execute(&mut *tx).await?;
             counts.push(done.rows_affected());
+        }
+        // Told only once every statement has run, so that a failing statement
+        // (which sends the group to be run again one by one) tells no one.
+        for (index, count) in counts.iter().enumerate() {
+            group.has_run(index, *count);
         }
         tx.commit().await?;
         Ok(counts)
@@ -355,6 +444,26 @@ macro_rules! auth_records {
                 Ok(self.writes.write(write).await? == 1)
             }
 
+            async fn insert_staged(
+                &self,
+                kind: &str,
+                key: &str,
+                value: &Value,
+                expires_at: Option<OffsetDateTime>,
+            ) -> Result<StagedInsert> {
+                let write = Write::Insert {
+                    kind: kind.to_owned(),
+                    key: key.to_owned(),
+                    value: text(value),
+                    expires_at: seconds(expires_at),
+                    now: self.clock.now().unix_timestamp(),
+                };
+                Ok(match self.writes.stage(write).await? {
+                    Staged::Ran(ran) => StagedInsert::new(ran.count == 1, ran.committed()),
+                    Staged::Committed(count) => StagedInsert::already_committed(count == 1),
+                })
+            }
+
             async fn put(
                 &self,
                 kind: &str,
@@ -442,7 +551,8 @@ mod tests {
     use super::*;
 
     /// A commit that records the keys of each group, holds each group until
-    /// the test lets it go, fails any group holding the key "bad" and panics
+    /// the test lets it go, fails any group holding the key "bad" before its
+    /// statements run and any holding "unsyncable" at its commit, and panics
     /// when told to; each write "changes" one row.
     struct Scripted {
         groups: Mutex<Vec<Vec<String>>>,
@@ -467,17 +577,31 @@ mod tests {
         });
         let commit = {
             let script = script.clone();
-            move |group: Vec<Write>| {
+            move |mut group: Group| {
                 let script = script.clone();
                 async move {
-                    let keys: Vec<String> = group.iter().map(key).collect();
+                    let keys: Vec<String> = group.writes.iter().map(key).collect();
                     script.groups.lock().unwrap().push(keys.clone());
                     script.gate.acquire().await.unwrap().forget();
                     assert!(!script.panic.load(Ordering::SeqCst), "the commit panics");
                     if keys.iter().any(|k| k == "bad") {
                         return Err(StoreError::Database("refused".into()));
                     }
-                    Ok(vec![1; group.len()])
+                    // As if another writer stored "taken-meanwhile" between a
+                    // failed group and the write's run alone.
+                    let counts: Vec<u64> = keys
+                        .iter()
+                        .map(|k| u64::from(!(k == "taken-meanwhile" && keys.len() == 1)))
+                        .collect();
+                    for (index, count) in counts.iter().enumerate() {
+                        group.has_run(index, *count);
+                    }
+                    // The statements have run; the test lets the commit go.
+                    script.gate.acquire().await.unwrap().forget();
+                    if keys.iter().any(|k| k == "unsyncable") {
+                        return Err(StoreError::Unavailable("the disk failed".into()));
+                    }
+                    Ok(counts)
                 }
             }
         };
@@ -529,7 +653,8 @@ mod tests {
             let expected = waiting.len();
             until(|| queued(&writer) == expected).await;
         }
-        script.gate.add_permits(2);
+        // Each group is let go twice: to run its statements, then to commit.
+        script.gate.add_permits(4);
         for answer in first.into_iter().chain(waiting) {
             assert_eq!(answer.await.unwrap().unwrap(), 1);
         }
@@ -550,8 +675,9 @@ mod tests {
             let expected = waiting.len();
             until(|| queued(&writer) == expected).await;
         }
-        // The first group, the failed group, then each of its writes alone.
-        script.gate.add_permits(5);
+        // The first group, the failed group, then each of its writes alone;
+        // twice for each that gets to its commit.
+        script.gate.add_permits(8);
         assert_eq!(first.into_iter().next().unwrap().await.unwrap().unwrap(), 1);
         let answers: Vec<Result<u64>> = answers_of(waiting).await;
         assert!(matches!(answers[0], Ok(1)));
@@ -577,8 +703,102 @@ mod tests {
         let answer = writer.write(delete("a")).await;
         assert!(matches!(answer, Err(StoreError::Database(_))));
         script.panic.store(false, Ordering::SeqCst);
-        script.gate.add_permits(1);
+        script.gate.add_permits(2);
         assert_eq!(writer.write(delete("b")).await.unwrap(), 1);
+    }
+
+    fn spawn_stage(writer: &GroupWriter, key: &str) -> tokio::task::JoinHandle<Result<Staged>> {
+        let writer = writer.clone();
+        let write = delete(key);
+        tokio::spawn(async move { writer.stage(write).await })
+    }
+
+    fn ran(staged: Result<Staged>) -> Ran {
+        match staged {
+            Ok(Staged::Ran(ran)) => ran,
+            Ok(Staged::Committed(_)) => panic!("answered only after the commit"),
+            Err(e) => panic!("the write failed: {e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_staged_write_hears_its_count_before_the_commit_and_then_that_it_committed() {
+        let (script, writer) = scripted();
+        let staged = spawn_stage(&writer, "a");
+        script.gate.add_permits(1);
+        let ran = ran(staged.await.unwrap());
+        assert_eq!(ran.count, 1);
+        let committed = tokio::spawn(ran.committed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!committed.is_finished(), "the commit is still held");
+        script.gate.add_permits(1);
+        committed.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_staged_write_whose_commit_fails_hears_so_from_the_commit() {
+        let (script, writer) = scripted();
+        let staged = spawn_stage(&writer, "unsyncable");
+        script.gate.add_permits(1);
+        let ran = ran(staged.await.unwrap());
+        assert_eq!(ran.count, 1);
+        script.gate.add_permits(1);
+        assert!(matches!(
+            ran.committed().await,
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_staged_write_run_again_alone_with_another_count_fails_at_the_commit() {
+        let (script, writer) = scripted();
+        let first = spawn_writes(&writer, &["a"]);
+        until(|| script.groups.lock().unwrap().len() == 1).await;
+        let staged = spawn_stage(&writer, "taken-meanwhile");
+        until(|| queued(&writer) == 1).await;
+        let failing = spawn_writes(&writer, &["unsyncable"]);
+        until(|| queued(&writer) == 2).await;
+        script.gate.add_permits(2);
+        assert_eq!(first.into_iter().next().unwrap().await.unwrap().unwrap(), 1);
+        // The group runs both statements, then fails at its commit.
+        script.gate.add_permits(1);
+        let ran = ran(staged.await.unwrap());
+        assert_eq!(ran.count, 1);
+        script.gate.add_permits(1 + 4);
+        assert!(matches!(
+            ran.committed().await,
+            Err(StoreError::Database(_))
+        ));
+        let answers = answers_of(failing).await;
+        assert!(matches!(answers[0], Err(StoreError::Unavailable(_))));
+        assert_eq!(
+            *script.groups.lock().unwrap(),
+            [
+                vec!["a"],
+                vec!["taken-meanwhile", "unsyncable"],
+                vec!["taken-meanwhile"],
+                vec!["unsyncable"]
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_staged_write_whose_group_fails_before_it_runs_is_answered_once_committed() {
+        let (script, writer) = scripted();
+        let first = spawn_writes(&writer, &["a"]);
+        until(|| script.groups.lock().unwrap().len() == 1).await;
+        let failing = spawn_writes(&writer, &["bad"]);
+        until(|| queued(&writer) == 1).await;
+        let staged = spawn_stage(&writer, "b");
+        until(|| queued(&writer) == 2).await;
+        // [a] twice, [bad, b] once, [bad] once, [b] twice.
+        script.gate.add_permits(6);
+        assert_eq!(first.into_iter().next().unwrap().await.unwrap().unwrap(), 1);
+        assert!(matches!(
+            answers_of(failing).await[0],
+            Err(StoreError::Database(_))
+        ));
+        assert!(matches!(staged.await.unwrap(), Ok(Staged::Committed(1))));
     }
 
     #[tokio::test]

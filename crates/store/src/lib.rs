@@ -11,6 +11,8 @@
 //! request writes commits together or not at all.
 
 use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -373,6 +375,22 @@ pub trait AuthRecords: Send + Sync {
         expires_at: Option<OffsetDateTime>,
     ) -> Result<bool>;
 
+    /// As [`AuthRecords::insert`], but answers as soon as the insert has run
+    /// in a transaction that is not yet committed, so that the caller can go
+    /// on meanwhile; what it learned holds only once
+    /// [`StagedInsert::committed`] succeeds. A store that cannot tell early
+    /// answers once the insert is committed.
+    async fn insert_staged(
+        &self,
+        kind: &str,
+        key: &str,
+        value: &Value,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Result<StagedInsert> {
+        let inserted = self.insert(kind, key, value, expires_at).await?;
+        Ok(StagedInsert::already_committed(inserted))
+    }
+
     /// Stores a record, replacing any with the key.
     async fn put(
         &self,
@@ -395,6 +413,41 @@ pub trait AuthRecords: Send + Sync {
 
     /// Every live record of a kind, by key.
     async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>>;
+}
+
+/// An [`AuthRecords::insert_staged`] whose statement has run: whether it
+/// stored the record, and the commit that makes that true.
+pub struct StagedInsert {
+    pub inserted: bool,
+    commit: Pin<Box<dyn Future<Output = Result<()>> + Send>>,
+}
+
+impl StagedInsert {
+    pub fn new(inserted: bool, commit: impl Future<Output = Result<()>> + Send + 'static) -> Self {
+        Self {
+            inserted,
+            commit: Box::pin(commit),
+        }
+    }
+
+    /// An insert already committed.
+    pub fn already_committed(inserted: bool) -> Self {
+        Self::new(inserted, std::future::ready(Ok(())))
+    }
+
+    /// Waits for the commit. On an error the insert may not have happened,
+    /// whatever `inserted` said.
+    pub async fn committed(self) -> Result<()> {
+        self.commit.await
+    }
+}
+
+impl std::fmt::Debug for StagedInsert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedInsert")
+            .field("inserted", &self.inserted)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One database transaction. On PostgreSQL and SQLite alike, the transaction holds

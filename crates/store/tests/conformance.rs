@@ -182,6 +182,7 @@ stories!(
     a_content_filter_applies_before_paging_and_counting,
     a_content_filter_hides_versions_from_history,
     auth_records_insert_once_and_expire,
+    staged_auth_record_inserts_race_like_inserts_and_commit,
     auth_records_replace_only_what_they_expect,
     auth_records_written_at_once_each_get_their_own_answer,
     appended_audit_events_get_ids_meta_and_consecutive_positions_after_genesis,
@@ -1310,6 +1311,45 @@ async fn auth_records_insert_once_and_expire(world: World) {
     );
     assert!(records.delete("jti", "one").await.unwrap());
     assert!(!records.delete("jti", "one").await.unwrap());
+}
+
+async fn staged_auth_record_inserts_race_like_inserts_and_commit(world: World) {
+    // Each racer learns before its commit whether it stored the record; exactly
+    // one does, and once its commit is waited for, the record is there.
+    let later = world.now() + Duration::seconds(60);
+    let mut racing = Vec::new();
+    for n in 0..12 {
+        let store = world.store.clone();
+        racing.push(tokio::spawn(async move {
+            let staged = store
+                .auth_records()
+                .insert_staged("jti", "raced", &json!({"n": n}), Some(later))
+                .await
+                .unwrap();
+            let inserted = staged.inserted;
+            staged.committed().await.unwrap();
+            (n, inserted)
+        }));
+    }
+    let mut winners = Vec::new();
+    for handle in racing {
+        let (n, inserted) = handle.await.unwrap();
+        if inserted {
+            winners.push(n);
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let records = world.store.auth_records();
+    assert_eq!(
+        records.get("jti", "raced").await.unwrap(),
+        Some(json!({"n": winners[0]}))
+    );
+    let again = records
+        .insert_staged("jti", "raced", &json!({}), Some(later))
+        .await
+        .unwrap();
+    assert!(!again.inserted);
+    again.committed().await.unwrap();
 }
 
 async fn auth_records_replace_only_what_they_expect(world: World) {
