@@ -50,6 +50,23 @@ fn seconds(at: Option<OffsetDateTime>) -> Option<i64> {
     at.map(OffsetDateTime::unix_timestamp)
 }
 
+/// The write of [`AuthRecords::insert`], which replaces only an expired record.
+fn insert_of(
+    clock: &dyn Clock,
+    kind: &str,
+    key: &str,
+    value: &Value,
+    expires_at: Option<OffsetDateTime>,
+) -> Write {
+    Write::Insert {
+        kind: kind.to_owned(),
+        key: key.to_owned(),
+        value: text(value),
+        expires_at: seconds(expires_at),
+        now: clock.now().unix_timestamp(),
+    }
+}
+
 /// At most this many writes are committed in one transaction.
 const GROUP_LIMIT: usize = 256;
 /// Callers wait to queue once this many writes are waiting (back pressure).
@@ -434,13 +451,7 @@ macro_rules! auth_records {
                 value: &Value,
                 expires_at: Option<OffsetDateTime>,
             ) -> Result<bool> {
-                let write = Write::Insert {
-                    kind: kind.to_owned(),
-                    key: key.to_owned(),
-                    value: text(value),
-                    expires_at: seconds(expires_at),
-                    now: self.clock.now().unix_timestamp(),
-                };
+                let write = insert_of(self.clock.as_ref(), kind, key, value, expires_at);
                 Ok(self.writes.write(write).await? == 1)
             }
 
@@ -451,13 +462,7 @@ macro_rules! auth_records {
                 value: &Value,
                 expires_at: Option<OffsetDateTime>,
             ) -> Result<StagedInsert> {
-                let write = Write::Insert {
-                    kind: kind.to_owned(),
-                    key: key.to_owned(),
-                    value: text(value),
-                    expires_at: seconds(expires_at),
-                    now: self.clock.now().unix_timestamp(),
-                };
+                let write = insert_of(self.clock.as_ref(), kind, key, value, expires_at);
                 Ok(match self.writes.stage(write).await? {
                     Staged::Ran(ran) => StagedInsert::new(ran.count == 1, ran.committed()),
                     Staged::Committed(count) => StagedInsert::already_committed(count == 1),
