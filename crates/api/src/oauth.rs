@@ -19,11 +19,11 @@
 //! happen. Token, code, launch and client registration are stored by
 //! `haven-auth` before what they hand out exists; they are recorded after, and
 //! when that fails nothing is handed out. The one exception to "stored
-//! before": a client assertion's use is committed while the token request is
-//! being recorded, and the token leaves only once both are; if the use cannot
-//! be committed the token is withheld, and that is recorded too. Requests refused by the rate limit
-//! before they are read are not recorded, so a flood cannot grow the trail
-//! without bound.
+//! before": for `client_credentials`, the client assertion's use is committed
+//! while the token request is being recorded, and the token leaves only once
+//! both are; if the use cannot be committed the token is withheld, and that is
+//! recorded too. Requests refused by the rate limit before they are read are
+//! not recorded, so a flood cannot grow the trail without bound.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

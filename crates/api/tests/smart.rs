@@ -2387,6 +2387,78 @@ async fn when_a_client_assertions_use_cannot_be_stored_the_token_is_withheld_and
 }
 
 #[tokio::test]
+async fn when_a_client_assertions_use_cannot_be_stored_a_code_is_not_exchanged_at_all() {
+    let smart = spawn_wrapping(|store| store, FaultyStore::with(Fault::StagedCommitFails)).await;
+    let key = haven_auth::client::ClientKey::generate_ec_p384();
+    let (client, _) = smart
+        .server
+        .add_client(ClientSpec {
+            name: "Confidential App".into(),
+            redirect_uris: vec![REDIRECT.into()],
+            scopes: "patient/*.rs".into(),
+            auth: Some(ClientAuth::PrivateKeyJwt),
+            jwks: Some(key.jwks()),
+            ..ClientSpec::default()
+        })
+        .await
+        .unwrap();
+    let mut params = query_of(&smart.authorize_url("patient/*.rs", &[]));
+    params.insert("client_id".into(), client.client_id.clone());
+    let pending = smart.server.begin_authorization(&params).await.unwrap();
+    let user = smart.server.user("amy").await.unwrap();
+    let pending = smart
+        .server
+        .attach_user(pending, &user, "cookie")
+        .await
+        .unwrap();
+    let url = smart
+        .server
+        .approve(&pending, &pending.scopes)
+        .await
+        .unwrap();
+    let code = query_of(&url)["code"].clone();
+    let assertion = key
+        .client_assertion(
+            &client.client_id,
+            &smart.server.config().token_endpoint(),
+            smart.clock.now(),
+            "jti-1",
+        )
+        .unwrap();
+
+    let reply = smart
+        .post_form(
+            "/auth/token",
+            form(&[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("redirect_uri", REDIRECT),
+                ("code_verifier", VERIFIER),
+                (
+                    "client_assertion_type",
+                    haven_auth::client::JWT_BEARER_ASSERTION_TYPE,
+                ),
+                ("client_assertion", &assertion),
+            ]),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(reply.json()["error"], "server_error");
+
+    // Refused before the code was looked at: no token was made to withhold.
+    let events = smart.auth_events("token").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].outcome(), "12");
+    assert_eq!(events[0].detail("token-sha256"), None);
+    assert!(
+        !events[0].reason().contains("withheld"),
+        "{}",
+        events[0].reason()
+    );
+}
+
+#[tokio::test]
 async fn the_pickers_patient_lists_the_choice_and_the_consent_page_are_recorded_with_the_patients_named(
 ) {
     let smart = spawn().await;

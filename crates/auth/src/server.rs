@@ -1773,10 +1773,11 @@ impl AuthServer {
         Ok(body)
     }
 
-    /// As [`AuthServer::token`], but the answer may come while the client
-    /// assertion's record is still being committed: the token in it may be
-    /// handed out only once [`PendingRecord::settled`] succeeds. A refusal
-    /// comes only after that commit, as the assertion is used up either way.
+    /// As [`AuthServer::token`], but a `client_credentials` answer may come
+    /// while the client assertion's record is still being committed: the
+    /// token in it may be handed out only once [`PendingRecord::settled`]
+    /// succeeds. A refusal comes only after that commit, as the assertion is
+    /// used up either way.
     pub async fn token_pending(
         &self,
         form: &HashMap<String, String>,
@@ -1795,7 +1796,12 @@ impl AuthServer {
                 "unsupported grant_type",
             ));
         }
-        let (client, pending) = self.authenticate_client_pending(form, basic).await?;
+        let (client, mut pending) = self.authenticate_client_pending(form, basic).await?;
+        if grant_type != "client_credentials" {
+            // These grants use up a code or a refresh token: the assertion's
+            // use is stored first, so that a failure leaves them usable.
+            std::mem::take(&mut pending).settled().await?;
+        }
         let granted = match grant_type {
             "authorization_code" => self.exchange_code(&client, form).await,
             "refresh_token" => self.refresh(&client, form).await,
