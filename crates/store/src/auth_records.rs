@@ -170,7 +170,8 @@ impl Ran {
 /// client assertion's `jti`, a code's use, a refresh token), and committing each
 /// alone makes the disk's sync rate the token endpoint's ceiling. Writes queued
 /// by concurrent callers run in order in one transaction; each caller learns
-/// its own write's result only once that transaction is committed.
+/// its own write's result once that transaction is committed, or, if it asked
+/// ([`GroupWriter::stage`]), as soon as every statement of the group has run.
 #[derive(Clone)]
 struct GroupWriter {
     queue: mpsc::Sender<Queued>,
