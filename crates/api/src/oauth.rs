@@ -21,8 +21,8 @@
 //! when that fails nothing is handed out. The one exception to "stored
 //! before": for `client_credentials`, the client assertion's use is committed
 //! while the token request is being recorded, and the token leaves only once
-//! both are; if the use cannot be committed the token is withheld, and that is
-//! recorded too. Requests refused by the rate limit before they are read are
+//! both are; if the use cannot be committed the token is withheld, and a
+//! second event says so if the trail can still be written. Requests refused by the rate limit before they are read are
 //! not recorded, so a flood cannot grow the trail without bound.
 
 use std::collections::HashMap;

@@ -2446,7 +2446,8 @@ async fn when_a_client_assertions_use_cannot_be_stored_a_code_is_not_exchanged_a
     assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(reply.json()["error"], "server_error");
 
-    // Refused before the code was looked at: no token was made to withhold.
+    // Refused before the code was looked at: no token was made to withhold,
+    // and the code is not used up.
     let events = smart.auth_events("token").await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].outcome(), "12");
@@ -2456,6 +2457,33 @@ async fn when_a_client_assertions_use_cannot_be_stored_a_code_is_not_exchanged_a
         "{}",
         events[0].reason()
     );
+    let stored = smart
+        .store
+        .auth_records()
+        .get("code", &haven_auth::registry::token_hash(&code))
+        .await
+        .unwrap()
+        .expect("the code's record");
+    assert_eq!(stored["used"], false, "{stored}");
+}
+
+#[tokio::test]
+async fn when_the_audit_trail_cannot_be_written_no_backend_services_token_is_handed_out() {
+    let smart = spawn_with(FaultyStore::with(Fault::AuditRefused)).await;
+    let (client_id, key) = backend_client(&smart).await;
+
+    let reply = smart
+        .post_form(
+            "/auth/token",
+            client_credentials(&smart, &client_id, &key, "jti-1"),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let body = reply.json();
+    assert_eq!(body["error"], "server_error");
+    assert!(body.get("access_token").is_none(), "{body}");
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
 }
 
 #[tokio::test]

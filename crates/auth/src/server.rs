@@ -1776,8 +1776,8 @@ impl AuthServer {
     /// As [`AuthServer::token`], but a `client_credentials` answer may come
     /// while the client assertion's record is still being committed: the
     /// token in it may be handed out only once [`PendingRecord::settled`]
-    /// succeeds. A refusal comes only after that commit, as the assertion is
-    /// used up either way.
+    /// succeeds. A refusal of a request whose assertion was accepted comes
+    /// only after that commit, as the assertion is used up either way.
     pub async fn token_pending(
         &self,
         form: &HashMap<String, String>,

@@ -375,11 +375,12 @@ pub trait AuthRecords: Send + Sync {
         expires_at: Option<OffsetDateTime>,
     ) -> Result<bool>;
 
-    /// As [`AuthRecords::insert`], but answers as soon as the insert has run
-    /// in a transaction that is not yet committed, so that the caller can go
-    /// on meanwhile; what it learned holds only once
-    /// [`StagedInsert::committed`] succeeds. A store that cannot tell early
-    /// answers once the insert is committed.
+    /// As [`AuthRecords::insert`], but answers once the insert has run in a
+    /// transaction that is not yet committed, so that the caller can go on
+    /// meanwhile. A record it stored holds only once
+    /// [`StagedInsert::committed`] succeeds; one it found already there may
+    /// be refused at once. A store that cannot tell early answers once the
+    /// insert is committed.
     async fn insert_staged(
         &self,
         kind: &str,
