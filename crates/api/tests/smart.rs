@@ -2312,6 +2312,25 @@ fn client_credentials(
     ])
 }
 
+/// Asks for a Backend Services token with a valid assertion and checks that
+/// none is handed out: a 500 `server_error`, not cached. Returns the client.
+async fn no_backend_token_is_handed_out(smart: &Smart) -> String {
+    let (client_id, key) = backend_client(smart).await;
+    let reply = smart
+        .post_form(
+            "/auth/token",
+            client_credentials(smart, &client_id, &key, "jti-1"),
+            None,
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let body = reply.json();
+    assert_eq!(body["error"], "server_error");
+    assert!(body.get("access_token").is_none(), "{body}");
+    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    client_id
+}
+
 #[tokio::test]
 async fn a_backend_services_token_is_recorded_and_a_replay_of_its_assertion_is_refused_and_recorded(
 ) {
@@ -2350,20 +2369,7 @@ async fn a_backend_services_token_is_recorded_and_a_replay_of_its_assertion_is_r
 async fn when_a_client_assertions_use_cannot_be_stored_the_token_is_withheld_and_that_is_recorded()
 {
     let smart = spawn_wrapping(|store| store, FaultyStore::with(Fault::StagedCommitFails)).await;
-    let (client_id, key) = backend_client(&smart).await;
-
-    let reply = smart
-        .post_form(
-            "/auth/token",
-            client_credentials(&smart, &client_id, &key, "jti-1"),
-            None,
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let body = reply.json();
-    assert_eq!(body["error"], "server_error");
-    assert!(body.get("access_token").is_none(), "{body}");
-    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    let client_id = no_backend_token_is_handed_out(&smart).await;
 
     // The request was recorded while the use was being stored; the second
     // event says the token it names never left.
@@ -2470,20 +2476,7 @@ async fn when_a_client_assertions_use_cannot_be_stored_a_code_is_not_exchanged_a
 #[tokio::test]
 async fn when_the_audit_trail_cannot_be_written_no_backend_services_token_is_handed_out() {
     let smart = spawn_with(FaultyStore::with(Fault::AuditRefused)).await;
-    let (client_id, key) = backend_client(&smart).await;
-
-    let reply = smart
-        .post_form(
-            "/auth/token",
-            client_credentials(&smart, &client_id, &key, "jti-1"),
-            None,
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let body = reply.json();
-    assert_eq!(body["error"], "server_error");
-    assert!(body.get("access_token").is_none(), "{body}");
-    assert_eq!(reply.header("cache-control"), Some("no-store"));
+    no_backend_token_is_handed_out(&smart).await;
 }
 
 #[tokio::test]
