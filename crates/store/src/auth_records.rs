@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use haven_model::clock::Clock;
 
 use crate::checkpoint::Checkpoints;
+use crate::readers::Readers;
 use crate::{AuthRecords, Result, StagedInsert, StoreError};
 
 const INSERT: &str = "INSERT INTO auth_records (kind, key, value, expires_at) VALUES ($1, $2, $3, $4) \
@@ -329,7 +330,7 @@ macro_rules! commit_group {
 
 pub(crate) struct SqliteAuthRecords {
     writes: GroupWriter,
-    readers: SqlitePool,
+    readers: Readers,
     writer: SqlitePool,
     clock: Arc<dyn Clock>,
 }
@@ -339,7 +340,7 @@ impl SqliteAuthRecords {
     /// Tells `checkpoints` of its commits, as the write group does.
     pub fn new(
         writer: SqlitePool,
-        readers: SqlitePool,
+        readers: Readers,
         clock: Arc<dyn Clock>,
         checkpoints: Arc<Checkpoints>,
     ) -> Self {
@@ -492,7 +493,7 @@ macro_rules! auth_records {
                     .bind(kind)
                     .bind(key)
                     .bind(self.clock.now().unix_timestamp())
-                    .fetch_optional(&self.readers)
+                    .fetch_optional(&mut *self.readers.acquire().await?)
                     .await?;
                 row.map(|row| parse(&row.try_get::<String, _>(0)?))
                     .transpose()
@@ -533,7 +534,7 @@ macro_rules! auth_records {
                 let rows = sqlx::query(&$dialect(LIST))
                     .bind(kind)
                     .bind(now)
-                    .fetch_all(&self.readers)
+                    .fetch_all(&mut *self.readers.acquire().await?)
                     .await?;
                 rows.iter()
                     .map(|row| Ok((row.try_get(0)?, parse(&row.try_get::<String, _>(1)?)?)))

@@ -28,6 +28,7 @@ mod document;
 pub mod error;
 pub mod postgres;
 mod query;
+mod readers;
 mod search_rows;
 mod search_sql;
 pub mod sqlite;

@@ -28,6 +28,7 @@ use crate::auth_records::SqliteAuthRecords;
 use crate::checkpoint::{self, Checkpoints};
 use crate::document::identifier_tokens;
 use crate::query::{self, Param, Sql};
+use crate::readers::Readers;
 use crate::search_rows::{Column, IndexRows, BACKFILL_BATCH, SEARCH_INDEX_VERSION, TABLES};
 use crate::search_sql;
 use crate::version::{change_from_name, change_name, check_expected, new_version};
@@ -43,7 +44,9 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may queue for the single writer connection.
 const WRITER_WAIT: Duration = Duration::from_secs(60);
-const READERS: u32 = 4;
+const READERS: usize = 4;
+/// How long a read may queue for a reader connection.
+const READER_WAIT: Duration = Duration::from_secs(30);
 /// Page cache of each connection, as SQLite's `cache_size` takes it: negative
 /// means KiB. The writer's holds the index pages that commits keep touching.
 const WRITER_CACHE_KIB: &str = "-16384";
@@ -51,7 +54,7 @@ const READER_CACHE_KIB: &str = "-4096";
 
 pub struct SqliteStore {
     group: Arc<WriteGroup>,
-    readers: SqlitePool,
+    readers: Readers,
     clock: Arc<dyn Clock>,
     auth: SqliteAuthRecords,
     audit: SqliteAuditLog,
@@ -127,6 +130,7 @@ async fn open_writer(options: SqliteConnectOptions) -> Result<SqlitePool> {
     let writer = SqlitePoolOptions::new()
         .max_connections(1)
         .min_connections(1)
+        .test_before_acquire(false)
         .acquire_timeout(WRITER_WAIT)
         .idle_timeout(None)
         .max_lifetime(None)
@@ -150,22 +154,22 @@ impl SqliteStore {
         let (options, scratch) = options(database_url)?;
         let writer = open_writer(options.clone()).await?;
         // The journal mode is a property of the file, already set by the writer.
-        let readers = SqlitePoolOptions::new()
-            .max_connections(READERS)
-            .connect_with(
-                options
-                    .clone()
-                    .synchronous(SqliteSynchronous::Full)
-                    .foreign_keys(true)
-                    .busy_timeout(BUSY_TIMEOUT)
-                    .pragma("cache_size", READER_CACHE_KIB),
-            )
-            .await
-            .map_err(unavailable)?;
+        let readers = Readers::open(
+            options
+                .clone()
+                .synchronous(SqliteSynchronous::Full)
+                .foreign_keys(true)
+                .busy_timeout(BUSY_TIMEOUT)
+                .pragma("cache_size", READER_CACHE_KIB),
+            READERS,
+            READER_WAIT,
+        )
+        .await?;
         backfill_search_index(&writer).await?;
         // Its own connection, so that the writer never waits for a checkpoint.
         let checkpoints = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(options.synchronous(SqliteSynchronous::Full))
             .await
             .map_err(unavailable)?;
@@ -237,7 +241,7 @@ impl Store for SqliteStore {
         .bind(resource_type)
         .bind(id)
         .bind(version)
-        .fetch_optional(&self.readers)
+        .fetch_optional(&mut *self.readers.acquire().await?)
         .await?;
         row.map(|row| decode_version(&row)).transpose()
     }
@@ -288,7 +292,7 @@ impl Store for SqliteStore {
             "SELECT resource_type, COUNT(*) FROM current_resources \
              WHERE deleted = 0 GROUP BY resource_type ORDER BY resource_type",
         )
-        .fetch_all(&self.readers)
+        .fetch_all(&mut *self.readers.acquire().await?)
         .await?;
         Ok(rows
             .into_iter()
@@ -797,7 +801,7 @@ impl StoreTx for SqliteTx {
 /// new records follow; they share commits with concurrent writes.
 pub(crate) struct SqliteAuditLog {
     group: Arc<WriteGroup>,
-    readers: SqlitePool,
+    readers: Readers,
     clock: Arc<dyn Clock>,
 }
 
@@ -875,7 +879,7 @@ impl AuditLog for SqliteAuditLog {
             "SELECT {RECORD_COLUMNS} FROM audit_events a WHERE a.id = ?1"
         ))
         .bind(id)
-        .fetch_optional(&self.readers)
+        .fetch_optional(&mut *self.readers.acquire().await?)
         .await?;
         row.as_ref().map(decode_record).transpose()
     }
@@ -904,7 +908,7 @@ impl AuditLog for SqliteAuditLog {
         ))
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.readers)
+        .fetch_all(&mut *self.readers.acquire().await?)
         .await?;
         rows.iter().map(decode_record).collect()
     }
