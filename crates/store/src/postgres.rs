@@ -35,6 +35,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/post
 const MAX_CONNECTIONS: u32 = 16;
 /// How long a request may wait for a free connection.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+/// A pooled connection idle this long is pinged before it is used again.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
 pub struct PostgresStore {
     pool: PgPool,
@@ -69,6 +71,17 @@ async fn open(database_url: &str, max_connections: u32) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_WAIT)
+        // A ping before every use doubles the round trips of a short query; a
+        // connection that sat idle (as after the server restarted) still gets one.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= IDLE_BEFORE_PING {
+                    conn.ping().await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_with(options)
         .await
         .map_err(unavailable)?;
