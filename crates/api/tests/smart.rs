@@ -2058,8 +2058,8 @@ async fn signing_out_and_registering_a_client_are_recorded() {
 }
 
 /// A store with a fault: an audit trail that refuses every append, as a full
-/// disk would, or client assertion records whose insert runs but whose commit
-/// fails.
+/// disk would, client assertion records whose insert runs but whose commit
+/// fails, or token revocations that cannot be read.
 #[derive(Debug)]
 struct FaultyStore {
     inner: Arc<dyn Store>,
@@ -2070,6 +2070,7 @@ struct FaultyStore {
 enum Fault {
     AuditRefused,
     StagedCommitFails,
+    RevocationsUnreadable,
 }
 
 impl FaultyStore {
@@ -2105,6 +2106,9 @@ impl haven_store::AuthRecords for FaultyStore {
             .auth_records()
             .insert_staged(kind, key, value, expires_at)
             .await?;
+        if self.fault != Fault::StagedCommitFails {
+            return Ok(staged);
+        }
         Ok(haven_store::StagedInsert::new(staged.inserted, async {
             Err(haven_store::StoreError::Unavailable(
                 "the disk failed".into(),
@@ -2126,6 +2130,11 @@ impl haven_store::AuthRecords for FaultyStore {
     }
 
     async fn get(&self, kind: &str, key: &str) -> haven_store::Result<Option<Value>> {
+        if self.fault == Fault::RevocationsUnreadable && kind == "revoked" {
+            return Err(haven_store::StoreError::Unavailable(
+                "the disk failed".into(),
+            ));
+        }
         self.inner.auth_records().get(kind, key).await
     }
 
@@ -2228,7 +2237,7 @@ impl Store for FaultyStore {
 
     fn auth_records(&self) -> &dyn haven_store::AuthRecords {
         match self.fault {
-            Fault::StagedCommitFails => self,
+            Fault::StagedCommitFails | Fault::RevocationsUnreadable => self,
             Fault::AuditRefused => self.inner.auth_records(),
         }
     }
@@ -2236,7 +2245,7 @@ impl Store for FaultyStore {
     fn audit_log(&self) -> &dyn haven_store::AuditLog {
         match self.fault {
             Fault::AuditRefused => &RefusingLog,
-            Fault::StagedCommitFails => self.inner.audit_log(),
+            Fault::StagedCommitFails | Fault::RevocationsUnreadable => self.inner.audit_log(),
         }
     }
 }
@@ -2265,6 +2274,34 @@ async fn when_the_audit_trail_cannot_be_written_no_token_or_session_is_handed_ou
             .all(|c| !c.to_str().unwrap().starts_with("haven_session=")),
         "no session cookie is set"
     );
+}
+
+#[tokio::test]
+async fn when_token_revocations_cannot_be_read_a_request_is_503_and_nothing_is_read() {
+    let smart = spawn_wrapping(
+        |store| store,
+        FaultyStore::with(Fault::RevocationsUnreadable),
+    )
+    .await;
+    let token = smart.token("amy", "patient/*.rs", None).await;
+    let before = smart.audit_trail().await.len();
+    let reply = smart.get("/fhir/Patient/a", Some(&token)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        reply.text
+    );
+    let outcome = reply.json();
+    assert_eq!(outcome["resourceType"], "OperationOutcome");
+    assert!(!reply.text.contains("\"family\""), "{}", reply.text);
+    // The refusal is recorded like any other request.
+    let trail = smart.audit_trail().await;
+    assert_eq!(trail.len(), before + 1);
+    let event = &trail[before];
+    assert_eq!(event["outcome"], "12", "{event}");
+    assert_eq!(event["subtype"][0]["code"], "read");
+    assert_eq!(event["entity"][0]["what"]["reference"], "Patient/a");
 }
 
 /// A Backend Services client with an ES384 key, registered for `system/*.rs`.

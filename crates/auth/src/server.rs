@@ -163,6 +163,16 @@ impl std::fmt::Display for OAuthError {
     }
 }
 
+/// Whether a grant's record says it no longer holds: revoked, gone (expired
+/// or never made) or unreadable.
+fn grant_record_revoked(record: Option<Value>) -> bool {
+    record.is_none_or(|value| {
+        serde_json::from_value::<GrantRecord>(value)
+            .map(|g| g.revoked)
+            .unwrap_or(true)
+    })
+}
+
 fn storage_failed(e: haven_store::StoreError) -> OAuthError {
     tracing::error!(error = %e, "auth storage failed");
     OAuthError::server_error()
@@ -1511,10 +1521,7 @@ impl AuthServer {
 
     async fn grant_revoked(&self, grant: &str) -> Result<bool, TokenRejection> {
         match self.records().get(kind::GRANT, grant).await {
-            Ok(Some(value)) => Ok(serde_json::from_value::<GrantRecord>(value)
-                .map(|g| g.revoked)
-                .unwrap_or(true)),
-            Ok(None) => Ok(true),
+            Ok(record) => Ok(grant_record_revoked(record)),
             Err(_) => Err(TokenRejection::Unavailable),
         }
     }
@@ -2249,18 +2256,23 @@ impl AuthServer {
         if claims.exp <= now {
             return Err(TokenRejection::Expired);
         }
-        let revoked = self
+        // The token's revocation and its grant's, read together: one query on
+        // every request rather than two.
+        let mut wanted = vec![(kind::REVOKED, claims.jti.as_str())];
+        if let Some(grant) = &claims.grant {
+            wanted.push((kind::GRANT, grant.as_str()));
+        }
+        let mut found = self
             .records()
-            .get(kind::REVOKED, &claims.jti)
+            .get_each(&wanted)
             .await
-            .map_err(|_| TokenRejection::Unavailable)?;
-        if revoked.is_some() {
+            .map_err(|_| TokenRejection::Unavailable)?
+            .into_iter();
+        if found.next().flatten().is_some() {
             return Err(TokenRejection::Revoked);
         }
-        if let Some(grant) = &claims.grant {
-            if self.grant_revoked(grant).await? {
-                return Err(TokenRejection::Revoked);
-            }
+        if claims.grant.is_some() && grant_record_revoked(found.next().flatten()) {
+            return Err(TokenRejection::Revoked);
         }
         Ok(AccessContext {
             subject: claims.sub,

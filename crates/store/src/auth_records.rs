@@ -30,6 +30,20 @@ const LIST: &str = "SELECT key, value FROM auth_records WHERE kind = $1 \
      AND (expires_at IS NULL OR expires_at > $2) ORDER BY key";
 const PURGE: &str = "DELETE FROM auth_records WHERE expires_at IS NOT NULL AND expires_at <= $1";
 
+/// [`GET`] for `pairs` keys at once: `$1, $2` the first kind and key, and so
+/// on, then the current time.
+fn get_each_statement(pairs: usize) -> String {
+    let keys: Vec<String> = (0..pairs)
+        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    format!(
+        "SELECT kind, key, value FROM auth_records WHERE (kind, key) IN ({}) \
+         AND (expires_at IS NULL OR expires_at > ${})",
+        keys.join(", "),
+        2 * pairs + 1
+    )
+}
+
 fn sqlite(statement: &str) -> String {
     statement.replace('$', "?")
 }
@@ -497,6 +511,33 @@ macro_rules! auth_records {
                     .await?;
                 row.map(|row| parse(&row.try_get::<String, _>(0)?))
                     .transpose()
+            }
+
+            async fn get_each(&self, wanted: &[(&str, &str)]) -> Result<Vec<Option<Value>>> {
+                if wanted.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let statement = $dialect(&get_each_statement(wanted.len()));
+                let mut query = sqlx::query(&statement);
+                for (kind, key) in wanted {
+                    query = query.bind(*kind).bind(*key);
+                }
+                let rows = query
+                    .bind(self.clock.now().unix_timestamp())
+                    .fetch_all(&mut *self.readers.acquire().await?)
+                    .await?;
+                let mut found = vec![None; wanted.len()];
+                for row in rows {
+                    let kind: String = row.try_get(0)?;
+                    let key: String = row.try_get(1)?;
+                    let value = parse(&row.try_get::<String, _>(2)?)?;
+                    for (slot, (k, q)) in found.iter_mut().zip(wanted) {
+                        if *k == kind && *q == key {
+                            *slot = Some(value.clone());
+                        }
+                    }
+                }
+                Ok(found)
             }
 
             async fn replace(

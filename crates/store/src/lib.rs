@@ -405,6 +405,17 @@ pub trait AuthRecords: Send + Sync {
     /// The live record with the key.
     async fn get(&self, kind: &str, key: &str) -> Result<Option<Value>>;
 
+    /// The live record of each `(kind, key)`, in the order asked. The stores
+    /// of this crate read them in one query; a store without that reads them
+    /// one by one.
+    async fn get_each(&self, wanted: &[(&str, &str)]) -> Result<Vec<Option<Value>>> {
+        let mut found = Vec::with_capacity(wanted.len());
+        for (kind, key) in wanted {
+            found.push(self.get(kind, key).await?);
+        }
+        Ok(found)
+    }
+
     /// Replaces the live record only if it still equals `expected`; `false` if
     /// it did not (someone else changed it first, or it is gone).
     async fn replace(&self, kind: &str, key: &str, expected: &Value, value: &Value)

@@ -220,6 +220,7 @@ stories!(
     a_content_filter_applies_before_paging_and_counting,
     a_content_filter_hides_versions_from_history,
     auth_records_insert_once_and_expire,
+    auth_records_read_together_answer_in_the_order_asked,
     staged_auth_record_inserts_race_like_inserts_and_commit,
     auth_records_replace_only_what_they_expect,
     auth_records_written_at_once_each_get_their_own_answer,
@@ -1349,6 +1350,48 @@ async fn auth_records_insert_once_and_expire(world: World) {
     );
     assert!(records.delete("jti", "one").await.unwrap());
     assert!(!records.delete("jti", "one").await.unwrap());
+}
+
+async fn auth_records_read_together_answer_in_the_order_asked(world: World) {
+    let records = world.store.auth_records();
+    let soon = world.now() + Duration::seconds(10);
+    records
+        .put("grant", "g1", &json!({"g": 1}), None)
+        .await
+        .unwrap();
+    records
+        .put("revoked", "t1", &json!({"t": 1}), Some(soon))
+        .await
+        .unwrap();
+    // The same key under another kind is another record.
+    records
+        .put("jti", "g1", &json!({"j": 1}), None)
+        .await
+        .unwrap();
+    assert!(records.get_each(&[]).await.unwrap().is_empty());
+    let asked = [
+        ("revoked", "t1"),
+        ("grant", "missing"),
+        ("grant", "g1"),
+        ("revoked", "t1"),
+    ];
+    assert_eq!(
+        records.get_each(&asked).await.unwrap(),
+        [
+            Some(json!({"t": 1})),
+            None,
+            Some(json!({"g": 1})),
+            Some(json!({"t": 1}))
+        ]
+    );
+    world.clock.advance(Duration::seconds(11));
+    assert_eq!(
+        records
+            .get_each(&[("revoked", "t1"), ("grant", "g1")])
+            .await
+            .unwrap(),
+        [None, Some(json!({"g": 1}))]
+    );
 }
 
 async fn staged_auth_record_inserts_race_like_inserts_and_commit(world: World) {
