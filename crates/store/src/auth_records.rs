@@ -31,17 +31,22 @@ const LIST: &str = "SELECT key, value FROM auth_records WHERE kind = $1 \
 const PURGE: &str = "DELETE FROM auth_records WHERE expires_at IS NOT NULL AND expires_at <= $1";
 
 /// [`GET`] for `pairs` keys at once: `$1, $2` the first kind and key, and so
-/// on, then the current time.
+/// on, then the current time. One lookup of the primary key per pair, joined
+/// by UNION ALL: as one `(kind, key) IN (...)`, SQLite chose to scan the
+/// expiry index, every live record.
 fn get_each_statement(pairs: usize) -> String {
-    let keys: Vec<String> = (0..pairs)
-        .map(|i| format!("(${}, ${})", 2 * i + 1, 2 * i + 2))
-        .collect();
-    format!(
-        "SELECT kind, key, value FROM auth_records WHERE (kind, key) IN ({}) \
-         AND (expires_at IS NULL OR expires_at > ${})",
-        keys.join(", "),
-        2 * pairs + 1
-    )
+    let now = 2 * pairs + 1;
+    (0..pairs)
+        .map(|i| {
+            format!(
+                "SELECT kind, key, value FROM auth_records WHERE kind = ${} AND key = ${} \
+                 AND (expires_at IS NULL OR expires_at > ${now})",
+                2 * i + 1,
+                2 * i + 2
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
 }
 
 fn sqlite(statement: &str) -> String {
@@ -597,6 +602,39 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
+
+    #[tokio::test]
+    async fn records_read_together_are_each_looked_up_by_their_key_on_sqlite() {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect("sqlite::memory:")
+            .await
+            .unwrap();
+        sqlx::raw_sql(include_str!(
+            "../../../migrations/sqlite/20261122000002_auth_records.sql"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let sql = format!("EXPLAIN QUERY PLAN {}", sqlite(&get_each_statement(3)));
+        let mut explain = sqlx::query(&sql);
+        for value in ["revoked", "t", "grant", "g", "jti", "j"] {
+            explain = explain.bind(value);
+        }
+        let steps: Vec<String> = explain
+            .bind(0_i64)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<String, _>(3))
+            .collect();
+        let lookups: Vec<&String> = steps.iter().filter(|s| s.starts_with("SEARCH")).collect();
+        assert_eq!(lookups.len(), 3, "{steps:?}");
+        assert!(
+            lookups.iter().all(|s| s.contains("(kind=? AND key=?)")),
+            "{steps:?}"
+        );
+    }
 
     /// A commit that records the keys of each group, holds each group until
     /// the test lets it go, fails any group holding the key "bad" before its
