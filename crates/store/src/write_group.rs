@@ -216,8 +216,10 @@ impl GroupState {
         self.joined = self.open.is_some();
         if !self.joined {
             let mut conn = self.pool.acquire().await?;
-            sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-            let changes = sqlx::query_scalar("SELECT total_changes()")
+            // One round trip: every writer waits meanwhile. If the SELECT fails
+            // after BEGIN ran, `fail` rolls back what was begun; if BEGIN itself
+            // failed, that rollback finds nothing and the connection is replaced.
+            let changes = sqlx::query_scalar("BEGIN IMMEDIATE; SELECT total_changes()")
                 .fetch_one(&mut *conn)
                 .await;
             self.open = Some(conn);
@@ -458,6 +460,41 @@ mod tests {
     /// Lets a spawned task run until it waits for the writer.
     async fn let_it_queue() {
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    #[tokio::test]
+    async fn a_group_refused_the_write_lock_fails_and_the_next_writes_once_the_lock_is_free() {
+        use sqlx::Connection;
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("group.db"))
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_millis(100));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE written (n INTEGER PRIMARY KEY)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let group = WriteGroup::new(pool.clone(), Duration::from_secs(10), None);
+        // Another process holds the write lock longer than the busy timeout.
+        let mut other = SqliteConnection::connect_with(&options).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+        let refused = group.begin().await.err().unwrap();
+        assert!(refused.to_string().contains("locked"), "{refused}");
+        sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+
+        let mut tx = group.begin().await.unwrap();
+        write(&mut tx, 7).await;
+        tx.commit().await.unwrap();
+        assert_eq!(written(&pool).await, vec![7]);
     }
 
     #[tokio::test]
