@@ -65,6 +65,7 @@ impl Readers {
         )
         .await
         .map_err(|_| StoreError::Unavailable("no reader connection became free".into()))?
+        // The semaphore is never closed; were it, reads would be refused, not panic.
         .map_err(|_| StoreError::Unavailable("the reader connections are closed".into()))?;
         let idle = match self.shared.idle.lock() {
             Ok(mut idle) => idle.pop(),

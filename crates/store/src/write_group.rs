@@ -413,12 +413,16 @@ mod tests {
     use super::*;
     use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
-    async fn group(wait: Duration) -> (tempfile::TempDir, SqlitePool, WriteGroup) {
-        let dir = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::new()
+    fn options(dir: &tempfile::TempDir) -> SqliteConnectOptions {
+        SqliteConnectOptions::new()
             .filename(dir.path().join("group.db"))
             .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal);
+            .journal_mode(SqliteJournalMode::Wal)
+    }
+
+    /// A group over a writer pool of one connection opened with `options`,
+    /// on a database with the table `written`.
+    async fn group_on(options: SqliteConnectOptions, wait: Duration) -> (SqlitePool, WriteGroup) {
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(options)
@@ -429,6 +433,12 @@ mod tests {
             .await
             .unwrap();
         let group = WriteGroup::new(pool.clone(), wait, None);
+        (pool, group)
+    }
+
+    async fn group(wait: Duration) -> (tempfile::TempDir, SqlitePool, WriteGroup) {
+        let dir = tempfile::tempdir().unwrap();
+        let (pool, group) = group_on(options(&dir), wait).await;
         (dir, pool, group)
     }
 
@@ -466,21 +476,8 @@ mod tests {
     async fn a_group_refused_the_write_lock_fails_and_the_next_writes_once_the_lock_is_free() {
         use sqlx::Connection;
         let dir = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::new()
-            .filename(dir.path().join("group.db"))
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .busy_timeout(Duration::from_millis(100));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await
-            .unwrap();
-        sqlx::query("CREATE TABLE written (n INTEGER PRIMARY KEY)")
-            .execute(&pool)
-            .await
-            .unwrap();
-        let group = WriteGroup::new(pool.clone(), Duration::from_secs(10), None);
+        let options = options(&dir).busy_timeout(Duration::from_millis(100));
+        let (pool, group) = group_on(options.clone(), Duration::from_secs(10)).await;
         // Another process holds the write lock longer than the busy timeout.
         let mut other = SqliteConnection::connect_with(&options).await.unwrap();
         sqlx::query("BEGIN IMMEDIATE")
