@@ -165,34 +165,32 @@ async fn postgres_reads_and_writes_again_after_the_server_ends_its_idle_connecti
 }
 
 async fn reads_and_writes_after_idle_connections_were_ended(world: World) {
-    {
-        create(&world, "Patient", "before", patient("Before")).await;
-        assert!(world
-            .store
-            .read("Patient", "before")
-            .await
-            .unwrap()
-            .is_some());
-        let mut direct = Direct::open(&world).await;
-        direct
-            .run(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            )
-            .await
-            .unwrap();
-        // Past the idle time after which a pooled connection is checked first.
-        tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
-        let read = world.store.read("Patient", "before").await.unwrap();
-        assert_eq!(read.unwrap().id, "before");
-        create(&world, "Patient", "after", patient("After")).await;
-        assert!(world
-            .store
-            .read("Patient", "after")
-            .await
-            .unwrap()
-            .is_some());
-    }
+    create(&world, "Patient", "before", patient("Before")).await;
+    assert!(world
+        .store
+        .read("Patient", "before")
+        .await
+        .unwrap()
+        .is_some());
+    let mut direct = Direct::open(&world).await;
+    direct
+        .run(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        )
+        .await
+        .unwrap();
+    // Past the idle time after which a pooled connection is checked first.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    let read = world.store.read("Patient", "before").await.unwrap();
+    assert_eq!(read.unwrap().id, "before");
+    create(&world, "Patient", "after", patient("After")).await;
+    assert!(world
+        .store
+        .read("Patient", "after")
+        .await
+        .unwrap()
+        .is_some());
 }
 
 stories!(
