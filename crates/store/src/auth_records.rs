@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
-use sqlx::{PgPool, Row, SqlitePool};
+use sqlx::{PgPool, Row};
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 
 use haven_model::clock::Clock;
 
-use crate::checkpoint::Checkpoints;
 use crate::readers::Readers;
+use crate::write_group::WriteGroup;
 use crate::{AuthRecords, Result, StagedInsert, StoreError};
 
 const INSERT: &str = "INSERT INTO auth_records (kind, key, value, expires_at) VALUES ($1, $2, $3, $4) \
@@ -350,37 +350,39 @@ macro_rules! commit_group {
 pub(crate) struct SqliteAuthRecords {
     writes: GroupWriter,
     readers: Readers,
-    writer: SqlitePool,
+    group: Arc<WriteGroup>,
     clock: Arc<dyn Clock>,
 }
 
 impl SqliteAuthRecords {
     /// Must be called inside a Tokio runtime: it starts the group writer.
-    /// Tells `checkpoints` of its commits, as the write group does.
-    pub fn new(
-        writer: SqlitePool,
-        readers: Readers,
-        clock: Arc<dyn Clock>,
-        checkpoints: Arc<Checkpoints>,
-    ) -> Self {
-        let pool = writer.clone();
-        let writes = GroupWriter::start(move |group| {
-            let pool = pool.clone();
-            let checkpoints = checkpoints.clone();
+    /// Its groups join the store's write group, so a token request's record
+    /// shares a commit with the AuditEvents and resources written meanwhile.
+    pub fn new(group: Arc<WriteGroup>, readers: Readers, clock: Arc<dyn Clock>) -> Self {
+        let shared = group.clone();
+        let writes = GroupWriter::start(move |writes| {
+            let shared = shared.clone();
             async move {
-                // IMMEDIATE: take the write lock now rather than upgrade later.
-                let tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-                let counts: Result<Vec<u64>> = commit_group!(tx, group, sqlite);
-                checkpoints.after_commit();
-                counts
+                let tx = shared.begin().await?;
+                commit_group!(tx, writes, sqlite)
             }
         });
         Self {
             writes,
             readers,
-            writer,
+            group,
             clock,
         }
+    }
+
+    /// Deletes the records that have expired.
+    async fn purge(&self, now: i64) -> Result<()> {
+        let mut tx = self.group.begin().await?;
+        sqlx::query(&sqlite(PURGE))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
     }
 }
 
@@ -409,6 +411,15 @@ impl PostgresAuthRecords {
             readers: pool,
             clock,
         }
+    }
+
+    /// Deletes the records that have expired.
+    async fn purge(&self, now: i64) -> Result<()> {
+        sqlx::query(&postgres(PURGE))
+            .bind(now)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 }
 
@@ -458,9 +469,9 @@ macro_rules! bind {
 }
 use bind;
 
-/// The one implementation, for a records type with a group writer, `writer`
-/// and `readers` pools, and the function that adapts the statements to its
-/// database.
+/// The one implementation, for a records type with a group writer, `readers`,
+/// a `purge` of expired records, and the function that adapts the statements
+/// to its database.
 macro_rules! auth_records {
     ($records:ty, $dialect:path) => {
         #[async_trait]
@@ -573,10 +584,7 @@ macro_rules! auth_records {
             async fn list(&self, kind: &str) -> Result<Vec<(String, Value)>> {
                 let now = self.clock.now().unix_timestamp();
                 // Listing is rare (administration), so it is where expired rows go.
-                sqlx::query(&$dialect(PURGE))
-                    .bind(now)
-                    .execute(&self.writer)
-                    .await?;
+                self.purge(now).await?;
                 let rows = sqlx::query(&$dialect(LIST))
                     .bind(kind)
                     .bind(now)

@@ -174,17 +174,12 @@ impl SqliteStore {
             .await
             .map_err(unavailable)?;
         let checkpoints = Arc::new(Checkpoints::new(checkpoints));
-        let auth = SqliteAuthRecords::new(
-            writer.clone(),
-            readers.clone(),
-            clock.clone(),
-            checkpoints.clone(),
-        );
         let group = Arc::new(WriteGroup::new(
             writer.clone(),
             WRITER_WAIT,
             Some(checkpoints),
         ));
+        let auth = SqliteAuthRecords::new(group.clone(), readers.clone(), clock.clone());
         let audit = SqliteAuditLog {
             group: group.clone(),
             readers: readers.clone(),
@@ -971,6 +966,53 @@ mod tests {
         };
         let (page, _) = search_sql::search(query::SQLITE, &query).unwrap();
         plan(&store, &page).await
+    }
+
+    #[tokio::test]
+    async fn auth_records_and_audit_events_queued_behind_an_open_write_share_its_commit() {
+        let (_dir, store) = store().await;
+        let store = Arc::new(store);
+        let before = store.group.commits().await;
+        let open = store.group.begin().await.unwrap();
+        let record = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let records = store.auth_records();
+                records
+                    .insert("jti", "k1", &serde_json::json!({}), None)
+                    .await
+            }
+        });
+        let event = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let event = serde_json::json!({"resourceType": "AuditEvent"});
+                store.audit_log().append(vec![event]).await
+            }
+        });
+        // Both queue for the write group the open write holds.
+        let mut waited = 0;
+        while store.group.queued() < 2 && waited < 400 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            waited += 1;
+        }
+        assert_eq!(store.group.queued(), 2, "both queue for the write group");
+        open.commit().await.unwrap();
+        assert!(record.await.unwrap().unwrap(), "the record was new");
+        event.await.unwrap().unwrap();
+        assert_eq!(store.group.commits().await - before, 1);
+        assert!(store
+            .auth_records()
+            .get("jti", "k1")
+            .await
+            .unwrap()
+            .is_some());
+        let query = AuditQuery {
+            count: 10,
+            ..AuditQuery::default()
+        };
+        let page = store.audit_log().search(&query).await.unwrap();
+        assert_eq!(page.records.len(), 1);
     }
 
     #[tokio::test]

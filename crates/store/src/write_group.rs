@@ -174,6 +174,12 @@ impl WriteGroup {
     pub(crate) async fn commits(&self) -> u64 {
         self.state.lock().await.commits
     }
+
+    /// How many transactions wait for the writer.
+    #[cfg(test)]
+    pub(crate) fn queued(&self) -> usize {
+        self.signal.queued.load(Ordering::Acquire)
+    }
 }
 
 /// Spawns the task unless it runs already.
