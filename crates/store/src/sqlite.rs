@@ -800,16 +800,31 @@ pub(crate) struct SqliteAuditLog {
     clock: Arc<dyn Clock>,
 }
 
+/// The last record of the audit chain: its position and hash.
+const AUDIT_HEAD: &str = "SELECT position, hash FROM audit_events ORDER BY position DESC LIMIT 1";
+
+fn decode_head(row: &SqliteRow) -> Result<(i64, String)> {
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
 /// Links the records after the current head and inserts them with their index
 /// values; the connection must hold the write lock.
 async fn append_audit_on(conn: &mut SqliteConnection, stamped: Vec<Stamped>) -> Result<()> {
     if stamped.is_empty() {
         return Ok(());
     }
-    let head: Option<(i64, String)> =
-        sqlx::query_as("SELECT position, hash FROM audit_events ORDER BY position DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await?;
+    let head = sqlx::query(AUDIT_HEAD).fetch_optional(&mut *conn).await?;
+    let head = head.as_ref().map(decode_head).transpose()?;
+    append_linked(conn, head, stamped).await
+}
+
+/// Inserts the records linked after `head`, which the connection read while
+/// holding the write lock it still holds.
+async fn append_linked(
+    conn: &mut SqliteConnection,
+    head: Option<(i64, String)>,
+    stamped: Vec<Stamped>,
+) -> Result<()> {
     let records = audit_log::link(head, stamped);
     let mut batch = Batch::new();
     for chunk in records.chunks(EVENT_ROWS_PER_STATEMENT) {
@@ -864,8 +879,10 @@ impl AuditLog for SqliteAuditLog {
             return Ok(());
         }
         let stamped = audit_log::stamp_events(events, self.clock.now())?;
-        let mut tx = self.group.begin().await?;
-        append_audit_on(&mut tx, stamped).await?;
+        // The chain's head is read by the statement that starts the transaction.
+        let (mut tx, head) = self.group.begin_reading(Some(AUDIT_HEAD)).await?;
+        let head = head.as_ref().map(decode_head).transpose()?;
+        append_linked(&mut tx, head, stamped).await?;
         tx.commit().await
     }
 

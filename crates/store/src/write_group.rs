@@ -9,8 +9,12 @@
 //! the sharing. A transaction's `commit` returns only after the group's commit, so
 //! nothing is reported written before it is durable; one that ends without
 //! committing is rolled back alone. If the group's transaction itself fails, every
-//! transaction in it is told so. A group that has written many rows commits at
-//! once instead of taking in more: large transactions (a bundle of a hundred
+//! transaction in it is told so. Every statement sent while a transaction holds
+//! the writer is a round trip to SQLite's connection thread that every other
+//! writer waits for, so a transaction's savepoint is released by the statement
+//! that starts the next one (or by the group's `COMMIT`), not by one of its own,
+//! and a transaction may read with the statement that starts it. A group that has
+//! written many rows commits before taking in more: large transactions (a bundle of a hundred
 //! resources) gain nothing from sharing a sync, and an ever larger transaction
 //! would outgrow the page cache. A transaction known to be large does not join
 //! at all: in a savepoint, SQLite keeps the original of every page it changes
@@ -23,7 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::pool::PoolConnection;
-use sqlx::{Sqlite, SqliteConnection, SqlitePool};
+use sqlx::sqlite::SqliteRow;
+use sqlx::{Row, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{oneshot, Mutex, Notify, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 
@@ -80,6 +85,9 @@ struct GroupState {
     /// Whether the transaction holding the writer joined an open group (and so
     /// runs in a savepoint) rather than opened it.
     joined: bool,
+    /// The last transaction to join committed with its savepoint still open:
+    /// the next one to join releases it first.
+    release_pending: bool,
     /// The last transaction ended without committing: it must be undone before
     /// anything else runs.
     abandoned: bool,
@@ -110,6 +118,7 @@ impl WriteGroup {
                 pool,
                 open: None,
                 joined: false,
+                release_pending: false,
                 abandoned: false,
                 waiting: Vec::new(),
                 changes_before: 0,
@@ -126,13 +135,23 @@ impl WriteGroup {
     /// Starts a transaction: waits for the writer, then joins the open group's
     /// transaction with a savepoint, or opens one with `BEGIN IMMEDIATE`.
     pub(crate) async fn begin(&self) -> Result<GroupTx> {
+        Ok(self.begin_reading(None).await?.0)
+    }
+
+    /// Starts a transaction as [`WriteGroup::begin`] does, running the query
+    /// `read` (a SELECT of at most one row) inside it in the same round trip to
+    /// the writer, and returns its row.
+    pub(crate) async fn begin_reading(
+        &self,
+        read: Option<&str>,
+    ) -> Result<(GroupTx, Option<SqliteRow>)> {
         self.start_committer();
         let queued = Queued::new(&self.signal.queued);
         let mut state = self.writer().await?;
         drop(queued);
         state.undo_abandoned().await;
-        state.start().await?;
-        Ok(self.holding(state))
+        let row = state.start(read).await?;
+        Ok((self.holding(state), row))
     }
 
     /// Starts a transaction that does not join an open group: waits for the
@@ -144,7 +163,7 @@ impl WriteGroup {
         let mut state = self.writer().await?;
         state.undo_abandoned().await;
         state.commit().await;
-        state.start().await?;
+        state.start(None).await?;
         Ok(self.holding(state))
     }
 
@@ -218,61 +237,68 @@ impl Drop for WriteGroup {
 }
 
 impl GroupState {
-    async fn start(&mut self) -> Result<()> {
-        self.joined = self.open.is_some();
-        if !self.joined {
-            let mut conn = self.pool.acquire().await?;
-            // One round trip: every writer waits meanwhile. If the SELECT fails
-            // after BEGIN ran, `fail` rolls back what was begun; if BEGIN itself
-            // failed, that rollback finds nothing and the connection is replaced.
-            let changes = sqlx::query_scalar("BEGIN IMMEDIATE; SELECT total_changes()")
-                .fetch_one(&mut *conn)
-                .await;
-            self.open = Some(conn);
-            match changes {
-                Ok(changes) => self.changes_before = changes,
+    /// Joins the open group with a savepoint, or opens a group; runs `read`
+    /// in the same round trip and returns its row.
+    async fn start(&mut self, read: Option<&str>) -> Result<Option<SqliteRow>> {
+        if self.open.is_some() {
+            let release = if std::mem::take(&mut self.release_pending) {
+                "RELEASE request; "
+            } else {
+                ""
+            };
+            let sql = with_read(
+                &format!("{release}SAVEPOINT request; SELECT total_changes()"),
+                read,
+            );
+            let Some(conn) = self.open.as_mut() else {
+                return Err(lost());
+            };
+            let rows = match sqlx::query(&sql).fetch_all(&mut **conn).await {
+                Ok(rows) => rows,
                 Err(e) => return Err(self.fail(e).await),
+            };
+            let (changes, row) = match changes_and_row(rows) {
+                Ok(answer) => answer,
+                Err(e) => return Err(self.fail(e).await),
+            };
+            if changes - self.changes_before < self.row_limit {
+                self.joined = true;
+                return Ok(row);
             }
-            return Ok(());
+            // The group has written enough: it commits (with the empty
+            // savepoint just begun), and this transaction opens the next.
+            self.commit().await;
         }
-        let Some(conn) = self.open.as_mut() else {
-            return Err(lost());
+        self.joined = false;
+        let mut conn = self.pool.acquire().await?;
+        // One round trip: every writer waits meanwhile. If the SELECT fails
+        // after BEGIN ran, `fail` rolls back what was begun; if BEGIN itself
+        // failed, that rollback finds nothing and the connection is replaced.
+        let sql = with_read("BEGIN IMMEDIATE; SELECT total_changes()", read);
+        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await;
+        self.open = Some(conn);
+        let answer = match rows {
+            Ok(rows) => changes_and_row(rows),
+            Err(e) => Err(e),
         };
-        if let Err(e) = sqlx::query("SAVEPOINT request").execute(&mut **conn).await {
-            return Err(self.fail(e).await);
-        }
-        Ok(())
-    }
-
-    /// Merges the holder's savepoint, if it has one, into the group's
-    /// transaction; says whether the group should commit now rather than wait
-    /// for those queued: when nobody is, or when it has written enough rows.
-    async fn release(&mut self, queued: usize) -> Result<bool> {
-        let Some(conn) = self.open.as_mut() else {
-            return Err(lost());
-        };
-        // One round trip: every other writer waits for this one.
-        let rows = match (self.joined, queued) {
-            (false, 0) => return Ok(true),
-            (true, 0) => match sqlx::query("RELEASE request").execute(&mut **conn).await {
-                Ok(_) => return Ok(true),
-                Err(e) => Err(e),
-            },
-            (false, _) => {
-                sqlx::query_scalar::<_, i64>("SELECT total_changes()")
-                    .fetch_one(&mut **conn)
-                    .await
+        match answer {
+            Ok((changes, row)) => {
+                self.changes_before = changes;
+                Ok(row)
             }
-            (true, _) => {
-                sqlx::query_scalar::<_, i64>("RELEASE request; SELECT total_changes()")
-                    .fetch_one(&mut **conn)
-                    .await
-            }
-        };
-        match rows {
-            Ok(changes) => Ok(changes - self.changes_before >= self.row_limit),
             Err(e) => Err(self.fail(e).await),
         }
+    }
+
+    /// Says whether the group should commit as the holder releases it: when
+    /// nobody is queued to join. A savepoint is left open for the next to
+    /// release; `COMMIT` ends it too.
+    fn release(&mut self, queued: usize) -> bool {
+        if queued == 0 {
+            return true;
+        }
+        self.release_pending = self.joined;
+        false
     }
 
     async fn undo_abandoned(&mut self) {
@@ -309,6 +335,7 @@ impl GroupState {
         match sqlx::query("COMMIT").execute(&mut **conn).await {
             Ok(_) => {
                 self.open = None;
+                self.release_pending = false;
                 self.commits += 1;
                 if let Some(checkpoints) = &self.checkpoints {
                     checkpoints.after_commit();
@@ -325,6 +352,7 @@ impl GroupState {
 
     /// Ends the open transaction, if any, with `ROLLBACK`.
     async fn roll_back(&mut self) {
+        self.release_pending = false;
         if let Some(mut conn) = self.open.take() {
             if sqlx::query("ROLLBACK").execute(&mut *conn).await.is_err() {
                 // The transaction is gone already, or the connection is broken:
@@ -349,6 +377,27 @@ impl GroupState {
     }
 }
 
+/// `start` followed by the query `read`, if any.
+fn with_read(start: &str, read: Option<&str>) -> String {
+    match read {
+        Some(read) => format!("{start}; {read}"),
+        None => start.to_owned(),
+    }
+}
+
+/// The rows of a group's first statements: SQLite's count of changed rows,
+/// then the row of the transaction's own read, if it found one.
+fn changes_and_row(
+    rows: Vec<SqliteRow>,
+) -> std::result::Result<(i64, Option<SqliteRow>), sqlx::Error> {
+    let mut rows = rows.into_iter();
+    let changes = match rows.next() {
+        Some(row) => row.try_get(0)?,
+        None => return Err(sqlx::Error::RowNotFound),
+    };
+    Ok((changes, rows.next()))
+}
+
 fn lost() -> StoreError {
     StoreError::Unavailable("the shared write transaction was lost".into())
 }
@@ -361,14 +410,12 @@ pub(crate) struct GroupTx {
 }
 
 impl GroupTx {
-    /// Releases the savepoint into the group and waits for the group's commit.
+    /// Leaves its writes to the group and waits for the group's commit.
     pub(crate) async fn commit(mut self) -> Result<()> {
         let Some(mut state) = self.state.take() else {
             return Err(lost());
         };
-        let now = state
-            .release(self.signal.queued.load(Ordering::Acquire))
-            .await?;
+        let now = state.release(self.signal.queued.load(Ordering::Acquire));
         let (member, outcome) = oneshot::channel();
         state.waiting.push(member);
         if now {
@@ -563,6 +610,70 @@ mod tests {
             pool.acquire().await.is_ok(),
             "the writer connection is back in its pool between groups"
         );
+    }
+
+    #[tokio::test]
+    async fn a_transaction_abandoned_after_one_that_joined_undoes_only_its_own_rows() {
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let mut first = group.begin().await.unwrap();
+        write(&mut first, 1).await;
+        // Committed while others queue, so its savepoint is left for the next to release.
+        let joined = spawn_writer(&group, 2);
+        let_it_queue().await;
+        let abandoned = tokio::spawn({
+            let group = group.clone();
+            async move {
+                let mut tx = group.begin().await.unwrap();
+                write(&mut tx, 3).await;
+                drop(tx);
+            }
+        });
+        let_it_queue().await;
+        let last = spawn_writer(&group, 4);
+        let_it_queue().await;
+        first.commit().await.unwrap();
+        for task in [joined, abandoned, last] {
+            task.await.unwrap();
+        }
+        assert_eq!(written(&pool).await, vec![1, 2, 4]);
+        assert_eq!(group.commits().await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_reads_with_its_start_and_sees_what_its_group_wrote_before_it() {
+        const LAST: &str = "SELECT n FROM written ORDER BY n DESC LIMIT 1";
+        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let (mut first, nothing) = group.begin_reading(Some(LAST)).await.unwrap();
+        assert!(nothing.is_none(), "the table is empty");
+        write(&mut first, 1).await;
+        let reads = [2, 3].map(|n| {
+            let group = group.clone();
+            tokio::spawn(async move {
+                let (mut tx, row) = group.begin_reading(Some(LAST)).await.unwrap();
+                let seen: i64 = row.expect("a row was written before").get(0);
+                write(&mut tx, n).await;
+                tx.commit().await.unwrap();
+                seen
+            })
+        });
+        let_it_queue().await;
+        first.commit().await.unwrap();
+        let mut seen = Vec::new();
+        for read in reads {
+            seen.push(read.await.unwrap());
+        }
+        seen.sort_unstable();
+        // Each saw the uncommitted rows of those before it in the group.
+        assert_eq!(seen, vec![1, 2]);
+        assert_eq!(written(&pool).await, vec![1, 2, 3]);
+        assert_eq!(group.commits().await, 1);
+
+        // Opening a group reads too.
+        let (tx, row) = group.begin_reading(Some(LAST)).await.unwrap();
+        assert_eq!(row.map(|row| row.get::<i64, _>(0)), Some(3));
+        drop(tx);
     }
 
     #[tokio::test]
