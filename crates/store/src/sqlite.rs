@@ -195,12 +195,15 @@ impl SqliteStore {
         })
     }
 
-    fn transaction(&self, tx: GroupTx) -> Box<dyn StoreTx> {
-        Box::new(SqliteTx {
+    /// A store transaction on `tx`, which began with the read [`AUDIT_HEAD`]
+    /// and found `head`.
+    fn transaction(&self, tx: GroupTx, head: Option<SqliteRow>) -> Result<Box<dyn StoreTx>> {
+        Ok(Box::new(SqliteTx {
             tx,
             clock: self.clock.clone(),
+            audit_head: head.as_ref().map(decode_head).transpose()?,
             audit_failed: false,
-        })
+        }))
     }
 }
 
@@ -210,12 +213,16 @@ impl Store for SqliteStore {
         Backend::Sqlite
     }
 
+    // A write transaction nearly always appends an AuditEvent, so it reads
+    // the chain's head with the statement that starts it.
     async fn begin(&self) -> Result<Box<dyn StoreTx>> {
-        Ok(self.transaction(self.group.begin().await?))
+        let (tx, head) = self.group.begin_reading(Some(AUDIT_HEAD)).await?;
+        self.transaction(tx, head)
     }
 
     async fn begin_large(&self) -> Result<Box<dyn StoreTx>> {
-        Ok(self.transaction(self.group.begin_alone().await?))
+        let (tx, head) = self.group.begin_alone(Some(AUDIT_HEAD)).await?;
+        self.transaction(tx, head)
     }
 
     async fn read(&self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
@@ -382,6 +389,9 @@ async fn read_current(
 struct SqliteTx {
     tx: GroupTx,
     clock: Arc<dyn Clock>,
+    /// The last record of the audit chain: read as the transaction began and
+    /// moved by its own appends, since it holds the writer throughout.
+    audit_head: Option<(i64, String)>,
     /// Set when an audit append failed: SQLite undoes only the failing statement,
     /// so the transaction must not commit what came before it.
     audit_failed: bool,
@@ -772,13 +782,19 @@ impl StoreTx for SqliteTx {
 
     async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
         let appended = match audit_log::stamp_events(events, self.clock.now()) {
-            Ok(stamped) => append_audit_on(&mut self.tx, stamped).await,
+            Ok(stamped) => append_linked(&mut self.tx, self.audit_head.clone(), stamped).await,
             Err(e) => Err(e),
         };
-        if appended.is_err() {
-            self.audit_failed = true;
+        match appended {
+            Ok(head) => {
+                self.audit_head = head;
+                Ok(())
+            }
+            Err(e) => {
+                self.audit_failed = true;
+                Err(e)
+            }
         }
-        appended
     }
 
     async fn commit(self: Box<Self>) -> Result<()> {
@@ -807,25 +823,18 @@ fn decode_head(row: &SqliteRow) -> Result<(i64, String)> {
     Ok((row.try_get(0)?, row.try_get(1)?))
 }
 
-/// Links the records after the current head and inserts them with their index
-/// values; the connection must hold the write lock.
-async fn append_audit_on(conn: &mut SqliteConnection, stamped: Vec<Stamped>) -> Result<()> {
-    if stamped.is_empty() {
-        return Ok(());
-    }
-    let head = sqlx::query(AUDIT_HEAD).fetch_optional(&mut *conn).await?;
-    let head = head.as_ref().map(decode_head).transpose()?;
-    append_linked(conn, head, stamped).await
-}
-
 /// Inserts the records linked after `head`, which the connection read while
-/// holding the write lock it still holds.
+/// holding the write lock it still holds; returns the new head.
 async fn append_linked(
     conn: &mut SqliteConnection,
     head: Option<(i64, String)>,
     stamped: Vec<Stamped>,
-) -> Result<()> {
-    let records = audit_log::link(head, stamped);
+) -> Result<Option<(i64, String)>> {
+    let records = audit_log::link(head.clone(), stamped);
+    let Some(last) = records.last() else {
+        return Ok(head);
+    };
+    let new_head = Some((last.position, last.hash.clone()));
     let mut batch = Batch::new();
     for chunk in records.chunks(EVENT_ROWS_PER_STATEMENT) {
         batch
@@ -856,7 +865,7 @@ async fn append_linked(
             });
     }
     batch.run(conn).await?;
-    Ok(())
+    Ok(new_head)
 }
 
 /// Rows per multi-row INSERT, well under SQLite's 32766 bound variables.

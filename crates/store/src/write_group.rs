@@ -158,13 +158,17 @@ impl WriteGroup {
     /// writer, commits the group it finds open, and opens its own. Those that
     /// queue behind it may still join it. For transactions that write many
     /// rows, which a savepoint would copy page by page into memory.
-    pub(crate) async fn begin_alone(&self) -> Result<GroupTx> {
+    /// `read` is run as [`WriteGroup::begin_reading`] runs it.
+    pub(crate) async fn begin_alone(
+        &self,
+        read: Option<&str>,
+    ) -> Result<(GroupTx, Option<SqliteRow>)> {
         self.start_committer();
         let mut state = self.writer().await?;
         state.undo_abandoned().await;
         state.commit().await;
-        state.start(None).await?;
-        Ok(self.holding(state))
+        let row = state.start(read).await?;
+        Ok((self.holding(state), row))
     }
 
     async fn writer(&self) -> Result<OwnedMutexGuard<GroupState>> {
@@ -761,7 +765,7 @@ mod tests {
         let alone = tokio::spawn({
             let (group, pool, done) = (group.clone(), pool.clone(), joined_committed.clone());
             async move {
-                let mut tx = group.begin_alone().await.unwrap();
+                let mut tx = group.begin_alone(None).await.unwrap().0;
                 let_it_queue().await;
                 // The group it found open is committed, so not part of this one.
                 assert!(done.load(Ordering::Acquire));
@@ -793,7 +797,7 @@ mod tests {
         let alone = tokio::spawn({
             let group = group.clone();
             async move {
-                let mut tx = group.begin_alone().await.unwrap();
+                let mut tx = group.begin_alone(None).await.unwrap().0;
                 write(&mut tx, 3).await;
             }
         });

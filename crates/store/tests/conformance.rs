@@ -1813,8 +1813,8 @@ async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World)
     let mut tasks = Vec::new();
     let mut expected = Vec::new();
     for task in 0..40 {
-        let path = task % 4;
-        let count = if path == 1 { 2 } else { 1 };
+        let path = task % 5;
+        let count = if path == 1 || path == 2 { 2 } else { 1 };
         let events: Vec<Value> = (0..count)
             .map(|n| {
                 let mark = format!("task {task} event {n}");
@@ -1830,7 +1830,17 @@ async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World)
                 0 => writer.append(events.into_iter().next().unwrap()).await,
                 1 => store.audit_log().append(events).await,
                 2 => {
+                    // Two appends in one transaction, a write between them.
+                    let mut events = events.into_iter();
                     let mut tx = store.begin().await?;
+                    tx.append_audit(events.next().into_iter().collect()).await?;
+                    tx.create("Patient", &format!("p{task}"), patient("P"))
+                        .await?;
+                    tx.append_audit(events.collect()).await?;
+                    tx.commit().await
+                }
+                3 => {
+                    let mut tx = store.begin_large().await?;
                     tx.create("Patient", &format!("p{task}"), patient("P"))
                         .await?;
                     tx.append_audit(events).await?;
@@ -1858,7 +1868,7 @@ async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World)
     assert_eq!(stored, expected);
     assert_eq!(
         world.store.count_by_type().await.unwrap(),
-        [("Patient".to_owned(), 10)]
+        [("Patient".to_owned(), 16)]
     );
 }
 
