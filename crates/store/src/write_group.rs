@@ -13,10 +13,10 @@
 //! the writer is a round trip to SQLite's connection thread that every other
 //! writer waits for, so a transaction's savepoint is released by the statement
 //! that starts the next one (or by the group's `COMMIT`), not by one of its own,
-//! and a transaction may read with the statement that starts it. A group that has
-//! written many rows commits before taking in more: large transactions (a bundle of a hundred
-//! resources) gain nothing from sharing a sync, and an ever larger transaction
-//! would outgrow the page cache. A transaction known to be large does not join
+//! and a transaction may read with the statement that starts it. A group that
+//! has written many rows commits before taking in more: large transactions (a
+//! bundle of a hundred resources) gain nothing from sharing a sync, and an ever
+//! larger transaction would outgrow the page cache. A transaction known to be large does not join
 //! at all: in a savepoint, SQLite keeps the original of every page it changes
 //! in memory (temporary files are in memory here), which for a bundle of
 //! thousands of resources is tens of megabytes.
