@@ -499,6 +499,16 @@ mod tests {
         (dir, pool, group)
     }
 
+    /// A group, and the transaction that opened it, holding the writer with
+    /// 1 written.
+    async fn group_with_one_write() -> (tempfile::TempDir, SqlitePool, Arc<WriteGroup>, GroupTx) {
+        let (dir, pool, group) = group(Duration::from_secs(10)).await;
+        let group = Arc::new(group);
+        let mut first = group.begin().await.unwrap();
+        write(&mut first, 1).await;
+        (dir, pool, group, first)
+    }
+
     async fn write(tx: &mut GroupTx, n: i64) {
         sqlx::query("INSERT INTO written (n) VALUES (?1)")
             .bind(n)
@@ -521,6 +531,15 @@ mod tests {
             let mut tx = group.begin().await.unwrap();
             write(&mut tx, n).await;
             tx.commit().await.unwrap();
+        })
+    }
+
+    /// A task that begins a transaction, writes `n` and drops it uncommitted.
+    fn spawn_abandoned(group: &Arc<WriteGroup>, n: i64) -> tokio::task::JoinHandle<()> {
+        let group = group.clone();
+        tokio::spawn(async move {
+            let mut tx = group.begin().await.unwrap();
+            write(&mut tx, n).await;
         })
     }
 
@@ -584,18 +603,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_that_ends_without_committing_leaves_the_rest_of_its_group_written() {
-        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
-        let group = Arc::new(group);
-        let mut kept = group.begin().await.unwrap();
-        write(&mut kept, 1).await;
-        let abandoned = tokio::spawn({
-            let group = group.clone();
-            async move {
-                let mut tx = group.begin().await.unwrap();
-                write(&mut tx, 2).await;
-                drop(tx);
-            }
-        });
+        let (_dir, pool, group, mut kept) = group_with_one_write().await;
+        let abandoned = spawn_abandoned(&group, 2);
         let_it_queue().await;
         // Waits for the group's commit, which runs after the abandoned one is undone.
         kept.commit().await.unwrap();
@@ -618,21 +627,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_abandoned_after_one_that_joined_undoes_only_its_own_rows() {
-        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
-        let group = Arc::new(group);
-        let mut first = group.begin().await.unwrap();
-        write(&mut first, 1).await;
+        let (_dir, pool, group, mut first) = group_with_one_write().await;
         // Committed while others queue, so its savepoint is left for the next to release.
         let joined = spawn_writer(&group, 2);
         let_it_queue().await;
-        let abandoned = tokio::spawn({
-            let group = group.clone();
-            async move {
-                let mut tx = group.begin().await.unwrap();
-                write(&mut tx, 3).await;
-                drop(tx);
-            }
-        });
+        let abandoned = spawn_abandoned(&group, 3);
         let_it_queue().await;
         let last = spawn_writer(&group, 4);
         let_it_queue().await;
@@ -683,10 +682,7 @@ mod tests {
     #[tokio::test]
     async fn when_the_shared_transaction_is_lost_every_transaction_in_it_is_told_so_and_nothing_is_written(
     ) {
-        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
-        let group = Arc::new(group);
-        let mut released = group.begin().await.unwrap();
-        write(&mut released, 1).await;
+        let (_dir, pool, group, mut released) = group_with_one_write().await;
         let losing = tokio::spawn({
             let group = group.clone();
             async move {
@@ -747,10 +743,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_begun_alone_commits_the_open_group_first_and_those_behind_it_join_it() {
-        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
-        let group = Arc::new(group);
-        let mut first = group.begin().await.unwrap();
-        write(&mut first, 1).await;
+        let (_dir, pool, group, mut first) = group_with_one_write().await;
         let joined_committed = Arc::new(AtomicBool::new(false));
         let joined = tokio::spawn({
             let (group, done) = (group.clone(), joined_committed.clone());
@@ -788,10 +781,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_begun_alone_and_dropped_undoes_only_its_own_rows() {
-        let (_dir, pool, group) = group(Duration::from_secs(10)).await;
-        let group = Arc::new(group);
-        let mut first = group.begin().await.unwrap();
-        write(&mut first, 1).await;
+        let (_dir, pool, group, mut first) = group_with_one_write().await;
         let joined = spawn_writer(&group, 2);
         let_it_queue().await;
         let alone = tokio::spawn({
