@@ -603,7 +603,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_that_ends_without_committing_leaves_the_rest_of_its_group_written() {
-        let (_dir, pool, group, mut kept) = group_with_one_write().await;
+        let (_dir, pool, group, kept) = group_with_one_write().await;
         let abandoned = spawn_abandoned(&group, 2);
         let_it_queue().await;
         // Waits for the group's commit, which runs after the abandoned one is undone.
@@ -627,7 +627,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_abandoned_after_one_that_joined_undoes_only_its_own_rows() {
-        let (_dir, pool, group, mut first) = group_with_one_write().await;
+        let (_dir, pool, group, first) = group_with_one_write().await;
         // Committed while others queue, so its savepoint is left for the next to release.
         let joined = spawn_writer(&group, 2);
         let_it_queue().await;
@@ -682,7 +682,7 @@ mod tests {
     #[tokio::test]
     async fn when_the_shared_transaction_is_lost_every_transaction_in_it_is_told_so_and_nothing_is_written(
     ) {
-        let (_dir, pool, group, mut released) = group_with_one_write().await;
+        let (_dir, pool, group, released) = group_with_one_write().await;
         let losing = tokio::spawn({
             let group = group.clone();
             async move {
@@ -743,7 +743,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_begun_alone_commits_the_open_group_first_and_those_behind_it_join_it() {
-        let (_dir, pool, group, mut first) = group_with_one_write().await;
+        let (_dir, pool, group, first) = group_with_one_write().await;
         let joined_committed = Arc::new(AtomicBool::new(false));
         let joined = tokio::spawn({
             let (group, done) = (group.clone(), joined_committed.clone());
@@ -781,7 +781,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_transaction_begun_alone_and_dropped_undoes_only_its_own_rows() {
-        let (_dir, pool, group, mut first) = group_with_one_write().await;
+        let (_dir, pool, group, first) = group_with_one_write().await;
         let joined = spawn_writer(&group, 2);
         let_it_queue().await;
         let alone = tokio::spawn({
