@@ -201,7 +201,7 @@ impl SqliteStore {
         Ok(Box::new(SqliteTx {
             tx,
             clock: self.clock.clone(),
-            audit_head: head.as_ref().map(decode_head).transpose()?,
+            audit_head: decode_head(head)?,
             audit_failed: false,
         }))
     }
@@ -819,8 +819,10 @@ pub(crate) struct SqliteAuditLog {
 /// The last record of the audit chain: its position and hash.
 const AUDIT_HEAD: &str = "SELECT position, hash FROM audit_events ORDER BY position DESC LIMIT 1";
 
-fn decode_head(row: &SqliteRow) -> Result<(i64, String)> {
-    Ok((row.try_get(0)?, row.try_get(1)?))
+/// The head found by [`AUDIT_HEAD`], if the chain has one.
+fn decode_head(row: Option<SqliteRow>) -> Result<Option<(i64, String)>> {
+    row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+        .transpose()
 }
 
 /// Inserts the records linked after `head`, which the connection read while
@@ -890,8 +892,7 @@ impl AuditLog for SqliteAuditLog {
         let stamped = audit_log::stamp_events(events, self.clock.now())?;
         // The chain's head is read by the statement that starts the transaction.
         let (mut tx, head) = self.group.begin_reading(Some(AUDIT_HEAD)).await?;
-        let head = head.as_ref().map(decode_head).transpose()?;
-        append_linked(&mut tx, head, stamped).await?;
+        append_linked(&mut tx, decode_head(head)?, stamped).await?;
         tx.commit().await
     }
 

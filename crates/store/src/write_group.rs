@@ -244,7 +244,7 @@ impl GroupState {
     /// Joins the open group with a savepoint, or opens a group; runs `read`
     /// in the same round trip and returns its row.
     async fn start(&mut self, read: Option<&str>) -> Result<Option<SqliteRow>> {
-        if self.open.is_some() {
+        if let Some(conn) = self.open.as_mut() {
             let release = if std::mem::take(&mut self.release_pending) {
                 "RELEASE request; "
             } else {
@@ -254,14 +254,11 @@ impl GroupState {
                 &format!("{release}SAVEPOINT request; SELECT total_changes()"),
                 read,
             );
-            let Some(conn) = self.open.as_mut() else {
-                return Err(lost());
-            };
-            let rows = match sqlx::query(&sql).fetch_all(&mut **conn).await {
-                Ok(rows) => rows,
-                Err(e) => return Err(self.fail(e).await),
-            };
-            let (changes, row) = match changes_and_row(rows) {
+            let (changes, row) = match sqlx::query(&sql)
+                .fetch_all(&mut **conn)
+                .await
+                .and_then(changes_and_row)
+            {
                 Ok(answer) => answer,
                 Err(e) => return Err(self.fail(e).await),
             };
@@ -279,12 +276,11 @@ impl GroupState {
         // after BEGIN ran, `fail` rolls back what was begun; if BEGIN itself
         // failed, that rollback finds nothing and the connection is replaced.
         let sql = with_read("BEGIN IMMEDIATE; SELECT total_changes()", read);
-        let rows = sqlx::query(&sql).fetch_all(&mut *conn).await;
+        let answer = sqlx::query(&sql)
+            .fetch_all(&mut *conn)
+            .await
+            .and_then(changes_and_row);
         self.open = Some(conn);
-        let answer = match rows {
-            Ok(rows) => changes_and_row(rows),
-            Err(e) => Err(e),
-        };
         match answer {
             Ok((changes, row)) => {
                 self.changes_before = changes;
