@@ -8,6 +8,8 @@
 //! - [`keys`]: the server's signing keys and their JWKS.
 //! - [`limits`]: rate limits and the sign-in throttle.
 //! - [`client`]: the one place that speaks OAuth as a client (Backend Services).
+//! - `verified`: access tokens already checked, so a token's signature is
+//!   verified once rather than on every request.
 
 pub mod client;
 pub mod keys;
@@ -15,5 +17,6 @@ pub mod limits;
 pub mod registry;
 pub mod scope;
 pub mod server;
+mod verified;
 
 pub use server::{AccessContext, AuthConfig, AuthServer, OAuthError, TokenRejection};

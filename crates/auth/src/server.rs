@@ -26,6 +26,7 @@ use crate::registry::{
     ClientRecord, Role, UserRecord,
 };
 use crate::scope::{self, Context, Scope, ScopeSet};
+use crate::verified::VerifiedTokens;
 
 /// Token requests per caller address and minute unless configured: enough
 /// for any client, few enough to slow a flood.
@@ -542,13 +543,38 @@ pub struct AuthServer {
     config: AuthConfig,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    /// Swapped whole when the keys on disk change (`haven keys rotate`).
-    keys: std::sync::RwLock<Arc<KeySet>>,
+    /// Swapped whole when the keys on disk change (`haven keys rotate`), with
+    /// the tokens they verified.
+    keys: std::sync::RwLock<Arc<ActiveKeys>>,
     http: reqwest::Client,
     jwks_cache: Mutex<HashMap<String, (OffsetDateTime, Value)>>,
     /// Per-endpoint request rate limits, keyed by endpoint and caller address.
     pub rate: RateLimiter,
     login_throttle: LoginThrottle,
+}
+
+/// A key set and the access tokens it has verified: replaced together, so a
+/// token remembered as verified is one the current keys accept.
+struct ActiveKeys {
+    set: KeySet,
+    verified: VerifiedTokens<AccessClaims>,
+}
+
+impl ActiveKeys {
+    fn new(set: KeySet) -> Arc<ActiveKeys> {
+        Arc::new(ActiveKeys {
+            set,
+            verified: VerifiedTokens::new(),
+        })
+    }
+}
+
+impl std::ops::Deref for ActiveKeys {
+    type Target = KeySet;
+
+    fn deref(&self) -> &KeySet {
+        &self.set
+    }
 }
 
 impl std::fmt::Debug for AuthServer {
@@ -614,7 +640,7 @@ impl AuthServer {
             config,
             store,
             clock,
-            keys: std::sync::RwLock::new(Arc::new(keys)),
+            keys: std::sync::RwLock::new(ActiveKeys::new(keys)),
             // Keys are fetched from exactly the registered URL: no redirects.
             http: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
@@ -630,14 +656,14 @@ impl AuthServer {
     }
 
     /// The keys tokens are signed and checked with now.
-    fn key_set(&self) -> Arc<KeySet> {
+    fn key_set(&self) -> Arc<ActiveKeys> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Starts signing with `keys` (after a rotation); tokens signed by keys it
-    /// still lists as retired keep working.
+    /// still lists as retired keep working, and each is verified again once.
     pub fn replace_keys(&self, keys: KeySet) {
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = ActiveKeys::new(keys);
     }
 
     /// The id of the current RSA key (ID tokens), which names the key set and
@@ -2299,13 +2325,16 @@ impl AuthServer {
     }
 
     fn decode_access_token(&self, token: &str) -> Result<AccessClaims, TokenRejection> {
+        let keys = self.key_set();
+        if let Some(claims) = keys.verified.get(token) {
+            return Ok(claims);
+        }
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenRejection::Invalid)?;
         // Only an access-token key verifies: an ID token (RS256) is refused here.
         if header.alg != ACCESS_TOKEN_ALGORITHM {
             return Err(TokenRejection::Invalid);
         }
         let kid = header.kid.as_deref().ok_or(TokenRejection::Invalid)?;
-        let keys = self.key_set();
         let key = keys
             .decoding_key(kid, ACCESS_TOKEN_ALGORITHM)
             .ok_or(TokenRejection::Invalid)?;
@@ -2320,6 +2349,7 @@ impl AuthServer {
         if data.claims.aud != self.config.fhir_base {
             return Err(TokenRejection::WrongAudience);
         }
+        keys.verified.insert(token, &data.claims);
         Ok(data.claims)
     }
 

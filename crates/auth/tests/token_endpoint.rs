@@ -827,6 +827,16 @@ async fn a_revoked_access_token_stops_verifying_at_once() {
     let app = public_app(&h).await;
     let response = tokens(&h, &app, &practitioner(&h).await).await;
     let access = text(&response, "access_token");
+    // Verified before: the revocation must win over what was checked then.
+    let used = h
+        .server
+        .verify_access_token(access)
+        .await
+        .expect("verifies");
+    assert_eq!(
+        h.server.verify_access_token(access).await.as_ref(),
+        Ok(&used)
+    );
 
     h.server
         .revoke(&form(&[("token", access), ("client_id", &app)]), None)
@@ -845,6 +855,10 @@ async fn revoking_a_refresh_token_ends_its_grants_access_tokens() {
     let app = public_app(&h).await;
     let response = tokens(&h, &app, &practitioner(&h).await).await;
     let refresh_token = text(&response, "refresh_token");
+    h.server
+        .verify_access_token(text(&response, "access_token"))
+        .await
+        .expect("verifies before the revocation");
 
     h.server
         .revoke(
@@ -1036,6 +1050,39 @@ async fn after_a_key_rotation_new_tokens_use_the_new_key_and_old_ones_still_work
     let header = jsonwebtoken::decode_header(text(&after, "access_token")).unwrap();
     assert_eq!(header.alg, jsonwebtoken::Algorithm::EdDSA);
     assert_eq!(header.kid.as_deref(), Some(h.server.access_kid().as_str()));
+}
+
+#[tokio::test]
+async fn a_token_verified_before_its_key_leaves_the_key_set_is_refused_after() {
+    use haven_auth::keys::{generate_signing_key, KeySet};
+    let h = harness().await;
+    let app = public_app(&h).await;
+    let user = practitioner(&h).await;
+    let access = text(&tokens(&h, &app, &user).await, "access_token").to_owned();
+    h.server
+        .verify_access_token(&access)
+        .await
+        .expect("verifies with the key that signed it");
+
+    // A new key, and the old one not kept as retired: no longer trusted.
+    let keys = KeySet::new(
+        &generate_signing_key().unwrap(),
+        &[],
+        h.now(),
+        time::Duration::hours(1),
+    )
+    .unwrap();
+    h.server.replace_keys(keys);
+
+    assert_eq!(
+        h.server.verify_access_token(&access).await,
+        Err(TokenRejection::Invalid)
+    );
+    let fresh = text(&tokens(&h, &app, &user).await, "access_token").to_owned();
+    h.server
+        .verify_access_token(&fresh)
+        .await
+        .expect("a token of the new key verifies");
 }
 
 // ----- Purpose of use and clearance -----------------------------------------------------
