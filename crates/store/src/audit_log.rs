@@ -215,14 +215,22 @@ pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Ve
 
 /// Whether the value's text parses back to the same value: strings, integers
 /// and literals do; a fractional number may come back one unit in the last
-/// place apart, as serde_json's parser is not exact for every float.
+/// place apart, as serde_json's parser is not exact for every float. Deep
+/// nesting is left to the parse too, which refuses what it could not read.
 fn reads_back_exactly(value: &Value) -> bool {
-    match value {
-        Value::Number(n) => !n.is_f64(),
-        Value::Array(items) => items.iter().all(reads_back_exactly),
-        Value::Object(members) => members.values().all(reads_back_exactly),
-        Value::Null | Value::Bool(_) | Value::String(_) => true,
+    fn within(value: &Value, depth: usize) -> bool {
+        match value {
+            Value::Number(n) => !n.is_f64(),
+            Value::Array(items) => depth < NESTING && items.iter().all(|v| within(v, depth + 1)),
+            Value::Object(members) => {
+                depth < NESTING && members.values().all(|v| within(v, depth + 1))
+            }
+            Value::Null | Value::Bool(_) | Value::String(_) => true,
+        }
     }
+    // Below serde_json's own limit of 128 nested arrays and objects.
+    const NESTING: usize = 64;
+    within(value, 0)
 }
 
 /// Links stamped events, in order, after the head of the chain (its position
@@ -878,6 +886,20 @@ mod tests {
             assert_eq!(stamped.canonical, canonical_json(&read));
             assert_eq!(stamped.index, index_entries(&read));
         }
+    }
+
+    #[test]
+    fn an_event_nested_too_deep_to_read_back_is_refused() {
+        let mut deep = json!("bottom");
+        for _ in 0..200 {
+            deep = json!([deep]);
+        }
+        let error = stamp_events(
+            vec![json!({"extension": deep})],
+            datetime!(2026-03-01 12:00 UTC),
+        )
+        .unwrap_err();
+        assert!(error.to_string().contains("does not read back"), "{error}");
     }
 
     #[test]
