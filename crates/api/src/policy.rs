@@ -1111,7 +1111,10 @@ pub async fn relabel(state: &crate::AppState) -> std::result::Result<RelabelRepo
                     resource: current.clone(),
                     if_match: Some(version.version),
                 };
-                let audit = Arc::new(RequestAudit::new(&uuid::Uuid::new_v4().to_string(), None));
+                let audit = Arc::new(RequestAudit::new(
+                    &haven_model::id::new_time_ordered_id(),
+                    None,
+                ));
                 let recorded = state.security.recorder.store_for(
                     state.store.clone(),
                     &principal,

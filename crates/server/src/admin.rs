@@ -20,7 +20,7 @@ use haven_auth::registry::{ClientAuth, Role};
 use haven_auth::server::{ClientSpec, UserPolicy};
 use haven_auth::{AuthConfig, AuthServer};
 use haven_model::clock::Clock;
-use haven_model::id::new_id;
+use haven_model::id::new_time_ordered_id;
 use haven_policy::clearance::Clearance;
 use haven_store::Store;
 use serde_json::{json, Value};
@@ -261,7 +261,7 @@ async fn record_change(
             server: base.clone(),
             source_observer: observer(&base),
             network_address: None,
-            request_id: new_id(),
+            request_id: new_time_ordered_id(),
             scopes: change.scopes,
             token_fingerprint: change.token.map(token_fingerprint),
             patient: None,
