@@ -1202,6 +1202,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_audit_search_probes_each_events_index_rows_by_position_a_tokens_system_too() {
+        let (_dir, store) = store().await;
+        let system_only = AuditQuery {
+            event_type: vec![crate::TokenValue {
+                system: Some("http://terminology.hl7.org/CodeSystem/audit-event-type".into()),
+                code: None,
+            }],
+            agent: vec!["Practitioner/1".into()],
+            count: 10,
+            ..AuditQuery::default()
+        };
+        let (page, _) = audit_log::search(query::SQLITE, &system_only);
+        let steps = plan(&store, &page).await;
+        let probes: Vec<&String> = steps.iter().filter(|s| s.contains(" i ")).collect();
+        assert_eq!(probes.len(), 2, "{steps:?}");
+        assert!(
+            probes
+                .iter()
+                .all(|s| s.contains("INDEX audit_index_position (position=? AND param=?")),
+            "each probe is of one event's rows, not of every row of a parameter: {steps:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_first_page_narrowed_only_by_labels_walks_the_type_in_order() {
         let steps = page_plan(hides_restricted(), 10).await;
         assert!(
