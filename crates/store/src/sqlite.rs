@@ -1202,27 +1202,194 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_audit_search_probes_each_events_index_rows_by_position_a_tokens_system_too() {
+    async fn every_audit_search_probes_each_events_index_rows_by_position_never_by_value() {
         let (_dir, store) = store().await;
-        let system_only = AuditQuery {
-            event_type: vec![crate::TokenValue {
-                system: Some("http://terminology.hl7.org/CodeSystem/audit-event-type".into()),
-                code: None,
-            }],
-            agent: vec!["Practitioner/1".into()],
-            count: 10,
-            ..AuditQuery::default()
+        let system = "http://terminology.hl7.org/CodeSystem/audit-event-type";
+        let token = |system: Option<&str>, code: Option<&str>| crate::TokenValue {
+            system: system.map(str::to_string),
+            code: code.map(str::to_string),
         };
-        let (page, _) = audit_log::search(query::SQLITE, &system_only);
-        let steps = plan(&store, &page).await;
-        let probes: Vec<&String> = steps.iter().filter(|s| s.contains(" i ")).collect();
-        assert_eq!(probes.len(), 2, "{steps:?}");
-        assert!(
-            probes
-                .iter()
-                .all(|s| s.contains("INDEX audit_index_position (position=? AND param=?")),
-            "each probe is of one event's rows, not of every row of a parameter: {steps:?}"
+        let searches = [
+            AuditQuery {
+                agent: vec!["Practitioner/1".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                patient: vec!["Patient/1".into(), "Patient/2".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                entity: vec!["Observation/1".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                outcome: vec!["8".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                action: vec!["R".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                policy: vec!["Consent/1".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                request: vec!["a-request".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                event_type: vec![token(Some(system), None)],
+                agent: vec!["Practitioner/1".into()],
+                ..AuditQuery::default()
+            },
+            AuditQuery {
+                event_type: vec![token(Some(system), Some("rest"))],
+                subtype: vec![token(None, Some("read"))],
+                ..AuditQuery::default()
+            },
+        ];
+        for search in searches {
+            let query = AuditQuery {
+                count: 10,
+                total: true,
+                ..search
+            };
+            let (page, count) = audit_log::search(query::SQLITE, &query);
+            for sql in [page, count.unwrap()] {
+                let steps = plan(&store, &sql).await;
+                let probes: Vec<&String> = steps.iter().filter(|s| s.contains(" i ")).collect();
+                assert!(!probes.is_empty(), "{steps:?}");
+                assert!(
+                    probes
+                        .iter()
+                        .all(|s| s.contains("USING PRIMARY KEY (position=? AND param=?")),
+                    "each probe reads one event's rows, through the key: {steps:?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_audit_trail_indexed_before_the_index_was_keyed_by_position_keeps_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite:{}", dir.path().join("earlier.db").display());
+        // The schema as it was before the audit index was keyed by position.
+        let earlier = dir.path().join("migrations");
+        std::fs::create_dir(&earlier).unwrap();
+        let all = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations/sqlite");
+        for entry in std::fs::read_dir(all).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_string();
+            if name.as_str() < "20261124000009" {
+                std::fs::copy(&path, earlier.join(&name)).unwrap();
+            }
+        }
+        let options = SqliteConnectOptions::from_str(&url)
+            .unwrap()
+            .create_if_missing(true);
+        let mut conn: SqliteConnection = sqlx::Connection::connect_with(&options).await.unwrap();
+        sqlx::migrate::Migrator::new(earlier.as_path())
+            .await
+            .unwrap()
+            .run(&mut conn)
+            .await
+            .unwrap();
+        let system = "http://dicom.nema.org/resources/ontology/DCM";
+        for position in 1..=3_i64 {
+            sqlx::query(
+                "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) \
+                 VALUES (?1, ?2, '2026-11-24T10:00:00Z', ?3, 'before', 'after')",
+            )
+            .bind(position)
+            .bind(format!("event-{position}"))
+            .bind(format!(
+                r#"{{"resourceType":"AuditEvent","id":"event-{position}"}}"#
+            ))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+            for (param, system, value) in [
+                ("patient", "", format!("Patient/{position}")),
+                ("action", "", "R".to_string()),
+                (
+                    "subtype",
+                    system,
+                    if position == 2 { "110100" } else { "110112" }.into(),
+                ),
+            ] {
+                sqlx::query(
+                    "INSERT INTO audit_index (position, param, system, value) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .bind(position)
+                .bind(param)
+                .bind(system)
+                .bind(value)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            }
+        }
+        sqlx::Connection::close(conn).await.unwrap();
+
+        let store = SqliteStore::connect(&url, Arc::new(SystemClock))
+            .await
+            .unwrap();
+        let found = |query: AuditQuery| {
+            let store = &store;
+            async move {
+                let query = AuditQuery {
+                    count: 10,
+                    total: true,
+                    ..query
+                };
+                let page = store.audit_log().search(&query).await.unwrap();
+                let positions: Vec<u64> = page.records.iter().map(|r| r.position).collect();
+                (positions, page.total)
+            }
+        };
+        assert_eq!(
+            found(AuditQuery {
+                patient: vec!["Patient/2".into()],
+                ..AuditQuery::default()
+            })
+            .await,
+            (vec![2], Some(1))
         );
+        assert_eq!(
+            found(AuditQuery {
+                action: vec!["R".into()],
+                ..AuditQuery::default()
+            })
+            .await,
+            (vec![3, 2, 1], Some(3))
+        );
+        assert_eq!(
+            found(AuditQuery {
+                subtype: vec![crate::TokenValue {
+                    system: Some(system.into()),
+                    code: Some("110112".into()),
+                }],
+                ..AuditQuery::default()
+            })
+            .await,
+            (vec![3, 1], Some(2))
+        );
+
+        // The rekeyed table is as append-only as the one it replaced.
+        let mut conn: SqliteConnection = sqlx::Connection::connect_with(&options).await.unwrap();
+        for change in [
+            "UPDATE audit_index SET value = 'Patient/9'",
+            "DELETE FROM audit_index",
+        ] {
+            let refused = sqlx::query(change).execute(&mut conn).await.unwrap_err();
+            assert!(refused.to_string().contains("append-only"), "{refused}");
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM audit_index")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(rows, 9);
     }
 
     #[tokio::test]
