@@ -13,7 +13,7 @@ use std::sync::Mutex;
 
 /// How many tokens are remembered. When full the memory starts again empty:
 /// bounded, and a burst of distinct tokens costs one check each, as without it.
-pub(crate) const CAPACITY: usize = 4096;
+const CAPACITY: usize = 4096;
 
 pub(crate) struct VerifiedTokens<C> {
     entries: Mutex<HashMap<String, C>>,
