@@ -92,7 +92,7 @@ pub(crate) async fn read(
 /// (R4 http.html#cread: 304 when the client's copy is current).
 pub(crate) fn read_answer(
     exec: &Exec<'_>,
-    current: ResourceVersion,
+    mut current: ResourceVersion,
     if_none_match: Option<i64>,
     if_modified_since: Option<SystemTime>,
 ) -> Result<FhirResponse, ApiError> {
@@ -114,10 +114,11 @@ pub(crate) fn read_answer(
     } else {
         StatusCode::OK
     };
+    // The answer owns the version, so its body moves into the response uncopied.
     let body = if not_modified {
         None
     } else {
-        current.resource.clone()
+        current.resource.take()
     };
     Ok(FhirResponse::new(status, body)
         .with_header(CONTENT_LOCATION, version_url(exec, &current))
@@ -130,7 +131,7 @@ pub(crate) async fn vread(
     id: &str,
     version: i64,
 ) -> Result<FhirResponse, ApiError> {
-    let found = exec
+    let mut found = exec
         .state
         .store
         .vread(resource_type, id, version)
@@ -143,10 +144,8 @@ pub(crate) async fn vread(
             "version {version} of {resource_type}/{id} is a deletion"
         )));
     }
-    Ok(
-        FhirResponse::ok(found.resource.clone().unwrap_or(Value::Null))
-            .with_version_headers(&found),
-    )
+    let body = found.resource.take().unwrap_or(Value::Null);
+    Ok(FhirResponse::ok(body).with_version_headers(&found))
 }
 
 pub(crate) async fn create(
