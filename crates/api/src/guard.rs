@@ -14,7 +14,7 @@ use haven_auth::scope::Permission;
 use haven_store::{
     Access, AccessRule, AuditLog, AuditPage, AuditQuery, AuditRecord, AuthRecords, Backend,
     BothAccess, ContentFilter, Criterion, HistoryPage, HistoryQuery, ResourceVersion, Result,
-    SearchPage, SearchQuery, Store, StoreError, StoreTx, TypeAccess,
+    SearchPage, SearchQuery, StampedEvent, Store, StoreError, StoreTx, TypeAccess,
 };
 use serde_json::Value;
 
@@ -352,12 +352,18 @@ fn redact_queries(event: &mut Value) {
     }
 }
 
+fn written_by_the_server_only() -> StoreError {
+    StoreError::Refused("AuditEvents are written by the server only".into())
+}
+
 #[async_trait]
 impl AuditLog for GuardedAuditLog {
-    async fn append(&self, _: Vec<Value>) -> Result<()> {
-        Err(StoreError::Refused(
-            "AuditEvents are written by the server only".into(),
-        ))
+    fn stamp(&self, _: Vec<Value>) -> Result<Vec<StampedEvent>> {
+        Err(written_by_the_server_only())
+    }
+
+    async fn append(&self, _: Vec<StampedEvent>) -> Result<()> {
+        Err(written_by_the_server_only())
     }
 
     async fn read(&self, id: &str) -> Result<Option<AuditRecord>> {

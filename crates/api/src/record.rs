@@ -32,8 +32,8 @@ use haven_model::id::new_time_ordered_id;
 use haven_model::search_value::{patient_compartments, PROVENANCE_TARGET_PATIENT};
 use haven_store::{
     AuditLog, AuditPage, AuditQuery, AuditRecord, AuditWriter, AuthRecords, Backend, Change,
-    HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, Store, StoreError,
-    StoreTx,
+    HistoryPage, HistoryQuery, ResourceVersion, Result, SearchPage, SearchQuery, StampedEvent,
+    Store, StoreError, StoreTx,
 };
 use http::StatusCode;
 use serde_json::{json, Value};
@@ -738,7 +738,11 @@ impl RecordedAuditLog {
 
 #[async_trait]
 impl AuditLog for RecordedAuditLog {
-    async fn append(&self, events: Vec<Value>) -> Result<()> {
+    fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>> {
+        self.inner.audit_log().stamp(events)
+    }
+
+    async fn append(&self, events: Vec<StampedEvent>) -> Result<()> {
         self.inner.audit_log().append(events).await
     }
 

@@ -2164,7 +2164,11 @@ struct RefusingLog;
 
 #[async_trait::async_trait]
 impl haven_store::AuditLog for RefusingLog {
-    async fn append(&self, _: Vec<Value>) -> haven_store::Result<()> {
+    fn stamp(&self, events: Vec<Value>) -> haven_store::Result<Vec<haven_store::StampedEvent>> {
+        haven_store::StampedEvent::stamp_all(events, time::OffsetDateTime::now_utc())
+    }
+
+    async fn append(&self, _: Vec<haven_store::StampedEvent>) -> haven_store::Result<()> {
         Err(haven_store::StoreError::Unavailable(
             "the disk is full".into(),
         ))

@@ -267,11 +267,12 @@ async fn record_change(
             patient: None,
         },
     );
-    store
-        .audit_log()
-        .append(vec![event])
-        .await
-        .with_context(unrecorded)
+    let log = store.audit_log();
+    let appended = match log.stamp(vec![event]) {
+        Ok(stamped) => log.append(stamped).await,
+        Err(error) => Err(error),
+    };
+    appended.with_context(unrecorded)
 }
 
 pub async fn clients(

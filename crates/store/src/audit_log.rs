@@ -34,7 +34,7 @@ const QUEUE_LIMIT: usize = 8192;
 
 /// One caller's events: they are appended in the same group, all or none.
 struct Queued {
-    events: Vec<Value>,
+    events: Vec<StampedEvent>,
     answer: oneshot::Sender<Result<()>>,
 }
 
@@ -46,6 +46,7 @@ struct Queued {
 #[derive(Clone)]
 pub struct AuditWriter {
     queue: mpsc::Sender<Queued>,
+    store: Arc<dyn Store>,
 }
 
 impl std::fmt::Debug for AuditWriter {
@@ -61,8 +62,8 @@ impl AuditWriter {
     /// Must be called inside a Tokio runtime.
     pub fn start(store: Arc<dyn Store>) -> Self {
         let (queue, queued) = mpsc::channel(QUEUE_LIMIT);
-        tokio::spawn(run(store, queued));
-        Self { queue }
+        tokio::spawn(run(store.clone(), queued));
+        Self { queue, store }
     }
 
     /// Queues one event and waits until the group holding it is committed;
@@ -77,12 +78,9 @@ impl AuditWriter {
         if events.is_empty() {
             return Ok(());
         }
-        // Checked here so that one malformed event cannot fail the others of its group.
-        if !events.iter().all(Value::is_object) {
-            return Err(StoreError::Database(
-                "an AuditEvent must be a JSON object".into(),
-            ));
-        }
+        // Stamped by each caller, on its own task: the one writer task only
+        // links and inserts, and a malformed event fails here, not its group.
+        let events = self.store.audit_log().stamp(events)?;
         let (answer, answered) = oneshot::channel();
         self.queue
             .send(Queued { events, answer })
@@ -102,7 +100,8 @@ async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
     // Waits for one caller, then takes whoever else is already queued.
     while queued.recv_many(&mut group, GROUP_LIMIT).await > 0 {
         let callers: Vec<Queued> = std::mem::take(&mut group);
-        let events: Vec<Value> = callers.iter().flat_map(|c| c.events.clone()).collect();
+        // Clones share each event's text, so a retry below copies nothing.
+        let events: Vec<StampedEvent> = callers.iter().flat_map(|c| c.events.clone()).collect();
         let result = append_guarded(&store, events).await;
         match result {
             Ok(()) => {
@@ -135,7 +134,7 @@ async fn run(store: Arc<dyn Store>, mut queued: mpsc::Receiver<Queued>) {
 /// Appends on a task of its own, so that a panic in one append fails that
 /// append's callers instead of ending the writer (after which every request
 /// would fail).
-async fn append_guarded(store: &Arc<dyn Store>, events: Vec<Value>) -> Result<()> {
+async fn append_guarded(store: &Arc<dyn Store>, events: Vec<StampedEvent>) -> Result<()> {
     let store = store.clone();
     match tokio::spawn(async move { store.audit_log().append(events).await }).await {
         Ok(result) => result,
@@ -162,6 +161,26 @@ pub(crate) struct IndexEntry {
     pub value: String,
 }
 
+/// An AuditEvent stamped and serialized by [`crate::AuditLog::stamp`], ready for
+/// [`crate::AuditLog::append`]. Clones share the one copy, so a group that
+/// failed can be appended again caller by caller without copying events.
+#[derive(Debug, Clone)]
+pub struct StampedEvent(pub(crate) Arc<Stamped>);
+
+impl StampedEvent {
+    /// Stamps `id`, `meta.versionId` and `meta.lastUpdated` (`now`) on each
+    /// event and serializes it; a store's [`crate::AuditLog::stamp`] does this
+    /// with its clock.
+    pub fn stamp_all(events: Vec<Value>, now: OffsetDateTime) -> Result<Vec<Self>> {
+        stamp_events(events, now)
+    }
+
+    /// The event as it will be stored, as JSON text.
+    pub fn text(&self) -> &str {
+        &self.0.text
+    }
+}
+
 /// An event stamped and serialized, ready to be linked after the head.
 #[derive(Debug)]
 pub(crate) struct Stamped {
@@ -178,12 +197,12 @@ pub(crate) struct Linked {
     pub position: i64,
     pub previous_hash: String,
     pub hash: String,
-    pub stamped: Stamped,
+    pub stamped: StampedEvent,
 }
 
 /// Stamps `id`, `meta.versionId` and `meta.lastUpdated` on each event and
 /// prepares what is stored with it. Done before the chain lock is taken.
-pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Vec<Stamped>> {
+pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Vec<StampedEvent>> {
     events
         .into_iter()
         .map(|event| {
@@ -202,13 +221,13 @@ pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Ve
                 })?)
             };
             let stored = reparsed.as_ref().unwrap_or(&event);
-            Ok(Stamped {
+            Ok(StampedEvent(Arc::new(Stamped {
                 recorded: recorded(stored).unwrap_or(now),
                 index: index_entries(stored),
                 canonical: canonical_json(stored),
                 id,
                 text,
-            })
+            })))
         })
         .collect()
 }
@@ -235,13 +254,13 @@ fn reads_back_exactly(value: &Value) -> bool {
 
 /// Links stamped events, in order, after the head of the chain (its position
 /// and hash; `None` for an empty chain).
-pub(crate) fn link(head: Option<(i64, String)>, stamped: Vec<Stamped>) -> Vec<Linked> {
+pub(crate) fn link(head: Option<(i64, String)>, stamped: Vec<StampedEvent>) -> Vec<Linked> {
     let (mut position, mut previous_hash) = head.unwrap_or((0, GENESIS.to_owned()));
     stamped
         .into_iter()
         .map(|stamped| {
             position += 1;
-            let hash = link_hash(&previous_hash, &stamped.canonical);
+            let hash = link_hash(&previous_hash, &stamped.0.canonical);
             Linked {
                 position,
                 previous_hash: std::mem::replace(&mut previous_hash, hash.clone()),
@@ -564,11 +583,16 @@ mod tests {
 
         #[async_trait]
         impl AuditLog for Scripted {
-            async fn append(&self, events: Vec<Value>) -> Result<()> {
+            fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>> {
+                StampedEvent::stamp_all(events, datetime!(2026-03-01 12:00 UTC))
+            }
+
+            async fn append(&self, events: Vec<StampedEvent>) -> Result<()> {
                 self.groups.lock().unwrap().push(events.len());
                 self.gate.acquire().await.unwrap().forget();
                 assert!(!self.panic.load(Ordering::SeqCst), "the log panics");
-                if self.fail.load(Ordering::SeqCst) || events.iter().any(|e| e["bad"] == true) {
+                let bad = |e: &StampedEvent| e.text().contains(r#""bad":true"#);
+                if self.fail.load(Ordering::SeqCst) || events.iter().any(bad) {
                     return Err(StoreError::Database("refused".into()));
                 }
                 Ok(())
@@ -744,17 +768,21 @@ mod tests {
 
         #[tokio::test]
         async fn appends_fail_and_never_succeed_once_the_writer_task_is_gone() {
-            let (_log, writer) = scripted().await;
+            let (log, writer) = scripted().await;
             // A writer whose task is gone: its queue has no receiver.
             let (queue, queued) = mpsc::channel(1);
             drop(queued);
-            let stopped = AuditWriter { queue };
+            let stopped = AuditWriter {
+                queue,
+                store: writer.store.clone(),
+            };
             let answer = stopped.append(json!({})).await;
             assert!(
                 matches!(answer, Err(StoreError::Unavailable(_))),
                 "{answer:?}"
             );
             assert!(format!("{stopped:?}").contains("stopped: true"));
+            assert!(log.groups.lock().unwrap().is_empty());
             drop(writer);
         }
 
@@ -847,19 +875,19 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            stamped[0].recorded,
+            stamped[0].0.recorded,
             datetime!(2026-03-01 12:00:00.123456 UTC)
         );
         // Without a valid recorded instant the append time stands in.
-        assert_eq!(stamped[1].recorded, now);
-        let second: Value = serde_json::from_str(&stamped[1].text).unwrap();
+        assert_eq!(stamped[1].0.recorded, now);
+        let second: Value = serde_json::from_str(stamped[1].text()).unwrap();
         assert_eq!(second["resourceType"], "AuditEvent");
-        assert_eq!(second["id"], stamped[1].id.as_str());
+        assert_eq!(second["id"], stamped[1].0.id.as_str());
         assert_ne!(second["id"], "client-chosen");
         assert_eq!(second["meta"]["versionId"], "1");
         assert_eq!(second["meta"]["lastUpdated"], "2026-03-01T12:00:00.000000Z");
 
-        let first_canonical = stamped[0].canonical.clone();
+        let first_canonical = stamped[0].0.canonical.clone();
         let linked = link(Some((4, "h4".to_owned())), stamped);
         assert_eq!(linked[0].position, 5);
         assert_eq!(linked[0].previous_hash, "h4");
@@ -882,9 +910,9 @@ mod tests {
         assert!(reads_back_exactly(&events[0]));
         assert!(!reads_back_exactly(&events[1]));
         for stamped in stamp_events(events, now).unwrap() {
-            let read: Value = serde_json::from_str(&stamped.text).unwrap();
-            assert_eq!(stamped.canonical, canonical_json(&read));
-            assert_eq!(stamped.index, index_entries(&read));
+            let read: Value = serde_json::from_str(stamped.text()).unwrap();
+            assert_eq!(stamped.0.canonical, canonical_json(&read));
+            assert_eq!(stamped.0.index, index_entries(&read));
         }
     }
 
@@ -909,7 +937,7 @@ mod tests {
             link(None, stamp_events(vec![json!({}), json!({})], now).unwrap())
                 .into_iter()
                 .map(|l| {
-                    decode(l.position, &l.stamped.text, l.previous_hash, l.hash)
+                    decode(l.position, l.stamped.text(), l.previous_hash, l.hash)
                         .unwrap()
                         .into()
                 })

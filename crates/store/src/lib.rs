@@ -35,7 +35,7 @@ pub mod sqlite;
 mod version;
 mod write_group;
 
-pub use audit_log::AuditWriter;
+pub use audit_log::{AuditWriter, StampedEvent};
 pub use criteria::{
     Access, AccessRule, BothAccess, Criterion, IndexKind, Prefix, Range, SortBy, SortKey,
     StringMatch, TypeAccess, UriMatch,
@@ -347,9 +347,13 @@ pub struct AuditPage {
 #[async_trait]
 pub trait AuditLog: Send + Sync {
     /// Stamps `id` (a new UUID), `meta.versionId` (`1`) and `meta.lastUpdated`
-    /// (the clock) on each event, chains them in order after the current head and
-    /// commits them in one transaction: all are stored or none is.
-    async fn append(&self, events: Vec<Value>) -> Result<()>;
+    /// (the clock) on each event and serializes it. No IO: many callers stamp
+    /// at once, before their events meet in one append.
+    fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>>;
+
+    /// Chains stamped events in order after the current head and commits them
+    /// in one transaction: all are stored or none is.
+    async fn append(&self, events: Vec<StampedEvent>) -> Result<()>;
 
     /// One AuditEvent by id.
     async fn read(&self, id: &str) -> Result<Option<AuditRecord>>;

@@ -18,7 +18,7 @@ use sqlx::types::Json;
 use sqlx::{Connection, PgPool, Row};
 use time::OffsetDateTime;
 
-use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
+use crate::audit_log::{self, StampedEvent, RECORD_COLUMNS};
 use crate::auth_records::PostgresAuthRecords;
 use crate::document::{identifier_tokens, lead_with_stamped_fields};
 use crate::query::{self, Param, Sql};
@@ -804,7 +804,7 @@ pub(crate) struct PostgresAuditLog {
 /// Takes the chain lock, links the records after the current head and inserts
 /// them with their index values. At READ COMMITTED the head query, run after the
 /// lock is granted, sees every append committed before.
-async fn append_audit_on(conn: &mut PgConnection, stamped: Vec<Stamped>) -> Result<()> {
+async fn append_audit_on(conn: &mut PgConnection, stamped: Vec<StampedEvent>) -> Result<()> {
     if stamped.is_empty() {
         return Ok(());
     }
@@ -825,19 +825,20 @@ async fn append_audit_on(conn: &mut PgConnection, stamped: Vec<Stamped>) -> Resu
     let mut hashes = Vec::with_capacity(records.len());
     let (mut index_positions, mut params, mut systems, mut values) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for record in records {
-        for entry in record.stamped.index {
+    for record in &records {
+        let stamped = &record.stamped.0;
+        for entry in &stamped.index {
             index_positions.push(record.position);
             params.push(entry.param);
-            systems.push(entry.system);
-            values.push(entry.value);
+            systems.push(entry.system.as_str());
+            values.push(entry.value.as_str());
         }
         positions.push(record.position);
-        ids.push(record.stamped.id);
-        recorded.push(record.stamped.recorded);
-        events.push(record.stamped.text);
-        previous_hashes.push(record.previous_hash);
-        hashes.push(record.hash);
+        ids.push(stamped.id.as_str());
+        recorded.push(stamped.recorded);
+        events.push(stamped.text.as_str());
+        previous_hashes.push(record.previous_hash.as_str());
+        hashes.push(record.hash.as_str());
     }
     // One statement per table for the whole group.
     sqlx::query(
@@ -879,13 +880,16 @@ fn decode_record(row: &PgRow) -> Result<AuditRecord> {
 
 #[async_trait]
 impl AuditLog for PostgresAuditLog {
-    async fn append(&self, events: Vec<Value>) -> Result<()> {
+    fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>> {
+        audit_log::stamp_events(events, self.clock.now())
+    }
+
+    async fn append(&self, events: Vec<StampedEvent>) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
-        let stamped = audit_log::stamp_events(events, self.clock.now())?;
         let mut tx = self.pool.begin_with(BEGIN).await?;
-        append_audit_on(&mut tx, stamped).await?;
+        append_audit_on(&mut tx, events).await?;
         tx.commit().await?;
         Ok(())
     }

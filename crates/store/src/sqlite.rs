@@ -23,7 +23,7 @@ use sqlx::{Row, SqlitePool};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::audit_log::{self, Stamped, RECORD_COLUMNS};
+use crate::audit_log::{self, StampedEvent, RECORD_COLUMNS};
 use crate::auth_records::SqliteAuthRecords;
 use crate::checkpoint::{self, Checkpoints};
 use crate::document::identifier_tokens;
@@ -830,7 +830,7 @@ fn decode_head(row: Option<SqliteRow>) -> Result<Option<(i64, String)>> {
 async fn append_linked(
     conn: &mut SqliteConnection,
     head: Option<(i64, String)>,
-    stamped: Vec<Stamped>,
+    stamped: Vec<StampedEvent>,
 ) -> Result<Option<(i64, String)>> {
     let records = audit_log::link(head.clone(), stamped);
     let Some(last) = records.last() else {
@@ -844,17 +844,18 @@ async fn append_linked(
                 "INSERT INTO audit_events (position, id, recorded, event, previous_hash, hash) ",
             )
             .push_values(chunk, |mut row, record| {
+                let stamped = &record.stamped.0;
                 row.push_bind(record.position)
-                    .push_bind(record.stamped.id.clone())
-                    .push_bind(format_instant(record.stamped.recorded))
-                    .push_bind(record.stamped.text.clone())
+                    .push_bind(stamped.id.clone())
+                    .push_bind(format_instant(stamped.recorded))
+                    .push_bind(stamped.text.clone())
                     .push_bind(record.previous_hash.clone())
                     .push_bind(record.hash.clone());
             });
     }
     let entries: Vec<(i64, &audit_log::IndexEntry)> = records
         .iter()
-        .flat_map(|r| r.stamped.index.iter().map(move |e| (r.position, e)))
+        .flat_map(|r| r.stamped.0.index.iter().map(move |e| (r.position, e)))
         .collect();
     for chunk in entries.chunks(INDEX_ROWS_PER_STATEMENT) {
         batch
@@ -885,14 +886,17 @@ fn decode_record(row: &SqliteRow) -> Result<AuditRecord> {
 
 #[async_trait]
 impl AuditLog for SqliteAuditLog {
-    async fn append(&self, events: Vec<Value>) -> Result<()> {
+    fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>> {
+        audit_log::stamp_events(events, self.clock.now())
+    }
+
+    async fn append(&self, events: Vec<StampedEvent>) -> Result<()> {
         if events.is_empty() {
             return Ok(());
         }
-        let stamped = audit_log::stamp_events(events, self.clock.now())?;
         // The chain's head is read by the statement that starts the transaction.
         let (mut tx, head) = self.group.begin_reading(Some(AUDIT_HEAD)).await?;
-        append_linked(&mut tx, decode_head(head)?, stamped).await?;
+        append_linked(&mut tx, decode_head(head)?, events).await?;
         tx.commit().await
     }
 
@@ -1014,7 +1018,8 @@ mod tests {
             let store = store.clone();
             async move {
                 let event = serde_json::json!({"resourceType": "AuditEvent"});
-                store.audit_log().append(vec![event]).await
+                let log = store.audit_log();
+                log.append(log.stamp(vec![event])?).await
             }
         });
         // Both queue for the write group the open write holds.

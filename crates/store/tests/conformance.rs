@@ -1694,16 +1694,20 @@ async fn appended_audit_events_get_ids_meta_and_consecutive_positions_after_gene
     let mut chosen = audit_event("second");
     chosen["id"] = json!("client-chosen");
     chosen["meta"] = json!({"versionId": "7", "source": "kept"});
-    log.append(vec![audit_event("first"), chosen])
+    append_directly(world.store.as_ref(), vec![audit_event("first"), chosen])
         .await
         .unwrap();
     world.tick();
-    log.append(vec![audit_event("third")]).await.unwrap();
+    append_directly(world.store.as_ref(), vec![audit_event("third")])
+        .await
+        .unwrap();
     // An empty append stores nothing, and a non-object is refused before anything is.
     log.append(Vec::new()).await.unwrap();
-    let refused = log
-        .append(vec![audit_event("never"), json!("not an object")])
-        .await;
+    let refused = append_directly(
+        world.store.as_ref(),
+        vec![audit_event("never"), json!("not an object")],
+    )
+    .await;
     assert!(
         matches!(refused, Err(StoreError::Database(_))),
         "{refused:?}"
@@ -1792,16 +1796,19 @@ async fn audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at
     );
 
     // The rolled-back position is taken by the next append: no gap.
-    world
-        .store
-        .audit_log()
-        .append(vec![audit_event("three")])
+    append_directly(world.store.as_ref(), vec![audit_event("three")])
         .await
         .unwrap();
     let records = world.store.audit_log().chain(0, 10).await.unwrap();
     assert_eq!(marks(&records), ["one", "two", "three"]);
     assert_eq!(records[2].position, 3);
     assert_eq!(verify_chain(world.store.as_ref()).await, Ok(3));
+}
+
+/// Appends events by the audit log itself, without the group writer.
+async fn append_directly(store: &dyn Store, events: Vec<Value>) -> haven_store::Result<()> {
+    let log = store.audit_log();
+    log.append(log.stamp(events)?).await
 }
 
 async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World) {
@@ -1828,7 +1835,7 @@ async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World)
         tasks.push(tokio::spawn(async move {
             match path {
                 0 => writer.append(events.into_iter().next().unwrap()).await,
-                1 => store.audit_log().append(events).await,
+                1 => append_directly(store.as_ref(), events).await,
                 2 => {
                     // Two appends in one transaction, a write between them.
                     let mut events = events.into_iter();
@@ -1846,7 +1853,7 @@ async fn concurrent_appends_by_every_path_leave_one_unbroken_chain(world: World)
                     tx.append_audit(events).await?;
                     tx.commit().await
                 }
-                _ => other.audit_log().append(events).await,
+                _ => append_directly(other.as_ref(), events).await,
             }
         }));
     }
@@ -2000,7 +2007,7 @@ async fn an_unwritable_audit_table_fails_every_append_and_the_transaction_around
             .await;
     }
     let story = tokio::spawn(async move {
-        let refused = store.audit_log().append(vec![audit_event("direct")]).await;
+        let refused = append_directly(store.as_ref(), vec![audit_event("direct")]).await;
         assert!(
             matches!(refused, Err(StoreError::Database(_))),
             "{refused:?}"
@@ -2047,12 +2054,12 @@ async fn an_unwritable_audit_table_fails_every_append_and_the_transaction_around
 }
 
 async fn the_database_refuses_to_change_or_remove_audit_records(world: World) {
-    world
-        .store
-        .audit_log()
-        .append(vec![audit_event("one"), audit_event("two")])
-        .await
-        .unwrap();
+    append_directly(
+        world.store.as_ref(),
+        vec![audit_event("one"), audit_event("two")],
+    )
+    .await
+    .unwrap();
     let before = whole_chain(world.store.as_ref()).await;
     let mut direct = Direct::open(&world).await;
     let mut refused = vec![
@@ -2097,12 +2104,12 @@ async fn the_database_refuses_to_change_or_remove_audit_records(world: World) {
 /// Six events, one append each, and an untouched chain that verifies.
 async fn six_audit_events(world: &World) {
     for n in 1..=6 {
-        world
-            .store
-            .audit_log()
-            .append(vec![audit_event(&format!("event {n}"))])
-            .await
-            .unwrap();
+        append_directly(
+            world.store.as_ref(),
+            vec![audit_event(&format!("event {n}"))],
+        )
+        .await
+        .unwrap();
         world.tick();
     }
     assert_eq!(verify_chain(world.store.as_ref()).await, Ok(6));
@@ -2265,7 +2272,9 @@ async fn five_varied_audit_events(world: &World) {
         }),
     ];
     for event in events {
-        world.store.audit_log().append(vec![event]).await.unwrap();
+        append_directly(world.store.as_ref(), vec![event])
+            .await
+            .unwrap();
         world.tick();
     }
 }
@@ -2481,12 +2490,12 @@ async fn audit_search_pages_counts_and_applies_a_content_filter_first(world: Wor
 }
 
 async fn an_audit_event_is_read_by_id(world: World) {
-    world
-        .store
-        .audit_log()
-        .append(vec![audit_event("one"), audit_event("two")])
-        .await
-        .unwrap();
+    append_directly(
+        world.store.as_ref(),
+        vec![audit_event("one"), audit_event("two")],
+    )
+    .await
+    .unwrap();
     let records = world.store.audit_log().chain(0, 10).await.unwrap();
     for record in &records {
         let id = record.event["id"].as_str().unwrap();
