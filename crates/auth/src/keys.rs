@@ -8,6 +8,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use aws_lc_rs::hkdf;
@@ -226,6 +227,17 @@ impl KeySet {
         })
     }
 
+    /// Whether `other` signs with the same keys and trusts exactly the same
+    /// public keys, whole JWKs compared (a retired key's `kid` is as stored).
+    pub fn same_keys(&self, other: &KeySet) -> bool {
+        fn trusted(keys: &KeySet) -> BTreeSet<String> {
+            keys.verifying.iter().map(|k| k.jwk.to_string()).collect()
+        }
+        self.kid() == other.kid()
+            && self.access_kid() == other.access_kid()
+            && trusted(self) == trusted(other)
+    }
+
     /// The key id of the current RSA key, which names the key set.
     pub fn kid(&self) -> &str {
         &self.id_tokens.kid
@@ -303,6 +315,34 @@ mod tests {
         jsonwebtoken::decode::<Value>(token, &key, &validation)
             .unwrap()
             .claims
+    }
+
+    #[test]
+    fn a_key_set_is_the_same_only_with_the_same_signing_and_trusted_keys() {
+        let now = OffsetDateTime::now_utc();
+        let pem = generate_signing_key().unwrap();
+        let keys = KeySet::new(&pem, &[], now, lifetime()).unwrap();
+        assert!(keys.same_keys(&KeySet::new(&pem, &[], now, lifetime()).unwrap()));
+
+        let other_pem = generate_signing_key().unwrap();
+        let retired: Vec<RetiredKey> = public_jwks(&other_pem)
+            .unwrap()
+            .into_iter()
+            .map(|jwk| RetiredKey {
+                jwk,
+                retired_at: now,
+            })
+            .collect();
+        let trusting_more = KeySet::new(&pem, &retired, now, lifetime()).unwrap();
+        assert!(!keys.same_keys(&trusting_more));
+        assert!(!trusting_more.same_keys(&keys));
+        // The retired keys drop out once their tokens have expired.
+        let later = now + lifetime() + time::Duration::seconds(1);
+        let expired = KeySet::new(&pem, &retired, later, lifetime()).unwrap();
+        assert!(keys.same_keys(&expired));
+
+        let rotated = KeySet::new(&other_pem, &[], now, lifetime()).unwrap();
+        assert!(!keys.same_keys(&rotated));
     }
 
     #[test]

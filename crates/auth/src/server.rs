@@ -662,8 +662,13 @@ impl AuthServer {
 
     /// Starts signing with `keys` (after a rotation); tokens signed by keys it
     /// still lists as retired keep working, and each is verified again once.
+    /// The same keys read again change nothing, so the tokens verified with
+    /// them need no second check.
     pub fn replace_keys(&self, keys: KeySet) {
-        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = ActiveKeys::new(keys);
+        let mut active = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        if !active.same_keys(&keys) {
+            *active = ActiveKeys::new(keys);
+        }
     }
 
     /// The id of the current RSA key (ID tokens), which names the key set and
@@ -2470,6 +2475,46 @@ fn unverified_claims(jwt: &str) -> Option<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn claims() -> AccessClaims {
+        serde_json::from_value(serde_json::json!({
+            "iss": "https://fhir.example.org/fhir", "sub": "amy",
+            "aud": "https://fhir.example.org/fhir", "exp": 2, "iat": 1,
+            "jti": "j1", "client_id": "app", "scope": "patient/*.rs"
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_same_keys_read_again_keep_the_tokens_verified_with_them() {
+        use haven_model::clock::SystemClock;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let now = clock.now();
+        let pem = crate::keys::generate_signing_key().unwrap();
+        let keys = || KeySet::new(&pem, &[], now, time::Duration::hours(1)).unwrap();
+        let store = haven_store::connect("sqlite::memory:", clock.clone())
+            .await
+            .unwrap();
+        let server = AuthServer::new(
+            AuthConfig::new("https://fhir.example.org/fhir"),
+            store,
+            clock,
+            keys(),
+        );
+        let before = server.key_set();
+        before.verified.insert("a.verified.token", &claims());
+
+        server.replace_keys(keys());
+        let after = server.key_set();
+        assert!(Arc::ptr_eq(&before, &after));
+        assert!(after.verified.get("a.verified.token").is_some());
+
+        let rotated = crate::keys::generate_signing_key().unwrap();
+        server.replace_keys(KeySet::new(&rotated, &[], now, time::Duration::hours(1)).unwrap());
+        let rotated = server.key_set();
+        assert_ne!(rotated.kid(), before.kid());
+        assert!(rotated.verified.get("a.verified.token").is_none());
+    }
 
     #[test]
     fn client_ids_never_look_like_command_line_options() {
