@@ -1081,6 +1081,10 @@ impl StoreTx for RecordedTx {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
+        // The AuditEvents go first: a store may send them with the next
+        // statement, here the first Provenance's, rather than on their own.
+        let events = self.events();
+        self.inner.append_audit(events).await?;
         // One Provenance per written version; the server's own are not in `written`.
         let sources = self.client_provenance();
         let provenances: Vec<Value> = self
@@ -1093,8 +1097,6 @@ impl StoreTx for RecordedTx {
                 .create("Provenance", &new_time_ordered_id(), resource)
                 .await?;
         }
-        let events = self.events();
-        self.inner.append_audit(events).await?;
         self.inner.commit().await?;
         // Only versions that exist now are noted for the request's later records.
         let shared = self.shared.clone();

@@ -203,6 +203,7 @@ impl SqliteStore {
             clock: self.clock.clone(),
             audit_head: decode_head(head)?,
             audit_failed: false,
+            pending_audit: Batch::new(),
         }))
     }
 }
@@ -395,6 +396,22 @@ struct SqliteTx {
     /// Set when an audit append failed: SQLite undoes only the failing statement,
     /// so the transaction must not commit what came before it.
     audit_failed: bool,
+    /// Audit records appended but not yet sent: they go with the next create's
+    /// statements (a write's server-made Provenance), or alone before anything
+    /// else, saving a round trip while the transaction holds the writer.
+    pending_audit: Batch,
+}
+
+impl SqliteTx {
+    /// Sends the audit records appended since the last statement, if any.
+    async fn flush_audit(&mut self) -> Result<()> {
+        let pending = std::mem::replace(&mut self.pending_audit, Batch::new());
+        if let Err(e) = pending.run(&mut self.tx).await {
+            self.audit_failed = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
 }
 
 /// The current pointer of a resource: its version number and whether it is deleted.
@@ -664,6 +681,7 @@ async fn backfill_search_index(writer: &SqlitePool) -> Result<()> {
 #[async_trait]
 impl StoreTx for SqliteTx {
     async fn read(&mut self, resource_type: &str, id: &str) -> Result<Option<ResourceVersion>> {
+        self.flush_audit().await?;
         read_current(&mut self.tx, resource_type, id).await
     }
 
@@ -676,9 +694,11 @@ impl StoreTx for SqliteTx {
         let now = self.clock.now();
         let (version, body) =
             new_version(resource_type, id, 1, now, Change::Create, Some(resource))?;
-        // No ON CONFLICT: a taken key fails this first statement, which stops
-        // the batch before anything else is written.
-        let mut batch = Batch::new();
+        // Pending audit records lead; then, with no ON CONFLICT, a taken key
+        // fails the create's first statement, which stops the batch before
+        // anything of the create is written.
+        let mut batch = std::mem::replace(&mut self.pending_audit, Batch::new());
+        let audit_sent = batch.statements > 0;
         push_new_pointer(&mut batch, resource_type, id, now);
         push_version(&mut batch, &version, body);
         push_tokens(
@@ -703,7 +723,11 @@ impl StoreTx for SqliteTx {
                     id: id.to_owned(),
                 });
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                // The audit records may have been written in part.
+                self.audit_failed |= audit_sent;
+                return Err(e.into());
+            }
         }
         Ok(version)
     }
@@ -715,6 +739,7 @@ impl StoreTx for SqliteTx {
         resource: Value,
         expected_version: Option<i64>,
     ) -> Result<(ResourceVersion, bool)> {
+        self.flush_audit().await?;
         let current = current_pointer(&mut self.tx, resource_type, id).await?;
         check_expected(expected_version, current.map(|(v, _)| v))?;
         let now = self.clock.now();
@@ -759,6 +784,7 @@ impl StoreTx for SqliteTx {
         id: &str,
         expected_version: Option<i64>,
     ) -> Result<Option<ResourceVersion>> {
+        self.flush_audit().await?;
         let current = current_pointer(&mut self.tx, resource_type, id).await?;
         check_expected(expected_version, current.map(|(v, _)| v))?;
         let Some((number, false)) = current else {
@@ -777,17 +803,17 @@ impl StoreTx for SqliteTx {
     }
 
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage> {
+        self.flush_audit().await?;
         search_on(&mut self.tx, query).await
     }
 
+    /// Links the events after the head and queues their statements: they are
+    /// sent with the transaction's next statement, at the latest at commit.
     async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
-        let appended = match audit_log::stamp_events(events, self.clock.now()) {
-            Ok(stamped) => append_linked(&mut self.tx, self.audit_head.clone(), stamped).await,
-            Err(e) => Err(e),
-        };
-        match appended {
-            Ok(head) => {
-                self.audit_head = head;
+        match audit_log::stamp_events(events, self.clock.now()) {
+            Ok(stamped) => {
+                self.audit_head =
+                    push_linked(&mut self.pending_audit, self.audit_head.clone(), stamped);
                 Ok(())
             }
             Err(e) => {
@@ -797,7 +823,10 @@ impl StoreTx for SqliteTx {
         }
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        if !self.audit_failed {
+            self.flush_audit().await?;
+        }
         if self.audit_failed {
             // Dropping the transaction rolls it back.
             return Err(audit_log::failed_in_transaction());
@@ -832,12 +861,24 @@ async fn append_linked(
     head: Option<(i64, String)>,
     stamped: Vec<StampedEvent>,
 ) -> Result<Option<(i64, String)>> {
+    let mut batch = Batch::new();
+    let new_head = push_linked(&mut batch, head, stamped);
+    batch.run(conn).await?;
+    Ok(new_head)
+}
+
+/// Adds to `batch` the statements that insert the records linked after
+/// `head`; returns the new head.
+fn push_linked(
+    batch: &mut Batch,
+    head: Option<(i64, String)>,
+    stamped: Vec<StampedEvent>,
+) -> Option<(i64, String)> {
     let records = audit_log::link(head.clone(), stamped);
     let Some(last) = records.last() else {
-        return Ok(head);
+        return head;
     };
     let new_head = Some((last.position, last.hash.clone()));
-    let mut batch = Batch::new();
     for chunk in records.chunks(EVENT_ROWS_PER_STATEMENT) {
         batch
             .statement(
@@ -867,8 +908,7 @@ async fn append_linked(
                     .push_bind(entry.value.clone());
             });
     }
-    batch.run(conn).await?;
-    Ok(new_head)
+    new_head
 }
 
 /// Rows per multi-row INSERT, well under SQLite's 32766 bound variables.

@@ -224,6 +224,7 @@ stories!(
     auth_records_written_at_once_each_get_their_own_answer,
     appended_audit_events_get_ids_meta_and_consecutive_positions_after_genesis,
     audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at_all,
+    audit_events_appended_in_a_transaction_outlast_a_refused_create_and_precede_its_reads,
     concurrent_appends_by_every_path_leave_one_unbroken_chain,
     the_audit_writer_answers_every_waiter_and_fails_them_all_when_the_database_refuses,
     an_unwritable_audit_table_fails_every_append_and_the_transaction_around_it,
@@ -1805,6 +1806,53 @@ async fn audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at
     assert_eq!(verify_chain(world.store.as_ref()).await, Ok(3));
 }
 
+async fn audit_events_appended_in_a_transaction_outlast_a_refused_create_and_precede_its_reads(
+    world: World,
+) {
+    let mut tx = world.store.begin().await.unwrap();
+    tx.create("Patient", "taken", patient("First"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let mut tx = world.store.begin().await.unwrap();
+    tx.append_audit(vec![audit_event("before a taken id")])
+        .await
+        .unwrap();
+    let refused = tx.create("Patient", "taken", patient("Second")).await;
+    assert!(
+        matches!(refused, Err(StoreError::AlreadyExists { .. })),
+        "{refused:?}"
+    );
+    tx.append_audit(vec![audit_event("before a read")])
+        .await
+        .unwrap();
+    let read = tx.read("Patient", "taken").await.unwrap().unwrap();
+    assert_eq!(read.resource.unwrap()["name"][0]["family"], "First");
+    tx.append_audit(vec![audit_event("before the commit")])
+        .await
+        .unwrap();
+    tx.create("Patient", "fresh", patient("Third"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let records = world.store.audit_log().chain(0, 10).await.unwrap();
+    assert_eq!(
+        marks(&records),
+        ["before a taken id", "before a read", "before the commit"]
+    );
+    assert_eq!(verify_chain(world.store.as_ref()).await, Ok(3));
+    assert!(world
+        .store
+        .read("Patient", "fresh")
+        .await
+        .unwrap()
+        .is_some());
+    let kept = world.store.read("Patient", "taken").await.unwrap().unwrap();
+    assert_eq!(kept.version, 1);
+}
+
 /// Appends events by the audit log itself, without the group writer.
 async fn append_directly(store: &dyn Store, events: Vec<Value>) -> haven_store::Result<()> {
     let log = store.audit_log();
@@ -2022,14 +2070,39 @@ async fn an_unwritable_audit_table_fails_every_append_and_the_transaction_around
 
         let mut tx = store.begin().await.unwrap();
         tx.create("Patient", "audited", patient("X")).await.unwrap();
-        let refused = tx.append_audit(vec![audit_event("in a transaction")]).await;
-        assert!(
-            matches!(refused, Err(StoreError::Database(_))),
-            "{refused:?}"
-        );
+        let appended = tx.append_audit(vec![audit_event("in a transaction")]).await;
+        match store.backend() {
+            Backend::Postgres => assert!(
+                matches!(appended, Err(StoreError::Database(_))),
+                "{appended:?}"
+            ),
+            // SQLite sends the records with the transaction's next statement,
+            // here its commit, which is refused.
+            Backend::Sqlite => assert!(appended.is_ok(), "{appended:?}"),
+        }
         let committed = tx.commit().await;
-        assert!(committed.is_err(), "{committed:?}");
+        assert!(
+            matches!(committed, Err(StoreError::Database(_))),
+            "{committed:?}"
+        );
         assert_eq!(store.read("Patient", "audited").await.unwrap(), None);
+
+        // Records appended before a write: on SQLite they go with the write's
+        // statements, which are refused with them.
+        let mut tx = store.begin().await.unwrap();
+        let appended = tx.append_audit(vec![audit_event("before a write")]).await;
+        if store.backend() == Backend::Sqlite {
+            assert!(appended.is_ok(), "{appended:?}");
+            let written = tx.create("Patient", "after", patient("Y")).await;
+            assert!(
+                matches!(written, Err(StoreError::Database(_))),
+                "{written:?}"
+            );
+        } else {
+            assert!(appended.is_err(), "{appended:?}");
+        }
+        assert!(tx.commit().await.is_err());
+        assert_eq!(store.read("Patient", "after").await.unwrap(), None);
         assert!(store.read("Patient", "allowed").await.unwrap().is_some());
         assert!(store.audit_log().chain(0, 10).await.unwrap().is_empty());
     });
