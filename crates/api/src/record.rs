@@ -3,8 +3,8 @@
 //!
 //! The recorder places a [`RecordedStore`] under the request's guard. It notes
 //! every version the store hands out or writes, and when a write transaction
-//! commits it first adds, in that same transaction, one server-made Provenance
-//! per written version and the request's AuditEvents: the data, its Provenance
+//! commits it first adds, in that same transaction, the request's AuditEvents
+//! and one server-made Provenance per written version: the data, its Provenance
 //! and its audit record are stored together or not at all. Requests that write
 //! nothing (reads, searches, refusals, failures) are recorded after they ran,
 //! through the group committer, before the response leaves; if that fails the
