@@ -508,7 +508,9 @@ pub trait StoreTx: Send {
     async fn search(&mut self, query: &SearchQuery) -> Result<SearchPage>;
 
     /// Appends AuditEvents to the audit trail as [`AuditLog::append`] does, but
-    /// inside this transaction: they commit with its writes or not at all.
+    /// inside this transaction: they commit with its writes or not at all. A
+    /// store may send them with the transaction's next statement, so a refusal
+    /// can come from that statement or from the commit instead.
     async fn append_audit(&mut self, events: Vec<Value>) -> Result<()>;
 
     async fn commit(self: Box<Self>) -> Result<()>;
