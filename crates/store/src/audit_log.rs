@@ -169,10 +169,37 @@ pub struct StampedEvent(pub(crate) Arc<Stamped>);
 
 impl StampedEvent {
     /// Stamps `id`, `meta.versionId` and `meta.lastUpdated` (`now`) on each
-    /// event and serializes it; a store's [`crate::AuditLog::stamp`] does this
-    /// with its clock.
+    /// event and prepares what is stored with it: its text, the canonical form
+    /// its hash covers, its index values. A store's [`crate::AuditLog::stamp`]
+    /// does this with its clock, before any lock is taken.
     pub fn stamp_all(events: Vec<Value>, now: OffsetDateTime) -> Result<Vec<Self>> {
-        stamp_events(events, now)
+        events
+            .into_iter()
+            .map(|event| {
+                let id = new_time_ordered_id();
+                let event = stamp(event, "AuditEvent", &id, 1, now)?;
+                let text = serde_json::to_string(&event).map_err(|e| {
+                    StoreError::Database(format!("an AuditEvent cannot be serialized: {e}"))
+                })?;
+                // Hashed as a reader will see it: the stored text parsed back,
+                // which only a fractional number can make differ from the event.
+                let reparsed = if reads_back_exactly(&event) {
+                    None
+                } else {
+                    Some(serde_json::from_str::<Value>(&text).map_err(|e| {
+                        StoreError::Database(format!("an AuditEvent does not read back: {e}"))
+                    })?)
+                };
+                let stored = reparsed.as_ref().unwrap_or(&event);
+                Ok(StampedEvent(Arc::new(Stamped {
+                    recorded: recorded(stored).unwrap_or(now),
+                    index: index_entries(stored),
+                    canonical: canonical_json(stored),
+                    id,
+                    text,
+                })))
+            })
+            .collect()
     }
 
     /// The event as it will be stored, as JSON text.
@@ -198,38 +225,6 @@ pub(crate) struct Linked {
     pub previous_hash: String,
     pub hash: String,
     pub stamped: StampedEvent,
-}
-
-/// Stamps `id`, `meta.versionId` and `meta.lastUpdated` on each event and
-/// prepares what is stored with it. Done before the chain lock is taken.
-pub(crate) fn stamp_events(events: Vec<Value>, now: OffsetDateTime) -> Result<Vec<StampedEvent>> {
-    events
-        .into_iter()
-        .map(|event| {
-            let id = new_time_ordered_id();
-            let event = stamp(event, "AuditEvent", &id, 1, now)?;
-            let text = serde_json::to_string(&event).map_err(|e| {
-                StoreError::Database(format!("an AuditEvent cannot be serialized: {e}"))
-            })?;
-            // Hashed as a reader will see it: the stored text parsed back,
-            // which only a fractional number can make differ from the event.
-            let reparsed = if reads_back_exactly(&event) {
-                None
-            } else {
-                Some(serde_json::from_str::<Value>(&text).map_err(|e| {
-                    StoreError::Database(format!("an AuditEvent does not read back: {e}"))
-                })?)
-            };
-            let stored = reparsed.as_ref().unwrap_or(&event);
-            Ok(StampedEvent(Arc::new(Stamped {
-                recorded: recorded(stored).unwrap_or(now),
-                index: index_entries(stored),
-                canonical: canonical_json(stored),
-                id,
-                text,
-            })))
-        })
-        .collect()
 }
 
 /// Whether the value's text parses back to the same value: strings, integers
@@ -866,7 +861,7 @@ mod tests {
     #[test]
     fn stamped_events_are_linked_after_the_head_in_order() {
         let now = datetime!(2026-03-01 12:00:00 UTC);
-        let stamped = stamp_events(
+        let stamped = StampedEvent::stamp_all(
             vec![
                 json!({"recorded": "2026-03-01T13:00:00.1234567+01:00"}),
                 json!({"id": "client-chosen", "meta": {"versionId": "9"}}),
@@ -895,7 +890,7 @@ mod tests {
         assert_eq!(linked[1].position, 6);
         assert_eq!(linked[1].previous_hash, linked[0].hash);
 
-        let first = link(None, stamp_events(vec![json!({})], now).unwrap());
+        let first = link(None, StampedEvent::stamp_all(vec![json!({})], now).unwrap());
         assert_eq!(first[0].position, 1);
         assert_eq!(first[0].previous_hash, GENESIS);
     }
@@ -909,7 +904,7 @@ mod tests {
         ];
         assert!(reads_back_exactly(&events[0]));
         assert!(!reads_back_exactly(&events[1]));
-        for stamped in stamp_events(events, now).unwrap() {
+        for stamped in StampedEvent::stamp_all(events, now).unwrap() {
             let read: Value = serde_json::from_str(stamped.text()).unwrap();
             assert_eq!(stamped.0.canonical, canonical_json(&read));
             assert_eq!(stamped.0.index, index_entries(&read));
@@ -922,7 +917,7 @@ mod tests {
         for _ in 0..200 {
             deep = json!([deep]);
         }
-        let error = stamp_events(
+        let error = StampedEvent::stamp_all(
             vec![json!({"extension": deep})],
             datetime!(2026-03-01 12:00 UTC),
         )
@@ -933,15 +928,17 @@ mod tests {
     #[test]
     fn a_record_converts_to_a_link_that_verifies() {
         let now = datetime!(2026-03-01 12:00:00 UTC);
-        let links: Vec<StoredLink> =
-            link(None, stamp_events(vec![json!({}), json!({})], now).unwrap())
-                .into_iter()
-                .map(|l| {
-                    decode(l.position, l.stamped.text(), l.previous_hash, l.hash)
-                        .unwrap()
-                        .into()
-                })
-                .collect();
+        let links: Vec<StoredLink> = link(
+            None,
+            StampedEvent::stamp_all(vec![json!({}), json!({})], now).unwrap(),
+        )
+        .into_iter()
+        .map(|l| {
+            decode(l.position, l.stamped.text(), l.previous_hash, l.hash)
+                .unwrap()
+                .into()
+        })
+        .collect();
         assert_eq!(haven_audit::verify(&links), Ok(2));
     }
 }

@@ -770,7 +770,7 @@ impl StoreTx for PostgresTx {
     }
 
     async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
-        let appended = match audit_log::stamp_events(events, self.clock.now()) {
+        let appended = match StampedEvent::stamp_all(events, self.clock.now()) {
             Ok(stamped) => append_audit_on(&mut self.tx, stamped).await,
             Err(e) => Err(e),
         };
@@ -881,7 +881,7 @@ fn decode_record(row: &PgRow) -> Result<AuditRecord> {
 #[async_trait]
 impl AuditLog for PostgresAuditLog {
     fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>> {
-        audit_log::stamp_events(events, self.clock.now())
+        StampedEvent::stamp_all(events, self.clock.now())
     }
 
     async fn append(&self, events: Vec<StampedEvent>) -> Result<()> {

@@ -810,7 +810,7 @@ impl StoreTx for SqliteTx {
     /// Links the events after the head and queues their statements: they are
     /// sent with the transaction's next statement, at the latest at commit.
     async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
-        match audit_log::stamp_events(events, self.clock.now()) {
+        match StampedEvent::stamp_all(events, self.clock.now()) {
             Ok(stamped) => {
                 self.audit_head =
                     push_linked(&mut self.pending_audit, self.audit_head.clone(), stamped);
@@ -927,7 +927,7 @@ fn decode_record(row: &SqliteRow) -> Result<AuditRecord> {
 #[async_trait]
 impl AuditLog for SqliteAuditLog {
     fn stamp(&self, events: Vec<Value>) -> Result<Vec<StampedEvent>> {
-        audit_log::stamp_events(events, self.clock.now())
+        StampedEvent::stamp_all(events, self.clock.now())
     }
 
     async fn append(&self, events: Vec<StampedEvent>) -> Result<()> {

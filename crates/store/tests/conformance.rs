@@ -1809,11 +1809,7 @@ async fn audit_events_appended_in_a_transaction_commit_with_its_writes_or_not_at
 async fn audit_events_appended_in_a_transaction_outlast_a_refused_create_and_precede_its_reads(
     world: World,
 ) {
-    let mut tx = world.store.begin().await.unwrap();
-    tx.create("Patient", "taken", patient("First"))
-        .await
-        .unwrap();
-    tx.commit().await.unwrap();
+    create(&world, "Patient", "taken", patient("First")).await;
 
     let mut tx = world.store.begin().await.unwrap();
     tx.append_audit(vec![audit_event("before a taken id")])
