@@ -196,6 +196,7 @@ impl Store for PostgresStore {
             statistics: self.statistics.clone(),
             writes: 0,
             audit_failed: false,
+            pending_audit: Vec::new(),
         }))
     }
 
@@ -356,6 +357,9 @@ struct PostgresTx {
     /// Set when an audit append failed. PostgreSQL answers COMMIT of a failed
     /// transaction with a rollback, not an error, so the caller is told here.
     audit_failed: bool,
+    /// AuditEvents appended, inserted at commit: the chain lock they take is
+    /// then held for the commit only, not for the statements after them.
+    pending_audit: Vec<StampedEvent>,
 }
 
 /// Locks the resource's current row and returns its version number and whether it
@@ -769,22 +773,28 @@ impl StoreTx for PostgresTx {
         search_on(&mut self.tx, query).await
     }
 
+    /// Stamps the events and queues them; they are inserted at commit.
     async fn append_audit(&mut self, events: Vec<Value>) -> Result<()> {
-        let appended = match StampedEvent::stamp_all(events, self.clock.now()) {
-            Ok(stamped) => append_audit_on(&mut self.tx, stamped).await,
-            Err(e) => Err(e),
-        };
-        if appended.is_err() {
-            self.audit_failed = true;
+        match StampedEvent::stamp_all(events, self.clock.now()) {
+            Ok(stamped) => {
+                self.pending_audit.extend(stamped);
+                Ok(())
+            }
+            Err(e) => {
+                self.audit_failed = true;
+                Err(e)
+            }
         }
-        appended
     }
 
-    async fn commit(self: Box<Self>) -> Result<()> {
+    async fn commit(mut self: Box<Self>) -> Result<()> {
         if self.audit_failed {
             // Dropping the transaction rolls it back.
             return Err(audit_log::failed_in_transaction());
         }
+        let pending = std::mem::take(&mut self.pending_audit);
+        // An error drops the transaction, which rolls it back.
+        append_audit_on(&mut self.tx, pending).await?;
         self.tx.commit().await?;
         self.statistics.note(self.writes);
         Ok(())
